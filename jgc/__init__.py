@@ -1,0 +1,24 @@
+"""jgc: is your gradient right, where is it wrong, and why.
+
+The public API. Everything under `jgc._src` is private and may change without notice.
+"""
+
+from jgc._src.check import assert_grad as assert_grad
+from jgc._src.check import check_grad as check_grad
+from jgc._src.check import numerical_grad as numerical_grad
+from jgc._src.report import LeafReport as LeafReport
+from jgc._src.report import Report as Report
+from jgc._src.tree import InputError as InputError
+from jgc._src.version import __version__ as __version__
+from jgc._src.vjp import check_vjp as check_vjp
+
+__all__ = (
+    "InputError",
+    "LeafReport",
+    "Report",
+    "__version__",
+    "assert_grad",
+    "check_grad",
+    "check_vjp",
+    "numerical_grad",
+)

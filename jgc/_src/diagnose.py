@@ -1,0 +1,289 @@
+"""Stage 6, `diagnose`: per-leaf results, bug patterns, and who is wrong.
+
+Three-way triage, per mismatched leaf (checked = the hand-written gradient):
+  * checked vs numerical disagree, jax.grad agrees with numerical: the hand-written gradient
+    is wrong.
+  * checked and jax.grad agree with each other, not with numerical: the numerics are suspect
+    (a kink, precision, the step) or the loss is not differentiable at params.
+  * all three disagree: no source can be trusted on that leaf.
+With grad=None, jax.grad itself is checked (this is how custom_vjp/custom_jvp rules are tested).
+
+A pattern is a one-parameter model of the bug that explains the discrepancy g - D (g checked,
+D numerical) almost entirely: the model's residual must be below 1% of |g - D| plus the error
+bar. Patterns: "zero" (g == 0), "sign" (g = -D), "scale" (g = a D), "transpose" (g = D.T),
+"regularization" (g = D + lam * theta: a term proportional to the parameters added or missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jgc._src.estimate import KINK, MISMATCH, Comparison
+from jgc._src.report import LeafReport
+from jgc._src.tree import LeafSpec
+
+EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
+N_WORST = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafData:
+    """The numbers for one checked leaf, restricted to its planned entries."""
+
+    spec: LeafSpec
+    entries: np.ndarray  # Flat indices within the leaf.
+    theta: np.ndarray  # Parameter values at those entries.
+    numerical: np.ndarray
+    tol: np.ndarray  # Allowed |g - D| per entry.
+    checked: np.ndarray
+    cmp: Comparison
+    autodiff: np.ndarray | None
+    autodiff_cmp: Comparison | None
+    agree: np.ndarray | None  # bool per entry: checked agrees with jax.grad.
+
+
+def _explains(residual, discrepancy, tol) -> bool:
+    return np.linalg.norm(residual) <= EXPLAINED * np.linalg.norm(discrepancy) + np.linalg.norm(tol)
+
+
+def find_pattern(g, d, theta, tol, shape, full: bool) -> tuple[str | None, float | None]:
+    """The simplest model that explains g - d, as (pattern, factor)."""
+    disc = g - d
+    if not np.any(np.abs(disc) > tol):
+        return None, None
+    if np.all(np.abs(g) <= tol) and np.any(np.abs(d) > tol):
+        return "zero", 0.0
+    dd = float(d @ d)
+    if dd > 0:
+        a = float(g @ d) / dd
+        if _explains(g - a * d, disc, (1 + abs(a)) * tol):
+            if abs(a + 1) < 1e-3:
+                return "sign", -1.0
+            return "scale", a
+    if full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
+        dm = d.reshape(shape)
+        if not _explains(dm - dm.T, disc, tol) and _explains(g - dm.T.ravel(), disc, 2 * tol):
+            return "transpose", None
+    tt = float(theta @ theta)
+    if tt > 0:
+        lam = float(disc @ theta) / tt
+        if _explains(disc - lam * theta, disc, 2 * tol):
+            return "regularization", lam
+    return None, None
+
+
+def leaf_report(x: LeafData, full: bool) -> LeafReport:
+    spec, cmp = x.spec, x.cmp
+    n = len(x.entries)
+    if n == 0:
+        return LeafReport(spec.path, spec.shape, spec.dtype, 0, "ok")
+    n_mis = int(np.sum(cmp.status == MISMATCH))
+    n_kink = int(np.sum(cmp.status == KINK))
+    status = "mismatch" if n_mis else ("kink" if n_kink else "ok")
+    # Worst first: mismatches by how far they exceed their error bar, then the rest by rel error.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.where(cmp.status == MISMATCH, cmp.abs_error / np.maximum(x.tol, 1e-300), 0.0)
+    order = np.lexsort((-np.nan_to_num(cmp.rel_error, nan=np.inf),
+                        -np.nan_to_num(excess, nan=np.inf)))
+    order = order[:N_WORST] if n_mis == 0 else [j for j in order[:N_WORST]
+                                                 if cmp.status[j] == MISMATCH]
+    rows = tuple((tuple(int(i) for i in np.unravel_index(x.entries[j], spec.shape)),
+                  float(x.numerical[j]), float(x.checked[j]),
+                  None if x.autodiff is None else float(x.autodiff[j])) for j in order)
+    pattern, factor = (find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape, full)
+                       if n_mis else (None, None))
+    ad_status = None
+    if x.autodiff_cmp is not None:
+        ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) else
+                     "kink" if np.any(x.autodiff_cmp.status == KINK) else "ok")
+    top = rows[0]
+    return LeafReport(
+        spec.path, spec.shape, spec.dtype, n, status,
+        max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
+        worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
+        n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,
+        autodiff_status=ad_status, worst=rows)
+
+
+def skipped_report(spec: LeafSpec) -> LeafReport:
+    return LeafReport(spec.path, spec.shape, spec.dtype, 0, "skipped", reason=spec.reason)
+
+
+# -- plain words ----------------------------------------------------------------------------
+
+def _near(a: float, b: float, rel: float = 2e-3) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+def describe_factor(a: float, batch: int | None) -> str:
+    """'4× too large: ...' with the likely cause of a constant factor."""
+    if a < 0:
+        size = f"has the wrong sign and is {abs(a):.3g}× the right magnitude"
+    elif a >= 1:
+        size = (f"is {round(a)}× too large" if _near(a, round(a)) else f"is {a:.3g}× too large")
+    else:
+        inv = 1 / a if a else np.inf
+        size = (f"is {round(inv)}× too small" if _near(inv, round(inv))
+                else f"is {a:.3g}× the right value (too small)")
+    causes = []
+    if batch and batch > 1:
+        if _near(abs(a), batch):
+            causes.append(f"a 1/m averaging factor is missing (m = {batch}, the batch size)")
+        elif _near(abs(a), 1 / batch):
+            causes.append(f"it is divided by the batch size m = {batch} once too often")
+    if not causes:
+        if _near(abs(a), 2):
+            causes.append("a factor 2 counted twice (e.g. d(x²)/dx = 2x with the 2 applied "
+                          "again, or a term added twice)")
+        elif _near(abs(a), 0.5):
+            causes.append("a factor 2 is missing (e.g. d(x²)/dx taken as x)")
+        elif a > 1 and _near(a, round(a)):
+            causes.append(f"a constant {round(a)} where 1 was meant (e.g. {round(a)}./m "
+                          "instead of 1./m, or a term counted several times)")
+        else:
+            causes.append("a constant factor is wrong (a 1/m missing or doubled, a 2 from a "
+                          "square, a scale in the loss)")
+    return f"{size}: likely {causes[0]}"
+
+
+def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
+    """One sentence about a mismatched leaf: its pattern (or its extent) and likely cause."""
+    p = leaf.path or "<params>"
+    what = f"{_the(source)} of {p}"
+    if leaf.pattern in ("scale", "sign"):
+        if leaf.pattern == "sign":
+            body = f"{what} has the wrong sign (factor -1): likely a subtraction reversed " \
+                   "(y - p instead of p - y) or an ascent direction"
+        else:
+            body = f"{what} {describe_factor(leaf.factor, batch)}"
+    elif leaf.pattern == "transpose":
+        body = (f"{what} is the transpose of the right gradient: likely X @ dZ.T where "
+                "X.T @ dZ was meant, or a weight used as W.T in the forward pass")
+    elif leaf.pattern == "regularization":
+        lam = leaf.factor
+        if lam < 0:
+            body = (f"{what} is missing a term proportional to the parameters: the "
+                    f"regularisation gradient λ·θ is missing, λ ≈ {abs(lam):.3g}")
+        else:
+            body = (f"{what} has an extra term proportional to the parameters, λ ≈ {lam:.3g}: "
+                    "regularisation counted twice (λ·θ with a loss of ½λθ² gives λ·θ, not "
+                    "2λ·θ), or applied to a parameter the loss does not regularise")
+    elif leaf.pattern == "zero":
+        body = f"{what} is all zeros: it was never computed, or was overwritten"
+    else:
+        body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
+                "simple pattern (a wrong formula, a wrong index or a missing path)")
+    return body
+
+
+def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3) -> list[str]:
+    out = []
+    for idx, num, chk, ad in leaf.worst[:k]:
+        line = f"      at {idx}: numerical {num:.6g}, {source} {chk:.6g}"
+        if with_autodiff and ad is not None:
+            line += f", jax.grad {ad:.6g}"
+        out.append(line)
+    return out
+
+
+def diagnose(leaves: list[LeafReport], data: dict[str, LeafData], *, source: str,
+             has_autodiff: bool, autodiff_why: str | None, batch: int | None,
+             eps: float | None = None) -> tuple[str, str]:
+    """Returns (verdict, diagnosis text)."""
+    bad = [leaf for leaf in leaves if leaf.status == "mismatch"]
+    kinks = [leaf for leaf in leaves if leaf.n_kink]
+    lines: list[str] = []
+    checking_autodiff = source == "jax.grad"
+    if not bad:
+        verdict = "ok"
+        n = sum(leaf.n_checked for leaf in leaves)
+        lines.append(f"{_sentence(_the(source))} agrees with finite differences in all {n} checked "
+                     "entries." if n else "No floating-point entries were checked.")
+        ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == "mismatch"]
+        if ad_bad and not checking_autodiff:
+            lines.append("Note: jax.grad disagrees with finite differences in "
+                         f"{_paths(ad_bad)} while the {source} gradient agrees: if the loss "
+                         "uses a jax.custom_vjp or custom_jvp rule, that rule may be wrong.")
+    else:
+        wrong, suspect, conflict = [], [], []
+        for leaf in bad:
+            d = data[leaf.path]
+            if checking_autodiff or d.autodiff_cmp is None:
+                wrong.append(leaf)
+            elif leaf.autodiff_status != "mismatch":
+                wrong.append(leaf)
+            elif d.agree is not None and bool(np.all(d.agree | (d.cmp.status != MISMATCH))):
+                suspect.append(leaf)
+            else:
+                conflict.append(leaf)
+        verdict = ("wrong_gradient" if wrong else
+                   "suspect_numerics" if suspect and not conflict else "disagreement")
+        if wrong:
+            if checking_autodiff:
+                lines.append(
+                    f"jax.grad disagrees with finite differences in {_paths(wrong)}. If the loss "
+                    "uses a jax.custom_vjp or jax.custom_jvp rule, that rule is the likely "
+                    "culprit; otherwise see the advice on numerics below.")
+            elif has_autodiff:
+                lines.append(
+                    f"The {source} gradient is wrong in {_paths(wrong)}: jax.grad agrees with "
+                    "finite differences there, so the bug is in the hand-written gradient, not "
+                    "in the loss or the numerics.")
+            else:
+                lines.append(
+                    f"The {source} gradient disagrees with finite differences in "
+                    f"{_paths(wrong)}. jax.grad cannot break the tie ({autodiff_why}), but the "
+                    "differences are outside the finite differences' error bars (and outside "
+                    "the one-sided slopes wherever the loss has a kink), so the hand-written "
+                    "gradient is the likely culprit.")
+            for leaf in wrong:
+                lines.append(f"  - {describe_leaf(leaf, source, batch)}.")
+                lines += worst_lines(leaf, source, not checking_autodiff)
+        if suspect:
+            lines.append(
+                f"The {source} gradient and jax.grad agree with each other but not with finite "
+                f"differences in {_paths(suspect)}: the numerics are suspect, or the loss is not "
+                "differentiable at these parameters.")
+            for leaf in suspect:
+                lines += worst_lines(leaf, source, True)
+        if conflict:
+            lines.append(
+                f"All three disagree in {_paths(conflict)}: the {source} gradient differs from "
+                "both finite differences and jax.grad, and jax.grad differs from finite "
+                "differences too. A custom_vjp/custom_jvp rule in the loss may be wrong as well "
+                "as the hand-written gradient, or the numerics are unreliable here.")
+            for leaf in conflict:
+                lines.append(f"  - {describe_leaf(leaf, source, batch)}.")
+                lines += worst_lines(leaf, source, True)
+        if (suspect or conflict or checking_autodiff) and eps is not None:
+            lines.append(f"The step was fixed by hand (eps={eps:g}): first try eps=None, which "
+                         "picks each entry's step from its dtype and magnitude.")
+        elif suspect or conflict or checking_autodiff:
+            lines.append(
+                "To rule out the numerics: evaluate at a random point rather than at zeros or "
+                "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
+                "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
+                "exactly at a switch for these parameters.")
+    for leaf in kinks:
+        lines.append(
+            f"{leaf.n_kink} entr{'y' if leaf.n_kink == 1 else 'ies'} of {leaf.path or '<params>'} "
+            "sit on a kink (a relu at 0, a max-pool tie, |x| at 0): the loss is not "
+            "differentiable there and the one-sided slopes differ. The checked value lies "
+            "between them, so that is expected, not a failure.")
+    return verdict, "\n".join(lines)
+
+
+def _paths(leaves: list[LeafReport]) -> str:
+    return ", ".join(leaf.path or "<params>" for leaf in leaves)
+
+
+def _the(source: str) -> str:
+    """'the hand-written gradient' or 'jax.grad' (which is not 'the jax.grad gradient')."""
+    return "jax.grad" if source == "jax.grad" else f"the {source} gradient"
+
+
+def _sentence(text: str) -> str:
+    """Capitalises a sentence start, except a code name such as jax.grad."""
+    return text if text.startswith("jax") else text[:1].upper() + text[1:]

@@ -1,0 +1,117 @@
+"""Stage 2, `plan`: which entries to perturb, at what precision, and by how much.
+
+Step size. A central difference (f(x+h) - f(x-h)) / 2h has two errors:
+  * truncation, h**2 |f'''| / 6, which grows with h, and
+  * rounding, about u |f| / h (u = the evaluation dtype's machine epsilon), which shrinks with h.
+Their sum is smallest at h* = (3 u |f| / |f'''|) ** (1/3). We do not know f''', so we use the
+standard choice (Dennis & Schnabel, "typical x" = 1; Numerical Recipes 5.7)
+
+    h = u ** (1/3) * max(1, |x|)
+
+which assumes the loss varies on a scale of about 1 in each parameter (true for weights that pass
+through O(1) nonlinearities) and scales the step with |x| for large entries, so that x + h differs
+from x in the leading third of its digits. In float64 that is h ~ 6e-6 and gives ~10 correct
+digits; in float32 h ~ 5e-3 and only ~3 to 5 digits, which is why the error model (estimate.py)
+comes from the dtype and not from fixed constants. The step actually taken is the exactly
+representable (x + h) - x, computed in the leaf's evaluation dtype, so that no representation
+error of x + h leaks into the difference quotient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import jax
+import numpy as np
+
+from jgc._src.tree import InputError, Split
+
+MODES = ("auto", "full", "sample")
+# mode="auto" runs a full check below this many parameters (2 loss evaluations each, a few
+# seconds on a laptop CPU for small networks) and a seeded sample above it.
+AUTO_FULL_LIMIT = 200_000
+DEFAULT_SAMPLES = 16  # Entries per leaf in mode="sample" (the CS231n notes check ~10 at random).
+
+
+def eval_dtype(dtype: str, x64: bool) -> np.dtype:
+    """The dtype a leaf is evaluated in.
+
+    float64 under x64. Otherwise the leaf's own dtype as JAX would hold it under the current
+    configuration (float64 becomes float32 unless the user enabled x64 globally), with half
+    precision promoted to float32: with ~3 significant digits, differences of float16 losses are
+    mostly rounding noise.
+    """
+    if x64:
+        return np.dtype(np.float64)
+    if dtype in ("float16", "bfloat16"):
+        return np.dtype(np.float32)
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
+
+
+def machine_eps(dtype) -> float:
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to perturb: for each checked leaf, the flat entries and their (exact) steps."""
+
+    mode: str
+    x64: bool
+    dtypes: tuple[np.dtype, ...]  # Evaluation dtype of each checked leaf.
+    entries: tuple[np.ndarray, ...]  # Flat indices *within* each checked leaf.
+    theta: np.ndarray  # The checked leaves, flattened, in float64 (exact copy of the values).
+    step_rule: str  # Human-readable description of the step, for the report header.
+    eps: float | None  # The user's step override, if any.
+
+    def leaf_values(self, sp: Split, k: int) -> np.ndarray:
+        return self.theta[sp.offsets[k]:sp.offsets[k + 1]]
+
+
+def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: int,
+              seed: int) -> Plan:
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is not one of {MODES}. Use mode='full' to check every "
+                         "entry or mode='sample' to check a seeded sample of each leaf.")
+    if eps is not None and not (np.isfinite(eps) and eps > 0):
+        raise InputError(f"eps={eps!r}: the step must be a positive finite number, or None to "
+                         "choose it from each leaf's dtype and magnitude.")
+    if mode == "auto":
+        mode = "full" if sp.n <= AUTO_FULL_LIMIT else "sample"
+    specs = sp.checked_specs()
+    dtypes = tuple(eval_dtype(s.dtype, x64) for s in specs)
+    theta = np.concatenate(
+        [np.asarray(sp.leaves[i], dtype=np.float64).ravel() for i in sp.checked] or [np.zeros(0)])
+    entries = []
+    for spec in specs:
+        if mode == "full" or spec.size <= samples:
+            entries.append(np.arange(spec.size))
+        else:
+            # Seeded by the leaf's path, so adding a leaf does not move any other leaf's sample.
+            rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
+            entries.append(np.sort(rng.choice(spec.size, size=samples, replace=False)))
+    if eps is None:
+        us = sorted({f"{machine_eps(d) ** (1 / 3):.1e}" for d in dtypes}) or ["-"]
+        rule = f"h = {'/'.join(us)}·max(1,|θ|)"
+    else:
+        rule = f"h = {eps:.1e} (fixed)"
+    return Plan(mode, x64, dtypes, tuple(entries), theta, rule, eps)
+
+
+def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Exact forward and backward steps (h+, h-) for the planned entries of checked leaf k.
+
+    `scale` multiplies the nominal step (2.0 for the second, wider stencil).
+    """
+    dt = plan.dtypes[k]
+    x = plan.leaf_values(sp, k)[plan.entries[k]].astype(dt)
+    if plan.eps is None:
+        h = machine_eps(dt) ** (1 / 3) * np.maximum(1.0, np.abs(x))
+    else:
+        h = np.full(x.shape, plan.eps)
+    h = (scale * h).astype(dt)
+    with np.errstate(over="ignore"):
+        hp = ((x + h) - x).astype(np.float64)
+        hm = (x - (x - h)).astype(np.float64)
+    return hp, hm

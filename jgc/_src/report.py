@@ -1,0 +1,231 @@
+"""The Report: a frozen record of one check, and its text and dict views."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from jgc._src.tree import short_dtype
+
+VERDICTS = {
+    "ok": "OK",
+    "wrong_gradient": "MISMATCH",
+    "suspect_numerics": "SUSPECT NUMERICS",
+    "disagreement": "MISMATCH",
+    "randomness": "RANDOM LOSS",
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafReport:
+    """The result for one leaf of params.
+
+    Attributes:
+      path: `jax.tree_util.keystr` of the leaf's path, e.g. "['W1']" or "[0]['W']".
+      shape: the leaf's shape.
+      dtype: the leaf's dtype name (None for a non-array leaf).
+      n_checked: how many entries were checked (0 for skipped leaves).
+      status: "ok" | "kink" | "mismatch" | "skipped".
+      max_rel_error: the largest element-wise relative error over the checked entries.
+      worst_index: a tuple index into the leaf (the worst mismatch, else the largest error).
+      numerical, checked, autodiff: the three values at worst_index (autodiff is jax.grad; None
+        where jax.grad is unavailable or is itself the gradient being checked).
+      n_mismatch, n_kink: how many checked entries are mismatches, and sit on kinks.
+      pattern, factor: None or "scale" | "sign" | "transpose" | "regularization" | "zero"; the
+        factor (checked / numerical) for scale and sign, the coefficient for regularization.
+      autodiff_status: how jax.grad compares with the numerical derivative on this leaf.
+      reason: why the leaf was skipped.
+      worst: up to five (index, numerical, checked, autodiff) rows, worst first.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str | None
+    n_checked: int
+    status: str
+    max_rel_error: float = 0.0
+    worst_index: tuple[int, ...] | None = None
+    numerical: float | None = None
+    checked: float | None = None
+    autodiff: float | None = None
+    n_mismatch: int = 0
+    n_kink: int = 0
+    pattern: str | None = None
+    factor: float | None = None
+    autodiff_status: str | None = None
+    reason: str = ""
+    worst: tuple[tuple[Any, ...], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "mismatch"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["worst_index"] = None if self.worst_index is None else list(self.worst_index)
+        d["worst"] = [[list(r[0]), *r[1:]] for r in self.worst]
+        return _jsonable(d)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Report:
+    """The result of a gradient check.
+
+    Attributes:
+      ok: no leaf is a mismatch (kinks are not failures).
+      verdict: "ok" | "wrong_gradient" | "suspect_numerics" | "disagreement" | "randomness".
+      leaves: one LeafReport per leaf of params, in tree order (skipped leaves included).
+      global_rel_error: the classic ||g - g_num|| / (||g|| + ||g_num||) over all checked entries.
+      diagnosis: a plain-language explanation and the next step.
+      checked_source: "hand-written" or "jax.grad": which gradient was checked.
+      precision: the evaluation dtype, e.g. "float64 (x64)".
+      method: how the numerical derivative was computed.
+      mode: "full" or "sample".
+      step: the step rule, e.g. "h = 6.1e-06·max(1,|θ|)".
+      n_params: checked entries in params; n_checked: entries actually checked.
+      n_evaluations: loss evaluations made; seconds: wall time of the check.
+      notes: one-line remarks (the slow NumPy path, jax.grad unavailable, sampling, ...).
+    """
+
+    ok: bool
+    verdict: str
+    leaves: tuple[LeafReport, ...]
+    global_rel_error: float
+    diagnosis: str
+    checked_source: str
+    precision: str
+    method: str
+    mode: str
+    step: str
+    n_params: int
+    n_checked: int
+    n_evaluations: int
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def bad_leaves(self) -> tuple[LeafReport, ...]:
+        return tuple(leaf for leaf in self.leaves if leaf.status == "mismatch")
+
+    def leaf(self, path: str) -> LeafReport:
+        """The LeafReport for a path, e.g. report.leaf("['W1']")."""
+        for leaf in self.leaves:
+            if leaf.path == path:
+                return leaf
+        raise KeyError(f"no leaf {path!r}; paths are {[leaf.path for leaf in self.leaves]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "leaves"}
+        d["leaves"] = [leaf.to_dict() for leaf in self.leaves]
+        d["notes"] = list(self.notes)
+        return _jsonable(d)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def __repr__(self) -> str:
+        bad = ", ".join(leaf.path for leaf in self.bad_leaves)
+        return (f"Report(ok={self.ok}, verdict={self.verdict!r}, leaves={len(self.leaves)}"
+                + (f", bad=[{bad}]" if bad else "") + f", global_rel_error="
+                f"{self.global_rel_error:.1e})")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if np.isfinite(x) else str(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def fmt_num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return f"{x: .6e}"
+
+
+def fmt_path(path: str) -> str:
+    return path or "<params>"
+
+
+_COLUMNS = ("leaf", "shape", "checked", "max rel err", "worst index", "numerical",
+            "{source}", "jax.grad", "status")
+
+
+def format_report(r: Report) -> str:
+    """The text view: a header, one row per leaf, the classic number, then the diagnosis."""
+    headline = VERDICTS[r.verdict]
+    n_bad = len(r.bad_leaves)
+    n_leaves = sum(1 for leaf in r.leaves if leaf.status != "skipped")
+    summary = (f"{n_bad} of {n_leaves} checked leaves mismatch" if n_bad
+               else f"all {n_leaves} checked leaves agree")
+    lines = [
+        f"jgc gradient check: {headline} ({summary})",
+        f"checking: {r.checked_source} | precision: {r.precision} | method: {r.method} "
+        f"| step: {r.step}",
+        f"mode: {r.mode}, {r.n_checked} of {r.n_params} entries checked, {r.n_evaluations} loss "
+        f"evaluations, {r.seconds:.2f} s",
+        "",
+    ]
+    show_jax = r.checked_source != "jax.grad"
+    cols = [c.format(source=r.checked_source) for c in _COLUMNS]
+    if not show_jax:
+        cols.remove("jax.grad")
+    rows = []
+    for leaf in r.leaves:
+        if leaf.status == "skipped":
+            row = [fmt_path(leaf.path), _shape(leaf), "0", "-", "-", "-", "-", "-",
+                   f"skipped ({leaf.reason})"]
+        else:
+            status = leaf.status.upper() if leaf.status == "mismatch" else leaf.status
+            if leaf.n_mismatch:
+                status += f" ({leaf.n_mismatch}/{leaf.n_checked})"
+            elif leaf.n_kink:
+                status += f" ({leaf.n_kink} at kinks)"
+            row = [fmt_path(leaf.path), _shape(leaf), str(leaf.n_checked),
+                   f"{leaf.max_rel_error:.1e}",
+                   "-" if leaf.worst_index is None else str(tuple(int(i) for i in leaf.worst_index)),
+                   fmt_num(leaf.numerical), fmt_num(leaf.checked), fmt_num(leaf.autodiff), status]
+        if not show_jax:
+            del row[7]
+        rows.append(row)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    lines += ["", f"global relative error: {r.global_rel_error:.2e}  ({_classic_scale(r)})", ""]
+    lines.append(r.diagnosis)
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _shape(leaf: LeafReport) -> str:
+    if leaf.dtype is None:
+        return "-"
+    return f"{short_dtype(leaf.dtype)}[{','.join(map(str, leaf.shape))}]"
+
+
+def _classic_scale(r: Report) -> str:
+    """What the classic single number means (CS231n's rule of thumb), at this precision."""
+    if "float64" in r.precision:
+        return ("the classic single number: in float64 < 1e-7 is expected for a correct "
+                "smooth loss, 1e-7..1e-4 is suspicious, > 1e-2 is almost surely a bug; kinks "
+                "raise it without any bug, which is why jgc judges each entry instead")
+    return ("the classic single number: in float32 even a correct gradient only reaches "
+            "~1e-3..1e-5, so the float64 thresholds (1e-7) do not apply; jgc judges each entry "
+            "against its own error estimate instead")

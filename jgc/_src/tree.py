@@ -1,0 +1,246 @@
+"""Stage 1, `split`: which leaves of a pytree are checked, and how a gradient pytree maps onto them.
+
+A leaf is *checked* when it is a floating-point array (NumPy or JAX, any shape, including
+scalars and empty arrays) or a Python float. Every other leaf (ints, bools, None, strings, the
+callables an Equinox module holds) is held fixed and reported as "skipped". Paths are formatted
+once, with `jax.tree_util.keystr`, and that format is used everywhere in jgc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+ArrayTree = Any  # A pytree whose leaves are arrays (the domain type, as in chex/optax).
+
+_is_none = lambda x: x is None  # None is an empty pytree node; jgc reports it as a skipped leaf.
+
+
+class InputError(ValueError):
+    """A user input that jgc cannot check, with a message that names it and suggests a fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """One leaf of `params`: where it is, what it is, and whether it is checked."""
+
+    path: str  # jax.tree_util.keystr of the leaf's path; "" when params is a single array.
+    shape: tuple[int, ...]
+    dtype: str | None  # None for non-array leaves.
+    checked: bool
+    reason: str = ""  # Why a leaf is skipped, e.g. "int32 array" or "str".
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """`params` split into checked leaves (flattened into one vector) and fixed leaves."""
+
+    treedef: Any
+    specs: tuple[LeafSpec, ...]  # Every leaf, in tree order.
+    leaves: tuple[Any, ...]  # The original leaves, never modified.
+    checked: tuple[int, ...]  # Indices into `leaves` of the checked leaves.
+    offsets: tuple[int, ...]  # Start of each checked leaf in the flat vector; len = len(checked)+1.
+
+    @property
+    def n(self) -> int:
+        return self.offsets[-1]
+
+    def checked_specs(self) -> list[LeafSpec]:
+        return [self.specs[i] for i in self.checked]
+
+
+def is_float_leaf(x) -> bool:
+    """True for the leaves jgc checks: floating-point arrays and Python floats."""
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return jax.numpy.issubdtype(x.dtype, np.floating)
+    return False
+
+
+def _describe(x) -> tuple[tuple[int, ...], str | None, str]:
+    """Shape, dtype name and a short description of any leaf."""
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return tuple(x.shape), str(x.dtype), f"{x.dtype} array"
+    if isinstance(x, float):
+        return (), "float64", "float"
+    return (), None, type(x).__name__
+
+
+def flatten(tree) -> tuple[list[tuple[str, Any]], Any]:
+    """Leaves with their `keystr` paths, treating None as a leaf so it can be reported."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
+    return [(jax.tree_util.keystr(p), leaf) for p, leaf in pairs], treedef
+
+
+def split(params: ArrayTree) -> Split:
+    """Splits `params` into checked and fixed leaves. Complex leaves are refused."""
+    pairs, treedef = flatten(params)
+    specs, checked, offsets = [], [], [0]
+    for i, (path, leaf) in enumerate(pairs):
+        shape, dtype, what = _describe(leaf)
+        if dtype is not None and jax.numpy.issubdtype(np.dtype(dtype), np.complexfloating):
+            raise InputError(
+                f"params{path} is a complex array ({dtype}). jgc checks real parameters only. "
+                "Split it into real and imaginary parts, e.g. params = {'re': z.real, 'im': z.imag} "
+                "and build z = re + 1j * im inside the loss."
+            )
+        ok = is_float_leaf(leaf)
+        specs.append(LeafSpec(path, shape, dtype, ok, "" if ok else what))
+        if ok:
+            checked.append(i)
+            offsets.append(offsets[-1] + specs[-1].size)
+    return Split(treedef, tuple(specs), tuple(leaf for _, leaf in pairs), tuple(checked),
+                 tuple(offsets))
+
+
+def short_dtype(dtype: str | None) -> str:
+    """'float32' -> 'f32', as equinox's tree_pformat prints arrays."""
+    if dtype is None:
+        return "?"
+    table = {"float": "f", "int": "i", "uint": "u", "bool": "bool", "complex": "c", "bfloat": "bf"}
+    for long, short in sorted(table.items(), key=lambda kv: -len(kv[0])):
+        if dtype.startswith(long):
+            return short + dtype[len(long):]
+    return dtype
+
+
+def leaf_pformat(x) -> str:
+    """One leaf as `f32[3,4]`; non-arrays by type name (and value, for short scalars)."""
+    if x is None:
+        return "None"
+    shape, dtype, what = _describe(x)
+    if dtype is None:
+        return what
+    if isinstance(x, float):
+        return "float"
+    return f"{short_dtype(dtype)}[{','.join(map(str, shape))}]"
+
+
+def tree_pformat(tree, max_leaves: int = 12) -> str:
+    """A pytree as `{'W1': f32[3,4], 'b1': f32[4]}`: the structure with one token per leaf."""
+    pairs, treedef = flatten(tree)
+    tokens = [_Token(leaf_pformat(leaf)) for _, leaf in pairs]
+    text = str(jax.tree_util.tree_unflatten(treedef, tokens))
+    if len(pairs) > max_leaves and len(text) > 400:
+        text = text[:400] + " ..."
+    return text
+
+
+class _Token:
+    def __init__(self, text):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+
+def structure_error(what: str, params, other, first_difference: str, fix: str) -> InputError:
+    """An error that shows both structures side by side and names the first difference."""
+    return InputError(
+        f"{what} does not match the structure of params.\n"
+        f"  params: {tree_pformat(params)}\n"
+        f"  {what:<6}: {tree_pformat(other)}\n"
+        f"First difference: {first_difference}.\n{fix}"
+    )
+
+
+_GRAD_FIX = (
+    "The gradient must be a pytree shaped like params (same keys and leaf shapes), as jax.grad "
+    "returns, or a flat vector in ravel_pytree order."
+)
+
+
+def match_gradient(grad, sp: Split, params, what: str = "grad") -> list[np.ndarray]:
+    """Maps a gradient (a pytree like params, or a flat vector) onto the checked leaves.
+
+    Returns one NumPy array per checked leaf, a copy in the gradient's own floating dtype (its
+    precision enters the error model). Leaves of the gradient at skipped paths
+    (None, zeros, float0, ...) are ignored. Raises InputError, naming the first difference, on a
+    wrong structure, a missing or extra key, a wrong shape, or a non-numeric leaf.
+    """
+    if _is_flat_vector(grad, sp):
+        return _split_flat(np.asarray(grad), sp, params, what)
+    pairs, _ = flatten(grad)
+    by_path = dict(pairs)
+    param_paths = [s.path for s in sp.specs]
+    extra = [p for p, _ in pairs if p not in set(param_paths)]
+    if extra:
+        raise structure_error(what, params, grad,
+                              f"{what}{extra[0]} is not a leaf of params ({len(extra)} extra "
+                              f"path{'s' if len(extra) > 1 else ''})", _GRAD_FIX)
+    out = []
+    for spec in sp.checked_specs():
+        if spec.path not in by_path:
+            raise structure_error(what, params, grad, f"params{spec.path} ({_spec_fmt(spec)}) "
+                                  f"has no entry in {what}", _GRAD_FIX)
+        leaf = by_path[spec.path]
+        if leaf is None:
+            raise structure_error(what, params, grad,
+                                  f"{what}{spec.path} is None but params{spec.path} is a "
+                                  f"checked {_spec_fmt(spec)} leaf", _GRAD_FIX)
+        arr = _as_real_array(leaf, spec, what)
+        if arr.shape != spec.shape:
+            if arr.size == spec.size and arr.squeeze().shape == np.empty(spec.shape).squeeze().shape:
+                hint = " (same entries, different shape: reshape it to the parameter's shape)"
+            else:
+                hint = ""
+            raise structure_error(what, params, grad,
+                                  f"{what}{spec.path} has shape {arr.shape} but params{spec.path} "
+                                  f"has shape {spec.shape}{hint}", _GRAD_FIX)
+        out.append(arr)
+    return out
+
+
+def _spec_fmt(spec: LeafSpec) -> str:
+    return f"{short_dtype(spec.dtype)}[{','.join(map(str, spec.shape))}]"
+
+
+def _as_real_array(leaf, spec: LeafSpec, what: str) -> np.ndarray:
+    try:
+        arr = np.array(leaf, copy=True)  # A copy: the user's arrays are never touched.
+    except Exception as e:  # noqa: BLE001 - anything that is not array-like.
+        raise InputError(f"{what}{spec.path} is a {type(leaf).__name__}, not an array: {e}") from e
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise InputError(f"{what}{spec.path} has dtype {arr.dtype}; expected a floating-point "
+                         f"array of shape {spec.shape}.")
+    if np.iscomplexobj(arr):
+        raise InputError(f"{what}{spec.path} is complex ({arr.dtype}) but params{spec.path} is "
+                         "real. Return the real gradient (for a real loss, its real part).")
+    return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
+
+
+def _is_flat_vector(grad, sp: Split) -> bool:
+    if not isinstance(grad, (np.ndarray, jax.Array)) or grad.ndim != 1:
+        return False
+    # A single 1-D parameter leaf is a pytree, not a flat vector, when params is that leaf.
+    return not (len(sp.specs) == 1 and sp.specs[0].path == "")
+
+
+def _split_flat(vec: np.ndarray, sp: Split, params, what: str) -> list[np.ndarray]:
+    """A flat vector in ravel_pytree order: either over the checked leaves or over every array."""
+    array_specs = [s for s in sp.specs if s.dtype is not None]
+    n_all = sum(s.size for s in array_specs)
+    if vec.size == sp.n:
+        layout = sp.checked_specs()
+    elif vec.size == n_all:
+        layout = array_specs
+    else:
+        raise InputError(
+            f"{what} is a flat vector of length {vec.size}, but params has {sp.n} checked "
+            f"(floating-point) entries and {n_all} entries in ravel_pytree order.\n"
+            f"  params: {tree_pformat(params)}\n{_GRAD_FIX}")
+    if not np.issubdtype(vec.dtype, np.floating):
+        vec = vec.astype(np.float64)
+    out, start = {}, 0
+    for spec in layout:
+        out[spec.path] = vec[start:start + spec.size].reshape(spec.shape).copy()
+        start += spec.size
+    return [out[s.path] for s in sp.checked_specs()]

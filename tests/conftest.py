@@ -1,0 +1,17 @@
+import jax
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _config_unchanged():
+    """Every test must leave the global JAX configuration as it found it."""
+    before = (jax.config.jax_enable_x64, jax.config.jax_default_device)
+    yield
+    assert (jax.config.jax_enable_x64, jax.config.jax_default_device) == before
+
+
+def snapshot(tree):
+    """Byte-exact copies of every array leaf, to prove that nothing was mutated."""
+    return [(np.asarray(x).dtype, np.asarray(x).shape, np.asarray(x).tobytes())
+            for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]

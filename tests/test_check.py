@@ -1,0 +1,265 @@
+"""check_grad / assert_grad / numerical_grad on every kind of pytree and gradient."""
+
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import snapshot
+
+import jgc
+from jgc.examples import hidden_random_dropout, mlp, wrong_custom_vjp
+
+
+class Layer(typing.NamedTuple):
+    w: typing.Any
+    b: typing.Any
+
+
+def _loss(params, x):
+    """A loss that uses every leaf kind: dict, list, tuple, NamedTuple, scalar, empty, int."""
+    layers, extra = params["layers"], params["extra"]
+    h = x
+    for layer in layers:
+        h = jnp.tanh(h @ layer.w + layer.b)
+    return (jnp.sum(h ** 2) + extra["scale"] * jnp.sum(h) + jnp.sum(extra["empty"])
+            + 0.0 * extra["steps"] + jnp.sum(extra["pair"][0] * extra["pair"][1]))
+
+
+def _params(rng):
+    return {"layers": [Layer(rng.normal(size=(3, 4)), rng.normal(size=4)),
+                       Layer(jnp.asarray(rng.normal(size=(4, 2))), jnp.zeros(2))],
+            "extra": {"scale": 0.7, "empty": np.zeros((0, 3)), "steps": 3, "name": "mlp",
+                      "fn": jnp.tanh, "none": None,
+                      "pair": (np.float64(1.5), np.array([2.0, -1.0]))}}
+
+
+@pytest.fixture
+def tree_case():
+    rng = np.random.default_rng(0)
+    return _params(rng), rng.normal(size=(5, 3))
+
+
+def test_any_pytree_checked_with_skips(tree_case):
+    params, x = tree_case
+    r = jgc.check_grad(_loss, params, x)
+    assert r.ok, str(r)
+    paths = [leaf.path for leaf in r.leaves]
+    assert paths == [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda v: v is None)[0]]
+    status = {leaf.path: leaf.status for leaf in r.leaves}
+    assert status["['layers'][0].w"] == "ok" and status["['layers'][1].b"] == "ok"
+    assert status["['extra']['scale']"] == "ok"  # a Python float is checked
+    assert status["['extra']['pair'][0]"] == "ok"  # a NumPy scalar too
+    for skipped in ("['extra']['steps']", "['extra']['name']", "['extra']['fn']",
+                    "['extra']['none']"):
+        assert status[skipped] == "skipped"
+    empty = r.leaf("['extra']['empty']")
+    assert empty.n_checked == 0 and empty.status == "ok" and empty.shape == (0, 3)
+    assert r.n_params == 12 + 4 + 8 + 2 + 1 + 1 + 2
+
+
+def test_gradient_as_function_pytree_and_flat_vector(tree_case):
+    params, x = tree_case
+    sub = lambda p: {"layers": p["layers"], "extra": {k: p["extra"][k] for k in ("scale",
+                                                                               "pair", "empty")}}
+    def g_fn(p, x):
+        return jax.grad(lambda q: _loss({"layers": q["layers"], "extra": {**p["extra"], **q[
+            "extra"]}}, x))(sub(p))
+    g_tree = jax.tree_util.tree_map(np.asarray, g_fn(params, x))
+    for grad in (g_fn, g_tree):
+        assert jgc.check_grad(_loss, params, x, grad=grad).ok
+    # A flat vector over the checked leaves, in tree order.
+    r = jgc.check_grad(_loss, params, x)
+    flat = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(
+        jgc.numerical_grad(_loss, params, x))])
+    assert jgc.check_grad(_loss, params, x, grad=flat).ok
+    flat_bad = flat.copy()
+    flat_bad[-1] *= 3
+    r = jgc.check_grad(_loss, params, x, grad=flat_bad)
+    assert [leaf.path for leaf in r.bad_leaves] == ["['layers'][1].b"]  # last in tree order
+
+
+def test_flat_vector_in_ravel_pytree_order():
+    from jax.flatten_util import ravel_pytree
+    params = {"a": np.ones(3), "n": np.arange(2), "b": np.full((2, 2), 0.5)}
+    loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.sin(p["b"])) + 0 * jnp.sum(p["n"])
+    full = {"a": 2 * params["a"], "n": np.zeros(2), "b": np.cos(params["b"])}
+    vec, _ = ravel_pytree(full)  # includes the int leaf, as ravel_pytree does
+    assert vec.size == 9
+    assert jgc.check_grad(loss, params, grad=vec).ok
+
+
+def test_numpy_loss_and_numpy_grad_slow_path():
+    ex = mlp("sigmoid", xp=np)
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    assert r.ok and any("slow path" in n for n in r.notes)
+    assert "jax.grad is not available" in " ".join(r.notes)
+
+
+def test_numpy_gradient_of_jax_loss_is_called_on_host():
+    ex_j, ex_n = mlp("tanh"), mlp("tanh", xp=np)
+    calls = []
+
+    def numpy_grad(p, X, Y):
+        calls.append(type(p["W1"]))
+        return ex_n.grad(p, X, Y)
+
+    r = jgc.check_grad(ex_j.loss, ex_j.params, *ex_j.args, grad=numpy_grad)
+    assert r.ok and not r.notes
+    assert calls[-1] is np.ndarray
+
+
+def test_wrong_custom_vjp_flagged_with_grad_none():
+    ex = wrong_custom_vjp()
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args)
+    assert not r.ok and r.checked_source == "jax.grad"
+    assert {leaf.path for leaf in r.bad_leaves} == {"['W']", "['b']"}
+    assert r.leaf("['scale']").status == "ok"
+    assert r.leaf("['W']").factor == pytest.approx(2.0, rel=1e-6)
+    assert "custom_vjp" in r.diagnosis
+
+
+def test_correct_custom_vjp_passes():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x),))
+    assert jgc.check_grad(lambda p: jnp.sum(f(p["x"]) ** 2), {"x": np.linspace(-1, 1, 7)}).ok
+
+
+def test_suspect_numerics_when_hand_and_jax_agree():
+    """A step far too large for a fast-varying loss: hand and jax.grad agree, numerics do not."""
+    loss = lambda p: jnp.sum(jnp.sin(50 * p)) / 50
+    p = np.array([0.3, 0.7, -0.2])
+    r = jgc.check_grad(loss, p, grad=lambda p: np.cos(50 * p), eps=0.1)
+    assert not r.ok and r.verdict == "suspect_numerics"
+    assert "agree with each other but not with finite differences in <params>" in r.diagnosis
+    assert "eps=None" in r.diagnosis
+    # With the automatic step the same gradient passes.
+    assert jgc.check_grad(loss, p, grad=lambda p: np.cos(50 * p)).ok
+
+
+def test_assert_grad_names_every_bad_leaf():
+    ex = mlp("tanh")
+    jgc.assert_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    with pytest.raises(AssertionError) as info:
+        jgc.assert_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["missing_1_over_m"].grad)
+    msg = str(info.value)
+    assert msg.startswith("[jgc] gradient check failed (wrong_gradient) in: ")
+    assert msg.splitlines()[0].endswith("['W1'], ['W2'], ['b1'], ['b2']")  # tree order
+    assert "MISMATCH" in msg
+
+
+@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("initial", [False, True])
+def test_x64_restored(fail, initial):
+    ex = mlp("tanh")
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", initial)
+    try:
+        grad = ex.grad if not fail else (lambda p, X, Y: 1 / 0)
+        if fail:
+            with pytest.raises(jgc.InputError, match="ZeroDivisionError"):
+                jgc.check_grad(ex.loss, ex.params, *ex.args, grad=grad)
+        else:
+            assert jgc.check_grad(ex.loss, ex.params, *ex.args, grad=grad).ok
+        assert jax.config.jax_enable_x64 is initial
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+def test_x64_restored_after_interrupt():
+    def loss(p):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        jgc.check_grad(loss, {"a": np.ones(2)}, grad=lambda p: p)
+    assert jax.config.jax_enable_x64 is False
+
+
+def test_user_arrays_never_mutated():
+    ex = mlp("relu", xp=np)
+    params = ex.params
+    before = snapshot((params, ex.args))
+
+    def mutating_grad(p, X, Y):
+        g = ex.grad(p, X, Y)
+        p["W1"] *= 0  # a gradient that scribbles on its inputs
+        X[:] = 0
+        return g
+
+    jgc.check_grad(ex.loss, params, *ex.args, grad=mutating_grad)
+    jgc.check_grad(ex.loss, params, *ex.args, grad=ex.bugs["b2_sign"].grad)
+    jgc.numerical_grad(ex.loss, params, *ex.args)
+    assert snapshot((params, ex.args)) == before
+
+
+def test_x64_false_checks_at_user_precision():
+    ex = mlp("tanh")
+    p32 = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float32), ex.params)
+    args32 = tuple(np.asarray(a, np.float32) for a in ex.args)
+    r = jgc.check_grad(ex.loss, p32, *args32, grad=ex.grad, x64=False)
+    assert r.precision == "float32"
+    assert r.ok, str(r)
+    r = jgc.check_grad(ex.loss, p32, *args32, grad=ex.bugs["b1_4_over_m"].grad, x64=False)
+    assert [leaf.path for leaf in r.bad_leaves] == ["['b1']"]
+
+
+def test_hidden_randomness_is_reported_as_such():
+    ex = hidden_random_dropout()
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    assert not r.ok and r.verdict == "randomness"
+    assert "hidden randomness" in r.diagnosis and "not a gradient bug" in r.diagnosis
+
+
+def test_numerical_grad_matches_analytic():
+    p = {"w": np.array([[0.3, -1.2], [2.0, 0.1]]), "c": 1.7, "k": 2}
+    loss = lambda p: jnp.sum(jnp.sin(p["w"]) * p["c"] ** 2)
+    g = jgc.numerical_grad(loss, p)
+    np.testing.assert_allclose(g["w"], np.cos(p["w"]) * 1.7 ** 2, rtol=1e-9)
+    np.testing.assert_allclose(g["c"], 2 * 1.7 * np.sum(np.sin(p["w"])), rtol=1e-9)
+    assert g["k"] is None
+    assert g["w"].dtype == np.float64
+
+
+def test_sample_mode_is_seeded_and_reported():
+    ex = mlp("tanh")
+    r1 = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["W1_transposed"].grad,
+                        mode="sample", samples=4, seed=3)
+    r2 = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["W1_transposed"].grad,
+                        mode="sample", samples=4, seed=3)
+    assert r1.mode == "sample" and r1.leaf("['W1']").n_checked == 4
+    assert r1.leaf("['b1']").n_checked == 4 and r1.leaf("['b2']").n_checked == 3
+    assert any("sampled" in n for n in r1.notes)
+    assert r1.leaf("['W1']").worst_index == r2.leaf("['W1']").worst_index
+    assert not r1.ok
+
+
+def test_second_check_compiles_nothing():
+    ex = mlp("tanh")
+    jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    other = jax.tree_util.tree_map(lambda v: v * 1.1, ex.params)
+    with jax.log_compiles(), _count_compiles() as n:
+        jgc.check_grad(ex.loss, other, *ex.args, grad=ex.grad)
+    assert n() == 0
+
+
+class _count_compiles:
+    def __enter__(self):
+        import logging
+        self.records = []
+        handler = logging.Handler()
+        handler.emit = lambda rec: self.records.append(rec.getMessage())
+        self.handler = handler
+        self.logger = logging.getLogger("jax")
+        self.logger.addHandler(handler)
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        return lambda: sum("Compiling" in m for m in self.records)
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
