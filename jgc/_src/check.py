@@ -99,7 +99,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args)
     if not ev.traceable:
         notes.append("the loss is not traceable by JAX (plain NumPy?), so every perturbation "
-                     f"was evaluated in a Python loop on the host: the slow path ({ev.trace_error})")
+                     "was evaluated in a Python loop on the host: the slow path "
+                     f"({ev.trace_error})")
     f0 = ev.at()
     if not np.isfinite(f0):
         raise InputError(f"the loss is {f0} at params (before any perturbation). Check the "
@@ -146,7 +147,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     values = ev.perturbed(np.concatenate([index, index]), np.concatenate([hp, -hm]))
     m = len(index)
     diffs = es.first_stencil(f0, values[:m], values[m:], hp, hm, u, f_scale)
-    _check_finite(diffs, sp, plan, values, m)
+    _check_finite(sp, index, values, m)
 
     # Second stencil, at twice the step, only where a gradient disagrees with the first.
     sus = es.suspects(diffs, g, rtol, atol, g_round)
@@ -222,20 +223,17 @@ def _precision_name(plan: pl.Plan, ev: Evaluator) -> str:
     return "/".join(names) + (" (x64)" if plan.x64 else "")
 
 
-def _check_finite(diffs: es.Differences, sp: Split, plan: pl.Plan, values, m: int) -> None:
+def _check_finite(sp: Split, index: np.ndarray, values: np.ndarray, m: int) -> None:
     bad = ~np.isfinite(values[:m]) | ~np.isfinite(values[m:])
     if not bad.any():
         return
     j = int(np.argmax(bad))
-    k = int(np.searchsorted(np.cumsum([len(e) for e in plan.entries]), j, side="right"))
-    spec = sp.specs[sp.checked[k]]
-    local = j - sum(len(e) for e in plan.entries[:k])
-    idx = tuple(int(i) for i in np.unravel_index(plan.entries[k][local], spec.shape))
     raise InputError(
         f"the loss is finite at params but not at perturbed points: {int(bad.sum())} of {m} "
-        f"entries give NaN/Inf, first at {spec.path or '<params>'}{list(idx)} (f(x+h) = "
-        f"{values[j]}, f(x-h) = {values[m + j]}). The step leaves the loss's domain there "
-        "(a log or sqrt near 0, an overflow): pass a smaller step, e.g. eps=1e-8.")
+        f"entries give NaN/Inf, first at {sp.locate(index[j])} (f(x+h) = {values[j]}, "
+        f"f(x-h) = {values[m + j]}). The step leaves the loss's domain there: either params "
+        "sit on the edge of the domain (a sqrt or log at 0; move them inside it) or the step "
+        "is too large (pass a smaller one, e.g. eps=1e-8).")
 
 
 def _randomness_report(sp, plan, ev, f0, f0_again, source, start, notes) -> Report:
@@ -325,7 +323,7 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
     back as NumPy arrays in the evaluation dtype (float64 under x64); skipped leaves as None.
 
     >>> import jax.numpy as jnp, jgc
-    >>> g = jgc.numerical_grad(lambda p: jnp.sum(p ** 2), {"a": jnp.array([1.0, -2.0])})
+    >>> g = jgc.numerical_grad(lambda p: jnp.sum(p["a"] ** 2), {"a": jnp.array([1.0, -2.0])})
     >>> [round(float(v), 6) for v in g["a"]]
     [2.0, -4.0]
     """

@@ -21,8 +21,9 @@ def demo(args) -> int:
     ex = mlp("tanh") if xp is None else mlp("tanh", xp=np)
     bug = ex.bugs[DEMO_BUG]
     rule = "=" * 78
-    print(f"{rule}\njgc demo: {ex.description}.\nLoss: L = 1/(2m) Σ (tanh(X·W1 + b1)·W2 + b2 - Y)², "
-          f"params {{W1, b1, W2, b2}}.\n{rule}\n")
+    print(f"{rule}\njgc demo: {ex.description}.\n"
+          "Loss: L = 1/(2m) Σ (tanh(X·W1 + b1)·W2 + b2 - Y)², params {W1, b1, W2, b2}.\n"
+          f"{rule}\n")
     print("1) The correct hand-written backprop:\n")
     good = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, x64=args.x64)
     print(good, "\n")

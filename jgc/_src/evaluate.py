@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src.tree import InputError, Split
+from jgc._src.tree import InputError, Split, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best; more
 # only grows the (chunk x n) perturbation matrix without improving throughput.
@@ -64,7 +64,8 @@ class Layout:
 
     params_def: Any
     args_def: Any
-    checked: tuple[tuple[int, int, int, tuple[int, ...], str], ...]  # (leaf, start, stop, shape, dt)
+    # One (leaf index, start, stop, shape, dtype) per checked leaf.
+    checked: tuple[tuple[int, int, int, tuple[int, ...], str], ...]
     params_static: tuple[tuple[int, _Static], ...]
     params_dynamic: tuple[int, ...]
     args_static: tuple[tuple[int, _Static], ...]
@@ -196,9 +197,15 @@ class Evaluator:
                                   layout=self.layout))
         return self._host(t)
 
-    def _host(self, t: np.ndarray) -> float:
+    def _host(self, t: np.ndarray, where: str = "at params") -> float:
         params, args = assemble(self.layout, t, self.host_dynamic, xp=np)
-        out = self.loss(params, *args)
+        try:
+            out = self.loss(params, *args)
+        except Exception as e:
+            raise InputError(
+                f"loss(params, *args) raised {type(e).__name__}: {e}\n  {where}, with params "
+                f"= {tree_pformat(params)}.\n  (JAX could not trace the loss either: "
+                f"{self.trace_error})") from e
         arr = np.asarray(out)
         _check_scalar(arr.shape, arr.dtype)
         self.out_dtype = arr.dtype
@@ -216,7 +223,8 @@ class Evaluator:
             for j in range(m):
                 t = self.theta_np.copy()
                 t[index[j]] += step[j]
-                out[j] = self._host(t)
+                out[j] = self._host(t, f"while evaluating the perturbed point "
+                                       f"{self.sp.locate(index[j])} {step[j]:+.3g}")
             return out
         chunk = self.chunk_size(m)
         pad = (-m) % chunk

@@ -198,7 +198,7 @@ def format_report(r: Report) -> str:
                 status += f" ({leaf.n_kink} at kinks)"
             row = [fmt_path(leaf.path), _shape(leaf), str(leaf.n_checked),
                    f"{leaf.max_rel_error:.1e}",
-                   "-" if leaf.worst_index is None else str(tuple(int(i) for i in leaf.worst_index)),
+                   "-" if leaf.worst_index is None else str(leaf.worst_index),
                    fmt_num(leaf.numerical), fmt_num(leaf.checked), fmt_num(leaf.autodiff), status]
         if not show_jax:
             del row[7]

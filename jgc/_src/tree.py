@@ -55,6 +55,13 @@ class Split:
     def checked_specs(self) -> list[LeafSpec]:
         return [self.specs[i] for i in self.checked]
 
+    def locate(self, flat_index: int) -> str:
+        """The entry at a position of the flat vector, as "['W1'][0, 2]"."""
+        k = int(np.searchsorted(self.offsets, flat_index, side="right")) - 1
+        spec = self.specs[self.checked[k]]
+        idx = np.unravel_index(int(flat_index) - self.offsets[k], spec.shape)
+        return f"{spec.path or '<params>'}[{', '.join(str(int(i)) for i in idx)}]"
+
 
 def is_float_leaf(x) -> bool:
     """True for the leaves jgc checks: floating-point arrays and Python floats."""
@@ -89,7 +96,8 @@ def split(params: ArrayTree) -> Split:
         if dtype is not None and jax.numpy.issubdtype(np.dtype(dtype), np.complexfloating):
             raise InputError(
                 f"params{path} is a complex array ({dtype}). jgc checks real parameters only. "
-                "Split it into real and imaginary parts, e.g. params = {'re': z.real, 'im': z.imag} "
+                "Split it into real and imaginary parts, e.g. "
+                "params = {'re': z.real, 'im': z.imag} "
                 "and build z = re + 1j * im inside the loss."
             )
         ok = is_float_leaf(leaf)
@@ -188,7 +196,8 @@ def match_gradient(grad, sp: Split, params, what: str = "grad") -> list[np.ndarr
                                   f"checked {_spec_fmt(spec)} leaf", _GRAD_FIX)
         arr = _as_real_array(leaf, spec, what)
         if arr.shape != spec.shape:
-            if arr.size == spec.size and arr.squeeze().shape == np.empty(spec.shape).squeeze().shape:
+            squeezed = np.empty(spec.shape).squeeze().shape
+            if arr.size == spec.size and arr.squeeze().shape == squeezed:
                 hint = " (same entries, different shape: reshape it to the parameter's shape)"
             else:
                 hint = ""
