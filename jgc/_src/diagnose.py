@@ -21,11 +21,49 @@ import dataclasses
 import numpy as np
 
 from jgc._src.estimate import KINK, MISMATCH, Comparison
+from jgc._src.estimate import chi2 as es_chi2
+from jgc._src.estimate import resolution as es_resolution
 from jgc._src.report import LeafReport
 from jgc._src.tree import LeafSpec
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
+COARSE = 0.01  # A leaf whose resolution is coarser than 1% gets a note: such bugs can hide.
 N_WORST = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """The leaf-level test: residuals against the Richardson reference, taken together.
+
+    A bug too small to push any single entry outside its error bar (a 1% scale error in float32)
+    still makes the sum of squared standardised residuals, chi2, exceed what noise allows.
+    """
+
+    reference: np.ndarray  # Richardson reference at the entries tested (kinks excluded).
+    sd: np.ndarray  # Standard deviation of each residual under noise alone.
+    chi2: float
+    threshold: float
+    where: np.ndarray  # Positions (within the leaf's planned entries) that were tested.
+
+    @property
+    def significant(self) -> bool:
+        return len(self.where) > 0 and self.chi2 > self.threshold
+
+    def resolution(self, g: np.ndarray) -> float:
+        return es_resolution(g[self.where], self.sd, self.threshold)
+
+    def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
+        """A one-parameter pattern whose residual is consistent with noise, if any."""
+        ref, th = self.reference, theta[self.where]
+        g = g[self.where]
+        for name, basis, offset in (("scale", ref, 0.0), ("regularization", th, ref)):
+            bb = float(basis @ basis)
+            if bb == 0:
+                continue
+            c = float((g - offset) @ basis) / bb
+            if es_chi2(g - offset - c * basis, self.sd) <= self.threshold:
+                return name, c
+        return None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +80,28 @@ class LeafData:
     autodiff: np.ndarray | None
     autodiff_cmp: Comparison | None
     agree: np.ndarray | None  # bool per entry: checked agrees with jax.grad.
+    kink: np.ndarray | None = None  # bool per entry: the loss is not smooth there.
+    collective: Collective | None = None  # Leaf-level tests (reduced precision only).
+    autodiff_collective: Collective | None = None
 
 
 def _explains(residual, discrepancy, tol) -> bool:
     return np.linalg.norm(residual) <= EXPLAINED * np.linalg.norm(discrepancy) + np.linalg.norm(tol)
 
 
-def find_pattern(g, d, theta, tol, shape, full: bool) -> tuple[str | None, float | None]:
-    """The simplest model that explains g - d, as (pattern, factor)."""
+def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
+                 ) -> tuple[str | None, float | None]:
+    """The simplest model that explains g - d, as (pattern, factor).
+
+    `smooth` (bool per entry) leaves out entries at kinks, whose central difference is no
+    derivative. `full`: every entry of the leaf is present, in order (needed for "transpose").
+    """
+    if smooth is not None and not smooth.all() and smooth.any():
+        if full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
+            both = (smooth.reshape(shape) & smooth.reshape(shape).T).ravel()
+            if both.any() and _is_transpose(g, d, tol, shape, both):
+                return "transpose", None
+        return find_pattern(g[smooth], d[smooth], theta[smooth], tol[smooth], shape, False)
     disc = g - d
     if not np.any(np.abs(disc) > tol):
         return None, None
@@ -62,16 +114,24 @@ def find_pattern(g, d, theta, tol, shape, full: bool) -> tuple[str | None, float
             if abs(a + 1) < 1e-3:
                 return "sign", -1.0
             return "scale", a
-    if full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
-        dm = d.reshape(shape)
-        if not _explains(dm - dm.T, disc, tol) and _explains(g - dm.T.ravel(), disc, 2 * tol):
-            return "transpose", None
+    if (full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1
+            and _is_transpose(g, d, tol, shape, np.ones(len(g), bool))):
+        return "transpose", None
     tt = float(theta @ theta)
     if tt > 0:
         lam = float(disc @ theta) / tt
         if _explains(disc - lam * theta, disc, 2 * tol):
             return "regularization", lam
     return None, None
+
+
+def _is_transpose(g, d, tol, shape, keep) -> bool:
+    """g = d.T on the entries `keep` (whose transposed positions are trusted too), and d is not
+    symmetric there (else a transpose changes nothing)."""
+    dt = d.reshape(shape).T.ravel()
+    disc = (g - d)[keep]
+    return (not _explains((d - dt)[keep], disc, tol[keep])
+            and _explains((g - dt)[keep], disc, 2 * tol[keep]))
 
 
 def leaf_report(x: LeafData, full: bool) -> LeafReport:
@@ -81,7 +141,8 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         return LeafReport(spec.path, spec.shape, spec.dtype, 0, "ok")
     n_mis = int(np.sum(cmp.status == MISMATCH))
     n_kink = int(np.sum(cmp.status == KINK))
-    status = "mismatch" if n_mis else ("kink" if n_kink else "ok")
+    as_whole = n_mis == 0 and x.collective is not None and x.collective.significant
+    status = "mismatch" if n_mis or as_whole else ("kink" if n_kink else "ok")
     # Worst first: mismatches by how far they exceed their error bar, then the rest by rel error.
     with np.errstate(divide="ignore", invalid="ignore"):
         excess = np.where(cmp.status == MISMATCH, cmp.abs_error / np.maximum(x.tol, 1e-300), 0.0)
@@ -92,15 +153,28 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     rows = tuple((tuple(int(i) for i in np.unravel_index(x.entries[j], spec.shape)),
                   float(x.numerical[j]), float(x.checked[j]),
                   None if x.autodiff is None else float(x.autodiff[j])) for j in order)
-    pattern, factor = (find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape, full)
-                       if n_mis else (None, None))
+    if n_mis:
+        # Fit patterns on smooth entries only: at a kink the central difference is no derivative.
+        smooth = None if x.kink is None else ~x.kink
+        pattern, factor = find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape,
+                                       full, smooth)
+    elif as_whole:
+        pattern, factor = x.collective.fit(x.checked, x.theta)
+    else:
+        pattern, factor = None, None
     ad_status = None
     if x.autodiff_cmp is not None:
-        ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) else
+        ad_whole = x.autodiff_collective is not None and x.autodiff_collective.significant
+        ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) or ad_whole else
                      "kink" if np.any(x.autodiff_cmp.status == KINK) else "ok")
     top = rows[0]
+    if x.collective is not None:
+        resolution = x.collective.resolution(x.checked)
+    else:  # per entry: the error bar relative to the gradient, at the best-resolved entry
+        with np.errstate(divide="ignore", invalid="ignore"):
+            resolution = float(np.nanmin(x.tol / np.abs(x.numerical)))
     return LeafReport(
-        spec.path, spec.shape, spec.dtype, n, status,
+        spec.path, spec.shape, spec.dtype, n, status, resolution=resolution,
         max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
         n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,
@@ -172,9 +246,15 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
                     "2λ·θ), or applied to a parameter the loss does not regularise")
     elif leaf.pattern == "zero":
         body = f"{what} is all zeros: it was never computed, or was overwritten"
+    elif leaf.n_mismatch == 0:
+        body = (f"{what} is slightly but systematically off: no single entry is outside its "
+                "error bar, but taken together the leaf's entries differ from finite "
+                "differences far more than the measured noise allows")
     else:
         body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
                 "simple pattern (a wrong formula, a wrong index or a missing path)")
+    if leaf.n_mismatch == 0 and leaf.pattern is not None:
+        body += " (taken together over the leaf: small, below any single entry's error bar)"
     return body
 
 
@@ -266,10 +346,20 @@ def diagnose(leaves: list[LeafReport], data: dict[str, LeafData], *, source: str
                 "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
                 "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
                 "exactly at a switch for these parameters.")
+    coarse = [leaf for leaf in leaves if leaf.status == "ok" and leaf.resolution is not None
+              and leaf.resolution > COARSE]
+    if coarse:
+        worst = max(coarse, key=lambda leaf: leaf.resolution)
+        lines.append(
+            f"Resolution: the finite differences' error bar (rounding noise, or truncation at "
+            f"this step) is large next to the gradient of {_paths(coarse)}, so errors smaller "
+            f"than {_pct(worst.resolution)} of {worst.path or '<params>'} could go unseen. "
+            "Check in float64 (x64=True), or with method='richardson', to resolve them.")
     for leaf in kinks:
         lines.append(
             f"{leaf.n_kink} entr{'y' if leaf.n_kink == 1 else 'ies'} of {leaf.path or '<params>'} "
-            "sit on a kink (a relu at 0, a max-pool tie, |x| at 0): the loss is not "
+            f"sit{'s' if leaf.n_kink == 1 else ''} on a kink (a relu at 0, a max-pool tie, "
+            "|x| at 0): the loss is not "
             "differentiable there and the one-sided slopes differ. The checked value lies "
             "between them, so that is expected, not a failure.")
     return verdict, "\n".join(lines)
@@ -287,3 +377,7 @@ def _the(source: str) -> str:
 def _sentence(text: str) -> str:
     """Capitalises a sentence start, except a code name such as jax.grad."""
     return text if text.startswith("jax") else text[:1].upper() + text[1:]
+
+
+def _pct(x: float) -> str:
+    return "100%" if not np.isfinite(x) or x >= 1 else f"{100 * x:.2g}%"

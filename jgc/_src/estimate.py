@@ -1,121 +1,263 @@
 """Stages 4 and 5, `estimate` and `compare`: difference quotients, their error, and kinks.
 
-For each checked entry, with exact steps h+ and h- (see plan.py):
+For each checked entry and each stencil s (step multiplier 1, 2 or 4), with exact steps h+, h-:
 
-    central  D  = (f(x+h+) - f(x-h-)) / (h+ + h-)
-    forward  F  = (f(x+h+) - f(x)) / h+
-    backward B  = (f(x) - f(x-h-)) / h-
+    central  D_s = (f(x+h+) - f(x-h-)) / (h+ + h-)
+    forward  F_s = (f(x+h+) - f(x)) / h+
+    backward B_s = (f(x) - f(x-h-)) / h-
 
 Error model (per entry, absolute):
-  * Rounding. Each loss value carries an error of at most KAPPA * u * |f|, where u is the machine
-    epsilon of the loss's dtype. KAPPA = 16 covers a sum of up to 2**16 same-signed terms with a
-    pairwise (tree) reduction, as XLA does, whose error grows like u * log2(N). The difference
-    quotient divides the error of two values by h+ + h-, so its rounding error is
-    noise = 2 KAPPA u max|f| / (h+ + h-).
+  * Rounding. Each loss value carries an error of at most `delta` (see `noise_bound`): the
+    loss's *measured* noise (ECnoise) or, in float64, the a-priori bound KAPPA·u·|f|, whichever
+    is larger. The rounding error of D_s is then 2·delta / (h+ + h-).
   * Truncation, h**2 |f'''| / 6, is not known in advance. It is measured where it matters: every
-    entry whose checked value disagrees with D by more than the rounding error alone allows (a
-    "suspect") is evaluated again at twice the step. For a smooth loss D(2h) - D(h) is 3x the
-    truncation error of D(h) (Richardson), so |D(2h) - D(h)| / 3 estimates it; it also picks up
-    any rounding noise larger than the model predicted.
-  * An entry is a mismatch when |checked - D| > TOL_FACTOR * (noise + truncation). TOL_FACTOR = 3
-    leaves room for the estimates being estimates (rounding errors are not bounds in practice and
-    the truncation term is itself a difference of noisy numbers).
+    entry whose checked value disagrees with D_1 by more than the rounding error alone allows (a
+    "suspect") is evaluated again at twice the step. For a smooth loss D_2 - D_1 is 3x the
+    truncation error of D_1 (Richardson), so |D_2 - D_1| / 3 estimates it; it also picks up any
+    noise larger than the model predicted.
+  * An entry is a mismatch when |checked - D| > TOL_FACTOR * (rounding + truncation). TOL_FACTOR
+    = 3 leaves room for the truncation term being itself a difference of noisy numbers.
+
+method="richardson" evaluates every entry at h, 2h and 4h and uses R_1 = (4 D_1 - D_2) / 3, whose
+truncation error is O(h**4); R_1 - R_2 is 15x that error, so |R_1 - R_2| / 15 estimates it.
 
 Kinks. Where the loss is smooth, the jump between the one-sided slopes, J(h) = F(h) - B(h), is
 h f'' to leading order, so J(2h) = 2 J(h) up to O(h**3). On a kink (relu at 0, a max-pool tie,
 |x| at 0) the slopes jump by a fixed amount, so J(2h) = J(h). A suspect whose |J(2h) - 2 J(h)|
-exceeds TOL_FACTOR times its rounding noise is therefore not smooth within the stencil; its
+exceeds TOL_FACTOR times its rounding error is therefore not smooth within the stencil; its
 checked value is accepted ("kink") when it lies between the one-sided derivatives, estimated by
-extrapolating the one-sided slopes at h and 2h to h -> 0, widened by their rounding noise.
+extrapolating the one-sided slopes at h and 2h to h -> 0, widened by their rounding error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 KAPPA = 16.0
 TOL_FACTOR = 3.0
+# Rounding errors are bounded, roughly Gaussian sums of many small errors: 6 standard deviations
+# bound the largest of up to ~1e8 of them (sqrt(2 ln 1e8) = 6.07), so a measured noise level
+# sigma becomes the per-evaluation bound NOISE_SIGMAS * sigma.
+NOISE_SIGMAS = 6.0
 
 OK, KINK, MISMATCH = 0, 1, 2
 STATUS_NAMES = {OK: "ok", KINK: "kink", MISMATCH: "mismatch"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Differences:
-    """Difference quotients for every planned entry (all checked leaves, concatenated)."""
+# -- the loss's noise level ------------------------------------------------------------------
 
-    f0: float
+def ecnoise(fvals: np.ndarray) -> float | None:
+    """Noise level (standard deviation) of f from values at equally spaced points.
+
+    Moré & Wild, "Estimating computational noise", SIAM J. Sci. Comput. 33 (2011). The k-th
+    differences of a smooth function at a small spacing vanish like s**k, while those of noise
+    do not: for independent noise of variance sigma**2, E[(Δ^k f)^2] = C(2k, k) sigma**2. Level k
+    is accepted when its differences change sign (noise, not a smooth trend) and its estimate
+    agrees within a factor of 4 with the next two levels. Returns None when no level qualifies
+    (the points were too far apart, or the noise is below f's resolution).
+    """
+    table = np.asarray(fvals, np.float64)
+    sigmas, signs_mixed = [], []
+    for k in range(1, len(table)):
+        table = np.diff(table)
+        gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
+        sigmas.append(math.sqrt(gamma * float(np.mean(table ** 2))))
+        signs_mixed.append(bool(np.any(table > 0) and np.any(table < 0)))
+    for k in range(len(sigmas) - 2):
+        window = sigmas[k:k + 3]
+        if signs_mixed[k] and min(window) > 0 and max(window) <= 4 * min(window):
+            return sigmas[k]
+    return None
+
+
+def noise_bound(sigma: float | None, f_size, u: float, float64: bool):
+    """The error bound `delta` of one loss value.
+
+    The measured noise (NOISE_SIGMAS standard deviations) when it is available. In float64 the
+    a-priori bound KAPPA·u·|f| is a floor: KAPPA = 16 covers a sum of up to 2**16 same-signed
+    terms with a pairwise (tree) reduction, as XLA does, whose error grows like u·log2(N); in
+    float64 this floor is far below any bug worth reporting, so the extra sensitivity a lower
+    measured value would give is not worth its risk. In lower precision every digit counts, so
+    the floor is one unit of roundoff of |f| and the measured noise decides.
+    """
+    if sigma is None:
+        return KAPPA * u * f_size
+    return np.maximum((KAPPA if float64 else 1.0) * u * f_size, NOISE_SIGMAS * sigma)
+
+
+# -- difference quotients ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Stencil:
+    """Difference quotients at one step multiplier; NaN where not evaluated."""
+
     central: np.ndarray
     forward: np.ndarray
     backward: np.ndarray
-    noise: np.ndarray  # Rounding error of `central` (absolute).
-    # Second stencil at twice the step; NaN where it was not evaluated.
-    central2: np.ndarray
-    forward2: np.ndarray
-    backward2: np.ndarray
-    noise2: np.ndarray
+    noise: np.ndarray  # Rounding error bound of `central`.
+    width: np.ndarray  # h+ + h-.
+
+    @staticmethod
+    def empty(m: int) -> Stencil:
+        nan = np.full(m, np.nan)
+        return Stencil(nan, nan, nan, nan, nan)
 
     @property
-    def refined(self) -> np.ndarray:
-        return ~np.isnan(self.central2)
+    def done(self) -> np.ndarray:
+        return ~np.isnan(self.central)
 
-
-def _quotients(f0, fp, fm, hp, hm, u, f_scale):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        central = (fp - fm) / (hp + hm)
-        forward = (fp - f0) / hp
-        backward = (f0 - fm) / hm
-        size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.full_like(fp, abs(f0)),
-                                  np.full_like(fp, f_scale)])
-        noise = 2 * KAPPA * u * size / (hp + hm)
-    return central, forward, backward, noise
-
-
-def first_stencil(f0: float, fp, fm, hp, hm, u: float, f_scale: float = 0.0) -> Differences:
-    c, f, b, n = _quotients(f0, fp, fm, hp, hm, u, f_scale)
-    nan = np.full_like(c, np.nan)
-    return Differences(f0, c, f, b, n, nan, nan.copy(), nan.copy(), nan.copy())
-
-
-def with_second_stencil(d: Differences, where: np.ndarray, fp2, fm2, hp2, hm2, u: float,
-                        f_scale: float = 0.0) -> Differences:
-    c2, f2, b2, n2 = (a.copy() for a in (d.central2, d.forward2, d.backward2, d.noise2))
-    c2[where], f2[where], b2[where], n2[where] = _quotients(d.f0, fp2, fm2, hp2, hm2, u, f_scale)
-    return dataclasses.replace(d, central2=c2, forward2=f2, backward2=b2, noise2=n2)
+    def filled(self, where, f0, fp, fm, hp, hm, delta) -> Stencil:
+        """`delta`: the error bound of one loss value, per entry."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = ((fp - fm) / (hp + hm), (fp - f0) / hp, (f0 - fm) / hm,
+                      2 * delta / (hp + hm), hp + hm)
+        arrays = [a.copy() for a in (self.central, self.forward, self.backward, self.noise,
+                                     self.width)]
+        for a, v in zip(arrays, values):
+            a[where] = v
+        return Stencil(*arrays)
 
 
 @dataclasses.dataclass(frozen=True)
+class Differences:
+    """All stencils for every planned entry (all checked leaves, concatenated)."""
+
+    f0: float
+    sigma: float | None  # Measured noise level (standard deviation) of one loss value.
+    u: float  # Unit roundoff of the evaluation.
+    float64: bool
+    f_scale: float  # A magnitude of the loss's terms, when known (check_vjp), else 0.
+    stencils: tuple[Stencil, ...]  # One per SCALES entry.
+
+    @property
+    def central(self) -> np.ndarray:
+        return self.stencils[0].central
+
+    @property
+    def noise(self) -> np.ndarray:
+        return self.stencils[0].noise
+
+
+# Step multipliers of the stencils: h, then 2h (truncation, kinks), 4h (Richardson), and h/4,
+# h/8 for entries still in doubt (a kink inside the h stencil but farther than h/4 from x).
+SCALES = (1.0, 2.0, 4.0, 0.25, 0.125)
+FINE, FINER = 3, 4
+
+
+def differences(f0: float, m: int, sigma: float | None, u: float, float64: bool,
+                f_scale: float = 0.0) -> Differences:
+    return Differences(f0, sigma, u, float64, f_scale, tuple(Stencil.empty(m) for _ in SCALES))
+
+
+def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm) -> Differences:
+    size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.full(len(fp), abs(d.f0)),
+                              np.full(len(fp), d.f_scale)])
+    delta = noise_bound(d.sigma, size, d.u, d.float64)
+    stencils = list(d.stencils)
+    stencils[s] = stencils[s].filled(where, d.f0, fp, fm, hp, hm, delta)
+    return dataclasses.replace(d, stencils=tuple(stencils))
+
+
+# -- the error model --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
 class ErrorModel:
-    """Per-entry error bar of the numerical derivative, and where the loss is not smooth."""
+    """Per-entry reference value, its error bar, and where the loss is not smooth."""
 
-    error: np.ndarray  # Absolute error estimate of `central` (rounding + truncation).
+    value: np.ndarray  # The numerical derivative (D_1, or R_1 for Richardson).
+    error: np.ndarray  # Absolute error bound of `value` (rounding + truncation).
     kink: np.ndarray  # bool: the one-sided slopes jump (not smooth within the stencil).
-    low: np.ndarray  # Range of the one-sided slopes (widened by noise); used at kinks only.
+    low: np.ndarray  # Range of the one-sided derivatives (widened by noise); at kinks only.
     high: np.ndarray
+    reference: np.ndarray  # Richardson R_1 where both h and 2h exist, else NaN.
+    reference_sd: np.ndarray  # Standard deviation of `reference` from the measured noise.
 
 
-def error_model(d: Differences) -> ErrorModel:
-    refined = d.refined
-    truncation = np.where(refined, np.abs(d.central2 - d.central) / 3, 0.0)
-    error = d.noise + truncation
-    # In units of noise = rounding error of D(h): F(h) and B(h) carry 2x it, F(2h) and B(2h) 1x,
-    # J(h) = F(h) - B(h) 4x, J(2h) 2x, so J(2h) - 2 J(h) carries up to 10x.
+def richardson(d: Differences, s: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """R_s = (4 D_s - D_{s+1}) / 3 and its rounding error bound."""
+    a, b = d.stencils[s], d.stencils[s + 1]
+    return (4 * a.central - b.central) / 3, (4 * a.noise + b.noise) / 3
+
+
+def error_model(d: Differences, method: str = "central") -> ErrorModel:
+    s1, s2, s4, fine, finer = d.stencils
+    refined = s2.done
+    if method == "richardson":
+        value, noise = richardson(d, 0)
+        r2, _ = richardson(d, 1)
+        truncation = np.where(s4.done, np.abs(value - r2) / 15, 0.0)
+    else:
+        value, noise = s1.central, s1.noise
+        truncation = np.where(refined, np.abs(s2.central - s1.central) / 3, 0.0)
+    # J(2h) - 2 J(h) = (f(x+2h) + f(x-2h) - 4 f(x+h) - 4 f(x-h) + 6 f(x)) / 2h. With each value's
+    # noise of standard deviation delta / NOISE_SIGMAS (delta: its bound), the statistic's
+    # standard deviation is sqrt(1 + 1 + 16 + 16 + 36) / 2 = 4.18 times delta / (6 h), i.e.
+    # 0.70 times s1.noise (= delta / h); a kink is a value beyond NOISE_SIGMAS of those.
+    kink_sd = math.sqrt(70) / 2 / NOISE_SIGMAS * s1.noise
     with np.errstate(invalid="ignore"):
-        kink = refined & (np.abs((d.forward2 - d.backward2) - 2 * (d.forward - d.backward))
-                          > TOL_FACTOR * 10 * d.noise)
+        kink = refined & (np.abs((s2.forward - s2.backward) - 2 * (s1.forward - s1.backward))
+                          > NOISE_SIGMAS * kink_sd)
     # The one-sided derivatives themselves: F(h) = f'+ + h f''/2 + O(h^2), so 2 F(h) - F(2h)
     # removes the curvature term (likewise for B). A checked value at a kink is one of f'- and
     # f'+ (or between them, e.g. jax's 0.5 at a relu tie); each extrapolation carries 5x noise.
-    right = 2 * d.forward - d.forward2
-    left = 2 * d.backward - d.backward2
-    slopes = np.stack([left, right, d.forward, d.backward, d.forward2, d.backward2])
-    widen = TOL_FACTOR * 5 * d.noise
+    right = 2 * s1.forward - s2.forward
+    left = 2 * s1.backward - s2.backward
+    slopes = np.stack([left, right, s1.forward, s1.backward, s2.forward, s2.backward])
+    widen = TOL_FACTOR * 5 * s1.noise
     with np.errstate(invalid="ignore"):
         low = np.where(refined, np.min(slopes, axis=0), np.nan) - widen
         high = np.where(refined, np.max(slopes, axis=0), np.nan) + widen
-    return ErrorModel(error, kink, low, high)
+    error = noise + truncation
+    reference, _ = richardson(d, 0)
+    sigma = d.sigma if d.sigma is not None else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = sigma * np.sqrt(2 * (4 / 3 / s1.width) ** 2 + 2 * (1 / 3 / s2.width) ** 2)
+    # Entries re-evaluated at h/4 and h/8: if the fine estimate disagrees with the coarse one
+    # beyond both error bars, the coarse stencils straddled a kink that the slope test could not
+    # see (its signal vanishes for a kink at ~2h/3 from x, and in float32 it is weak). The fine
+    # stencil, clear of the kink, is then the estimate; its truncation is |D(h/4) - D(h/8)|
+    # times 4/3 (D(h/4) - D(h/8) is 3x the truncation of D(h/8), a quarter of D(h/4)'s).
+    with np.errstate(invalid="ignore"):
+        fine_error = fine.noise + np.abs(fine.central - finer.central) * 4 / 3
+        straddled = fine.done & (np.abs(fine.central - value) > TOL_FACTOR * (error + fine_error))
+    value = np.where(straddled, fine.central, value)
+    error = np.where(straddled, fine_error, error)
+    # A smooth loss has D(s) = f' + c s**2 (+ O(s**4)) at every step s. Fitted to the four
+    # central differences at h/8, h/4, h and 2h, a residual beyond TOL_FACTOR times a stencil's
+    # noise means the loss is not smooth within the stencils (a kink closer than h/8 that no
+    # finer step could resolve above noise): the kink rule then applies, over every one-sided
+    # slope measured.
+    nonsmooth = fine.done & ~_fits_quadratic([s1, s2, fine, finer])
+    kink = kink | straddled | nonsmooth
+    slopes_fine = np.stack([fine.forward, fine.backward, finer.forward, finer.backward,
+                            s1.forward, s1.backward, s2.forward, s2.backward])
+    widen_fine = TOL_FACTOR * 2 * finer.noise  # one-sided slopes carry ~2x central noise
+    extend = straddled | nonsmooth
+    with np.errstate(invalid="ignore"):
+        low = np.where(extend, np.fmin(low, np.min(slopes_fine, axis=0) - widen_fine), low)
+        high = np.where(extend, np.fmax(high, np.max(slopes_fine, axis=0) + widen_fine), high)
+    return ErrorModel(value, error, kink, low, high, reference, sd)
+
+
+def _fits_quadratic(stencils: list[Stencil]) -> np.ndarray:
+    """Per entry: do the central differences fit a + c·w**2 (w: stencil width) within noise?
+
+    Weighted least squares with weights 1/noise**2, solved in closed form for each entry.
+    """
+    D = np.stack([s.central for s in stencils])
+    w2 = np.stack([s.width for s in stencils]) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wt = 1 / np.stack([s.noise for s in stencils]) ** 2
+        s0, s1, s2 = wt.sum(0), (wt * w2).sum(0), (wt * w2 ** 2).sum(0)
+        t0, t1 = (wt * D).sum(0), (wt * w2 * D).sum(0)
+        det = s0 * s2 - s1 ** 2
+        a = (s2 * t0 - s1 * t1) / det
+        c = (s0 * t1 - s1 * t0) / det
+        resid = np.abs(D - (a + c * w2)) * np.sqrt(wt)
+        return np.all(resid <= TOL_FACTOR, axis=0)
 
 
 def suspects(d: Differences, values: np.ndarray, rtol=None, atol=None,
@@ -126,7 +268,7 @@ def suspects(d: Differences, values: np.ndarray, rtol=None, atol=None,
 
 
 def rounding(values: np.ndarray, eps, scale) -> np.ndarray:
-    """Rounding error of a gradient computed in a dtype with machine epsilon `eps`.
+    """Rounding error bound of a gradient computed in a dtype with machine epsilon `eps`.
 
     A backprop value is a sum of products along every path through the network; with tree
     reductions its error stays within about KAPPA units of roundoff of the *terms* summed, which
@@ -153,25 +295,60 @@ class Comparison:
     rel_error: np.ndarray
 
 
-def compare(values: np.ndarray, d: Differences, m: ErrorModel, rtol=None, atol=None,
+def compare(values: np.ndarray, m: ErrorModel, rtol=None, atol=None,
             value_error: np.ndarray | float = 0.0) -> Comparison:
     """Classifies each entry of `values` against the numerical derivative.
 
     `value_error` is the rounding error of `values` themselves (see `rounding`), added to the
-    numerical derivative's error bar.
-
-    Relative error is |g - D| / max(|g|, |D|, tol): the classic element-wise relative error,
-    except that values below the error bar are not divided by (that would report noise as a
-    100% error).
+    numerical derivative's error bar. Relative error is |g - D| / max(|g|, |D|, tol): the
+    classic element-wise relative error, except that values below the error bar are not divided
+    by (that would report noise as a 100% error).
     """
-    tol = tolerance(m.error + value_error, d.central, rtol, atol)
-    diff = np.abs(values - d.central)
+    tol = tolerance(m.error + value_error, m.value, rtol, atol)
+    diff = np.abs(values - m.value)
     with np.errstate(invalid="ignore"):
         bad = ~(diff <= tol)  # NaN counts as bad.
         at_kink = bad & m.kink & (values >= m.low) & (values <= m.high)
     status = np.where(bad, MISMATCH, OK)
     status[at_kink] = KINK
     with np.errstate(divide="ignore", invalid="ignore"):
-        denom = np.maximum.reduce([np.abs(values), np.abs(d.central), tol])
+        denom = np.maximum.reduce([np.abs(values), np.abs(m.value), tol])
         rel = np.where(diff == 0, 0.0, diff / denom)
     return Comparison(status, diff, rel)
+
+
+# -- many small errors: the leaf-level test --------------------------------------------------
+
+# The measured noise level is itself an estimate from a few differences (uncertain by up to
+# ~30%), so the variance it implies is allowed 1.3**2 = 1.69 times its value.
+SIGMA_UNCERTAINTY = 1.69
+
+
+def chi2_threshold(n: int) -> float:
+    """A chi-square statistic over n entries is significant beyond this: its mean plus
+    NOISE_SIGMAS standard deviations (normal approximation), inflated for the uncertainty of the
+    measured noise."""
+    return SIGMA_UNCERTAINTY * (n + NOISE_SIGMAS * math.sqrt(2 * n))
+
+
+def chi2(residual: np.ndarray, sd: np.ndarray) -> float:
+    """Sum of squared standardised residuals, each capped at NOISE_SIGMAS**2.
+
+    The leaf-level test looks for many small deviations. A single residual beyond NOISE_SIGMAS
+    standard deviations is either a bug the per-entry test reports on its own or an entry whose
+    stencil straddles a kink that the kink test cannot see (one at about 2h/3 from x), so it may
+    add no more than that cap. Under noise alone the cap changes nothing (P(z**2 > 36) ~ 2e-9).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z2 = (residual / sd) ** 2
+    return float(np.sum(np.minimum(z2, NOISE_SIGMAS ** 2)))
+
+
+def resolution(values: np.ndarray, sd: np.ndarray, threshold: float) -> float:
+    """The smallest relative error of a whole leaf (g -> (1 + e) g) the leaf-level test detects:
+    it adds e**2 * sum((g / sd)**2) to chi2, which must exceed the threshold minus the noise's
+    own mean, len(values)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        signal = float(np.sum((values / sd) ** 2))
+    room = threshold - len(values)
+    return math.sqrt(room / signal) if signal > 0 else math.inf

@@ -39,6 +39,8 @@ class LeafReport:
       autodiff_status: how jax.grad compares with the numerical derivative on this leaf.
       reason: why the leaf was skipped.
       worst: up to five (index, numerical, checked, autodiff) rows, worst first.
+      resolution: the smallest relative error of this leaf's gradient that the check would
+        detect (a scale error of the whole leaf; for single entries, at the best-resolved one).
     """
 
     path: str
@@ -58,6 +60,7 @@ class LeafReport:
     autodiff_status: str | None = None
     reason: str = ""
     worst: tuple[tuple[Any, ...], ...] = ()
+    resolution: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,6 +92,7 @@ class Report:
       n_params: checked entries in params; n_checked: entries actually checked.
       n_evaluations: loss evaluations made; seconds: wall time of the check.
       notes: one-line remarks (the slow NumPy path, jax.grad unavailable, sampling, ...).
+      noise: the measured noise level (standard deviation) of one loss evaluation, or None.
     """
 
     ok: bool
@@ -106,6 +110,7 @@ class Report:
     n_evaluations: int
     seconds: float
     notes: tuple[str, ...] = ()
+    noise: float | None = None
 
     @property
     def bad_leaves(self) -> tuple[LeafReport, ...]:
@@ -178,7 +183,8 @@ def format_report(r: Report) -> str:
         f"checking: {r.checked_source} | precision: {r.precision} | method: {r.method} "
         f"| step: {r.step}",
         f"mode: {r.mode}, {r.n_checked} of {r.n_params} entries checked, {r.n_evaluations} loss "
-        f"evaluations, {r.seconds:.2f} s",
+        f"evaluations, {r.seconds:.2f} s"
+        + ("" if r.noise is None else f" | loss noise: {r.noise:.1e}"),
         "",
     ]
     show_jax = r.checked_source != "jax.grad"
@@ -194,6 +200,8 @@ def format_report(r: Report) -> str:
             status = leaf.status.upper() if leaf.status == "mismatch" else leaf.status
             if leaf.n_mismatch:
                 status += f" ({leaf.n_mismatch}/{leaf.n_checked})"
+            elif leaf.status == "mismatch":
+                status += " (as a whole)"
             elif leaf.n_kink:
                 status += f" ({leaf.n_kink} at kinks)"
             row = [fmt_path(leaf.path), _shape(leaf), str(leaf.n_checked),

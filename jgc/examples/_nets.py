@@ -140,6 +140,8 @@ def softmax_l2(xp=jnp, seed: int = 0, m: int = 10, dim: int = 4, classes: int = 
         if bug != "reg_missing":
             dW = dW + (2 * reg if bug == "reg_doubled" else reg) * p["W"]
         db = ds.sum(0) if bug == "db_missing_1_over_m" else ds.sum(0) / m
+        if bug == "db_never_computed":
+            db = 0 * p["b"]  # initialised to zeros and never filled in
         return {"W": dW, "b": db}
 
     bugs = _bugs(backward, {
@@ -147,6 +149,7 @@ def softmax_l2(xp=jnp, seed: int = 0, m: int = 10, dim: int = 4, classes: int = 
         "reg_doubled": (("['W']",), "regularization", "dW gets 2·reg·W for a ½·reg·W² loss"),
         "db_missing_1_over_m": (("['b']",), "scale", "db sums over the batch without 1/m"),
         "no_onehot": (("['W']", "['b']"), None, "the 1 is not subtracted at the true class"),
+        "db_never_computed": (("['b']",), "zero", "db is left at its initial zeros"),
     })
     return Example("softmax_l2", loss, params, (X, y), backward, bugs,
                    f"softmax cross-entropy + L2 (reg={reg}), {classes} classes, batch {m}")
@@ -173,8 +176,9 @@ def conv_maxpool(xp=jnp, seed: int = 0, n: int = 4, size: int = 6, channels: int
     feat = channels * pooled_size ** 2
     params = {"K": rng.normal(size=(channels, 9)) / 3, "bc": rng.normal(size=channels) * 0.1,
               "W": rng.normal(size=(feat, 1)) / np.sqrt(feat), "bw": np.zeros(1)}
-    X = rng.normal(size=(n, 1, size, size)) if X is None else X
-    Y = rng.normal(size=(n, 1))
+    if X is None:
+        X = rng.normal(size=(n, 1, size, size))
+    Y = rng.normal(size=(X.shape[0], 1))
 
     def forward(p, X):
         P = _patches(xp, X, 3)
