@@ -62,8 +62,9 @@ def _global_indices(sp: Split, plan: pl.Plan) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def _all_steps(sp: Split, plan: pl.Plan, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [pl.steps(plan, sp, k, scale) for k in range(len(sp.checked))]
+def _all_steps(sp: Split, plan: pl.Plan, scale: float, method: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [pl.steps(plan, sp, k, scale, method) for k in range(len(sp.checked))]
     if not pairs:
         return np.zeros(0), np.zeros(0)
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
@@ -109,7 +110,8 @@ def _stencil(ev: Evaluator, sp: Split, plan: pl.Plan, d: es.Differences, s: int,
     """Evaluates stencil s (step multiplier SCALES[s]) at the entries `where`, in one batch."""
     if not where.any():
         return d
-    hp, hm = _all_steps(sp, plan, es.SCALES[s])
+    # The fine stencils look closer than the central step, whatever the method's own step.
+    hp, hm = _all_steps(sp, plan, es.SCALES[s], "central" if s >= es.FINE else None)
     hp, hm, idx = hp[where], hm[where], index[where]
     values = ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]))
     k = len(idx)
@@ -246,6 +248,10 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
                                 autodiff_why=autodiff_why, batch=batch, eps=eps)
     if autodiff is None and grad is not None:
         notes.append(f"jax.grad is not available as a third opinion: {autodiff_why}")
+    if method == "richardson" and model.kink.any():
+        notes.append(f"the loss has kinks ({int(model.kink.sum())} entries): Richardson's wide "
+                     "stencil (h, 2h, 4h at h = u**(1/5)) assumes smoothness over it and can be "
+                     "wrong near them; for relu or max-pool losses prefer method='central'")
     if plan.mode == "sample":
         notes.append(f"sampled: {m} of {sp.n} entries were checked (up to {samples} per leaf, "
                      f"seed={seed}); use mode='full' to check every entry")

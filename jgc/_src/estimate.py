@@ -142,7 +142,8 @@ class Differences:
 
 
 # Step multipliers of the stencils: h, then 2h (truncation, kinks), 4h (Richardson), and h/4,
-# h/8 for entries still in doubt (a kink inside the h stencil but farther than h/4 from x).
+# h/8 for entries still in doubt (a kink inside the h stencil but farther than h/4 from x); the
+# last two are relative to the central step u**(1/3), also under Richardson.
 SCALES = (1.0, 2.0, 4.0, 0.25, 0.125)
 FINE, FINER = 3, 4
 
@@ -185,10 +186,12 @@ def richardson(d: Differences, s: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def error_model(d: Differences, method: str = "central") -> ErrorModel:
     s1, s2, s4, fine, finer = d.stencils
     refined = s2.done
-    if method == "richardson":
+    ref_truncation = 0.0  # Truncation of the Richardson reference: O(h**4), negligible at
+    if method == "richardson":  # h = u**(1/3), but not at Richardson's own larger step.
         value, noise = richardson(d, 0)
         r2, _ = richardson(d, 1)
         truncation = np.where(s4.done, np.abs(value - r2) / 15, 0.0)
+        ref_truncation = truncation
     else:
         value, noise = s1.central, s1.noise
         truncation = np.where(refined, np.abs(s2.central - s1.central) / 3, 0.0)
@@ -215,6 +218,7 @@ def error_model(d: Differences, method: str = "central") -> ErrorModel:
     sigma = d.sigma if d.sigma is not None else np.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = sigma * np.sqrt(2 * (4 / 3 / s1.width) ** 2 + 2 * (1 / 3 / s2.width) ** 2)
+        sd = np.sqrt(sd ** 2 + ref_truncation ** 2)
     # Entries re-evaluated at h/4 and h/8: if the fine estimate disagrees with the coarse one
     # beyond both error bars, the coarse stencils straddled a kink that the slope test could not
     # see (its signal vanishes for a kink at ~2h/3 from x, and in float32 it is weak). The fine

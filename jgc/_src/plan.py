@@ -112,15 +112,18 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
     return Plan(mode, method, x64, dtypes, tuple(entries), theta, rule, eps)
 
 
-def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
     """Exact forward and backward steps (h+, h-) for the planned entries of checked leaf k.
 
-    `scale` multiplies the nominal step (2.0 for the second, wider stencil).
+    `scale` multiplies the nominal step (2.0 for the second, wider stencil); `method` picks the
+    step rule (default: the plan's).
     """
     dt = plan.dtypes[k]
     x = plan.leaf_values(sp, k)[plan.entries[k]].astype(dt)
     if plan.eps is None:
-        h = machine_eps(dt) ** STEP_POWER[plan.method] * np.maximum(1.0, np.abs(x))
+        power = STEP_POWER[method or plan.method]
+        h = machine_eps(dt) ** power * np.maximum(1.0, np.abs(x))
     else:
         h = np.full(x.shape, plan.eps)
     h = (scale * h).astype(dt)
