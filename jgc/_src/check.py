@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +12,11 @@ import jax
 import numpy as np
 
 from jgc._src import diagnose as dg
+from jgc._src import directional as dr
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import Evaluator
+from jgc._src.progress import Progress, enabled
 from jgc._src.report import LeafReport, Report
 from jgc._src.tree import ArrayTree, InputError, Split, match_gradient, split
 
@@ -98,9 +101,19 @@ def _measure_noise(ev: Evaluator, sp: Split, plan: pl.Plan) -> float | None:
     probes = pl.noise_probes(plan, sp)
     if not probes:
         return None
-    index = np.concatenate([np.full(len(st), i) for i, st in probes])
-    values = ev.perturbed(index, np.concatenate([st for _, st in probes]))
-    sigmas = [es.ecnoise(v) for v in np.split(values, len(probes))]
+    if plan.mode == "directional" and ev.traceable:
+        # Through the dense per-leaf batches directional mode compiles anyway.
+        values = []
+        for i, st in probes:
+            k = int(np.searchsorted(sp.offsets, i, side="right")) - 1
+            rows = np.zeros((len(st), sp.offsets[k + 1] - sp.offsets[k]))
+            rows[:, i - sp.offsets[k]] = st
+            values.append(ev.along(k, rows))
+    else:
+        index = np.concatenate([np.full(len(st), i) for i, st in probes])
+        values = np.split(ev.perturbed(index, np.concatenate([st for _, st in probes])),
+                          len(probes))
+    sigmas = [es.ecnoise(v) for v in values]
     sigmas = [x for x in sigmas if x is not None]
     return max(sigmas) if sigmas else None
 
@@ -121,8 +134,8 @@ def _stencil(ev: Evaluator, sp: Split, plan: pl.Plan, d: es.Differences, s: int,
 
 def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: str,
          eps: float | None, rtol: float | None, atol: float | None, samples: int, seed: int,
-         method: str = "central", f_scale: float = 0.0, source_name: str = "hand-written"
-         ) -> Report:
+         method: str = "central", f_scale: float = 0.0, source_name: str = "hand-written",
+         memory_budget: int | None = None, progress: bool | None = None) -> Report:
     """The whole check. Pure: builds copies, never touches the user's arrays or config."""
     start = time.perf_counter()
     _validate_callable(loss)
@@ -139,7 +152,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         notes.append(f"{', '.join(half)} {'is' if len(half) == 1 else 'are'} half precision: "
                      "evaluated in float32, since differences of a half-precision loss are "
                      "mostly rounding noise (~3 digits)")
-    ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args)
+    ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args, memory_budget=memory_budget,
+                   progress=Progress() if enabled(progress) else None)
     if not ev.traceable:
         notes.append("the loss is not traceable by JAX (plain NumPy?), so every perturbation "
                      "was evaluated in a Python loop on the host: the slow path "
@@ -149,7 +163,9 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         raise InputError(f"the loss is {f0} at params (before any perturbation). Check the "
                          "inputs and the initialisation: jgc needs a finite loss to compare "
                          "gradients.")
+    t_eval = time.perf_counter()
     f0_again = ev.at()
+    t_eval = time.perf_counter() - t_eval  # one evaluation, compiled: the cost model's unit
 
     # The gradients being compared.
     autodiff, autodiff_why = ev.autodiff()
@@ -164,7 +180,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     else:
         if callable(grad):
             try:
-                out, _jitted = ev.call(grad)
+                out = ev.call(grad)
             except InputError:
                 raise
             except Exception as e:
@@ -175,18 +191,37 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         source = source_name
     if f0_again != f0 and not (np.isnan(f0) and np.isnan(f0_again)):
         return _randomness_report(sp, plan, ev, f0, f0_again, source, start, notes)
+    ad_leaves = None if (autodiff is None or grad is None) else _flat_to_leaves(sp, autodiff)
 
-    g = _restricted(sp, plan, checked_leaves)
-    g_round = _gradient_rounding(plan, checked_leaves)
-    g_ad = None if (autodiff is None or grad is None) else _restricted(
-        sp, plan, _flat_to_leaves(sp, autodiff))
-    ad_round = 0.0 if g_ad is None else _gradient_rounding(plan, _flat_to_leaves(sp, autodiff))
+    # mode="auto": a full check if it is cheap, else random directions plus a sample.
+    if plan.mode == "auto":
+        estimate = 2 * sp.n * t_eval
+        if estimate <= pl.AUTO_SECONDS or not ev.traceable:
+            plan = dataclasses.replace(plan, mode="full")
+        else:
+            plan = dataclasses.replace(plan, mode="directional",
+                                       entries=tuple(pl.sample_entries(sp, samples, seed)))
+            notes.append(f"auto: a full check would take about {_duration(estimate)} "
+                         f"({2 * sp.n:,} evaluations), so jgc tested random directions in every "
+                         f"leaf, located any wrong entry by group testing, and checked a sample "
+                         f"of up to {samples} entries per leaf; mode='full' checks every entry")
 
-    # Noise, then the first stencil for every planned entry.
     # Rounding unit: the coarser of the parameters' and the loss's dtype (a loss may cast to f32).
     u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
     float64 = u <= pl.machine_eps(np.float64)
     sigma = _measure_noise(ev, sp, plan)
+
+    outcomes: dict[int, dr.LeafOutcome] = {}
+    if plan.mode == "directional":
+        plan, outcomes = _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed,
+                                            checked_leaves, ad_leaves)
+
+    g = _restricted(sp, plan, checked_leaves)
+    g_round = _gradient_rounding(plan, checked_leaves)
+    g_ad = None if ad_leaves is None else _restricted(sp, plan, ad_leaves)
+    ad_round = 0.0 if g_ad is None else _gradient_rounding(plan, ad_leaves)
+
+    # The first stencil for every planned entry.
     index = _global_indices(sp, plan)
     m = len(index)
     everywhere = np.ones(m, bool)
@@ -224,7 +259,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     leaf_test = full and sigma is not None and rtol is None and atol is None
 
     # Per-leaf results and the diagnosis.
-    leaves, data, pos = [], {}, 0
+    leaves, agrees, pos = [], {}, 0
     checked_at = {i: k for k, i in enumerate(sp.checked)}
     for i, spec in enumerate(sp.specs):
         if i not in checked_at:
@@ -241,10 +276,15 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
             collective=_collective(model, g, g_round, sl) if leaf_test else None,
             autodiff_collective=(_collective(model, g_ad, ad_round, sl)
                                  if leaf_test and g_ad is not None else None))
-        data[spec.path] = dat
-        leaves.append(dg.leaf_report(dat, full=plan.mode == "full"))
+        report = dg.leaf_report(dat, full=plan.mode == "full")
+        agrees[spec.path] = dg.agrees_with_autodiff(dat)
+        if k in outcomes:
+            report, agree_dir = dr.merge(report, outcomes[k], checked_leaves[k],
+                                         None if ad_leaves is None else ad_leaves[k])
+            agrees[spec.path] = agrees[spec.path] if agree_dir is None else agree_dir
+        leaves.append(report)
     batch = _batch_size(args)
-    verdict, text = dg.diagnose(leaves, data, source=source, has_autodiff=autodiff is not None,
+    verdict, text = dg.diagnose(leaves, agrees, source=source, has_autodiff=autodiff is not None,
                                 autodiff_why=autodiff_why, batch=batch, eps=eps)
     if autodiff is None and grad is not None:
         notes.append(f"jax.grad is not available as a third opinion: {autodiff_why}")
@@ -255,6 +295,11 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     if plan.mode == "sample":
         notes.append(f"sampled: {m} of {sp.n} entries were checked (up to {samples} per leaf, "
                      f"seed={seed}); use mode='full' to check every entry")
+    if plan.mode == "directional":
+        notes.append(f"directional: {dr.N_DIRECTIONS} random directions per leaf (seeded by "
+                     f"its path, seed={seed}); a full check would cost {2 * sp.n:,} "
+                     f"evaluations, about {_duration(2 * sp.n * t_eval)} at the measured "
+                     f"{t_eval * 1e3:.2g} ms per evaluation")
     with np.errstate(invalid="ignore", divide="ignore"):
         num = np.linalg.norm(g - model.value)
         den = np.linalg.norm(g) + np.linalg.norm(model.value)
@@ -265,6 +310,28 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         method=_method_name(method, full), mode=plan.mode, step=plan.step_rule, n_params=sp.n,
         n_checked=m, n_evaluations=ev.n_evaluations, seconds=time.perf_counter() - start,
         notes=tuple(notes), noise=sigma)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves,
+                       ad_leaves):
+    """Directions per leaf; the entries group testing leaves in doubt join the plan, to be
+    checked one by one with the coordinate error model."""
+    run = dr.Directional(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
+    outcomes, entries = {}, list(plan.entries)
+    for k in range(len(sp.checked)):
+        g = np.asarray(checked_leaves[k], np.float64).ravel()
+        g_ad = None if ad_leaves is None else np.asarray(ad_leaves[k], np.float64).ravel()
+        outcomes[k] = run.run_leaf(k, g, leaf_rounding(checked_leaves[k]), g_ad)
+        entries[k] = np.union1d(entries[k], outcomes[k].candidates).astype(np.int64)
+    return dataclasses.replace(plan, entries=tuple(entries)), outcomes
 
 
 def _method_name(method: str, full: bool) -> str:
@@ -291,14 +358,18 @@ def _collective(model: es.ErrorModel, g: np.ndarray, g_round: np.ndarray, sl: sl
                          np.flatnonzero(keep))
 
 
+def leaf_rounding(a) -> np.ndarray:
+    """Per entry of a gradient leaf (flattened): the rounding error it carries in its own
+    dtype, bounded on the scale of the leaf's largest entry (see estimate.rounding)."""
+    a = np.asarray(a)
+    scale = float(np.max(np.abs(a))) if a.size else 0.0
+    eps = pl.machine_eps(a.dtype) if np.issubdtype(a.dtype, np.floating) else 0.0
+    return es.rounding(a.ravel().astype(np.float64), eps, scale)
+
+
 def _gradient_rounding(plan: pl.Plan, leaves: list[np.ndarray]) -> np.ndarray:
     """Per planned entry: the rounding error the gradient carries in its own dtype."""
-    parts = []
-    for a, e in zip(leaves, plan.entries):
-        a = np.asarray(a)
-        scale = float(np.max(np.abs(a))) if a.size else 0.0
-        eps = pl.machine_eps(a.dtype) if np.issubdtype(a.dtype, np.floating) else 0.0
-        parts.append(es.rounding(a.ravel()[e].astype(np.float64), eps, scale))
+    parts = [leaf_rounding(a)[e] for a, e in zip(leaves, plan.entries)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 

@@ -246,6 +246,13 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
                     "2λ·θ), or applied to a parameter the loss does not regularise")
     elif leaf.pattern == "zero":
         body = f"{what} is all zeros: it was never computed, or was overwritten"
+    elif leaf.directions and leaf.n_mismatch and leaf.pattern is None:
+        body = (f"{what} is wrong at {leaf.n_mismatch} entr"
+                f"{'y' if leaf.n_mismatch == 1 else 'ies'} located by group testing")
+    elif leaf.n_mismatch == 0 and leaf.directions:
+        body = (f"{what} fails {leaf.directions} random-direction test(s), but group testing "
+                "confirmed no single wrong entry: many small errors spread over the leaf, or a "
+                "loss that is not smooth along the direction")
     elif leaf.n_mismatch == 0:
         body = (f"{what} is slightly but systematically off: no single entry is outside its "
                 "error bar, but taken together the leaf's entries differ from finite "
@@ -253,7 +260,10 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
     else:
         body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
                 "simple pattern (a wrong formula, a wrong index or a missing path)")
-    if leaf.n_mismatch == 0 and leaf.pattern is not None:
+    if leaf.directions and leaf.n_mismatch:
+        body += (f" (found by {leaf.directions} random-direction tests and group testing, and "
+                 "confirmed entry by entry)")
+    elif leaf.n_mismatch == 0 and leaf.pattern is not None and not leaf.directions:
         body += " (taken together over the leaf: small, below any single entry's error bar)"
     return body
 
@@ -268,10 +278,21 @@ def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3) 
     return out
 
 
-def diagnose(leaves: list[LeafReport], data: dict[str, LeafData], *, source: str,
+def agrees_with_autodiff(x: LeafData) -> bool | None:
+    """Where the checked gradient mismatches, does it agree with jax.grad? None: no jax.grad."""
+    if x.agree is None or x.autodiff_cmp is None:
+        return None
+    return bool(np.all(x.agree | (x.cmp.status != MISMATCH)))
+
+
+def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source: str,
              has_autodiff: bool, autodiff_why: str | None, batch: int | None,
              eps: float | None = None) -> tuple[str, str]:
-    """Returns (verdict, diagnosis text)."""
+    """Returns (verdict, diagnosis text).
+
+    `agrees` maps each mismatched leaf's path to whether the checked gradient agrees with
+    jax.grad there (None when jax.grad is not a separate opinion).
+    """
     bad = [leaf for leaf in leaves if leaf.status == "mismatch"]
     kinks = [leaf for leaf in leaves if leaf.n_kink]
     lines: list[str] = []
@@ -279,8 +300,15 @@ def diagnose(leaves: list[LeafReport], data: dict[str, LeafData], *, source: str
     if not bad:
         verdict = "ok"
         n = sum(leaf.n_checked for leaf in leaves)
-        lines.append(f"{_sentence(_the(source))} agrees with finite differences in all {n} checked "
-                     "entries." if n else "No floating-point entries were checked.")
+        dirs = sum(leaf.directions for leaf in leaves)
+        if dirs:
+            n_dir_leaves = sum(1 for leaf in leaves if leaf.directions)
+            lines.append(f"{_sentence(_the(source))} agrees with finite differences along all "
+                         f"{dirs} random directions ({n_dir_leaves} leaves)"
+                         + (f" and in all {n} entries checked one by one." if n else "."))
+        else:
+            lines.append(f"{_sentence(_the(source))} agrees with finite differences in all {n} "
+                         "checked entries." if n else "No floating-point entries were checked.")
         ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == "mismatch"]
         if ad_bad and not checking_autodiff:
             lines.append("Note: jax.grad disagrees with finite differences in "
@@ -289,12 +317,10 @@ def diagnose(leaves: list[LeafReport], data: dict[str, LeafData], *, source: str
     else:
         wrong, suspect, conflict = [], [], []
         for leaf in bad:
-            d = data[leaf.path]
-            if checking_autodiff or d.autodiff_cmp is None:
+            agree = agrees.get(leaf.path)
+            if checking_autodiff or agree is None or leaf.autodiff_status != "mismatch":
                 wrong.append(leaf)
-            elif leaf.autodiff_status != "mismatch":
-                wrong.append(leaf)
-            elif d.agree is not None and bool(np.all(d.agree | (d.cmp.status != MISMATCH))):
+            elif agree:
                 suspect.append(leaf)
             else:
                 conflict.append(leaf)

@@ -16,20 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jgc._src.tree import InputError, Split, tree_pformat
 
-# Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best; more
-# only grows the (chunk x n) perturbation matrix without improving throughput.
+# Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
+# large leaves; more only grows the (chunk x n) perturbation matrix. Small problems take larger
+# chunks, which cuts the per-call dispatch overhead that dominates them.
 MAX_CHUNK = 64
-# Upper bound on the (chunk x n) matrix of perturbed parameter vectors, in bytes.
-CHUNK_BYTES = 256 * 2**20
+MAX_CHUNK_SMALL = 512
+SMALL_BATCHED = 4096  # "small": at most this many batched parameters per perturbation
+# From this many parameters on, each leaf gets its own batched function (a compile each), so that
+# computation not depending on the perturbed leaf is done once per batch instead of per
+# perturbation. Below it, one function over the flat vector (a single compile) is cheaper.
+PER_LEAF_MIN = 20_000
 
 
 class _Static:
@@ -91,12 +99,18 @@ def make_layout(sp: Split, dtypes, args) -> tuple[Layout, tuple]:
     return layout, dynamic
 
 
-def assemble(layout: Layout, theta, dynamic, xp=jnp):
-    """Rebuilds (params, args) from the flat vector and the dynamic leaves."""
+def assemble(layout: Layout, theta, dynamic, xp=jnp, leaf: int | None = None, value=None):
+    """Rebuilds (params, args) from the flat vector and the dynamic leaves.
+
+    With `leaf` (a checked-leaf position) the values of that leaf come from `value` instead of
+    theta: under vmap only that leaf is then batched, and everything computed from the other
+    leaves alone (the unperturbed front of a network) is computed once.
+    """
     p_dyn, a_dyn = dynamic
     leaves: list[Any] = [None] * layout.n_params_leaves
-    for i, start, stop, shape, dt in layout.checked:
-        leaves[i] = xp.reshape(theta[start:stop], shape).astype(dt)
+    for k, (i, start, stop, shape, dt) in enumerate(layout.checked):
+        flat = value if k == leaf else theta[start:stop]
+        leaves[i] = xp.reshape(flat, shape).astype(dt)
     for i, s in layout.params_static:
         leaves[i] = s.value
     for i, x in zip(layout.params_dynamic, p_dyn):
@@ -110,25 +124,42 @@ def assemble(layout: Layout, theta, dynamic, xp=jnp):
     return params, jax.tree_util.tree_unflatten(layout.args_def, a_leaves)
 
 
-def _scalar_loss(loss, layout, theta, dynamic):
-    params, args = assemble(layout, theta, dynamic)
+def _scalar_loss(loss, layout, theta, dynamic, leaf=None, value=None):
+    params, args = assemble(layout, theta, dynamic, leaf=leaf, value=value)
     return jnp.reshape(loss(params, *args), ())
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout"))
-def _loss_at(theta, dynamic, *, loss, layout):
-    return _scalar_loss(loss, layout, theta, dynamic)
+def _segment(layout: Layout, theta, leaf: int | None):
+    if leaf is None:
+        return theta
+    _, start, stop, _, _ = layout.checked[leaf]
+    return theta[start:stop]
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout"))
-def _losses_at(theta, index, step, dynamic, *, loss, layout):
-    """Loss at theta + step[j] * e_{index[j]} for every j: one compiled batch."""
-    positions = jnp.arange(theta.shape[0])
+@functools.partial(jax.jit, static_argnames=("loss", "layout", "leaf"))
+def _losses_at(theta, index, step, dynamic, *, loss, layout, leaf):
+    """Loss at theta + step[j] * e_{index[j]} for every j: one compiled batch.
+
+    leaf=None: indices into the whole flat vector. Otherwise indices into that checked leaf,
+    and only that leaf is batched.
+    """
+    base = _segment(layout, theta, leaf)
+    positions = jnp.arange(base.shape[0])
 
     def one(i, s):
-        return _scalar_loss(loss, layout, theta + jnp.where(positions == i, s, 0), dynamic)
+        value = base + jnp.where(positions == i, s, 0)
+        if leaf is None:
+            return _scalar_loss(loss, layout, value, dynamic)
+        return _scalar_loss(loss, layout, theta, dynamic, leaf, value)
 
     return jax.vmap(one)(index, step)
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "layout", "leaf"))
+def _losses_along(theta, deltas, dynamic, *, loss, layout, leaf):
+    """Loss with checked leaf `leaf` moved by each row of deltas (dense perturbations)."""
+    base = _segment(layout, theta, leaf)
+    return jax.vmap(lambda d: _scalar_loss(loss, layout, theta, dynamic, leaf, base + d))(deltas)
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "layout"))
@@ -136,15 +167,41 @@ def _autodiff_at(theta, dynamic, *, loss, layout):
     return jax.grad(_scalar_loss, argnums=2)(loss, layout, theta, dynamic)
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "layout"))
-def _call_at(theta, dynamic, *, fn, layout):
-    params, args = assemble(layout, theta, dynamic)
-    return fn(params, *args)
-
-
 def _copy_arrays(tree):
     """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays."""
     return jax.tree_util.tree_map(lambda x: np.array(x) if _is_array(x) else x, tree)
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now, between 256 MiB and 1 GiB: room for the batch of
+    perturbed evaluations without crowding the user's own arrays."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 4 * 2**30
+    return int(min(max(available // 4, 256 * 2**20), 2**30))
+
+
+def _activation_bytes(loss, layout, theta_shape, dtype, dynamic) -> int:
+    """An upper bound on the memory one evaluation of the loss touches: the sum of every
+    intermediate value's size in its jaxpr (XLA fuses and frees most of them)."""
+    jaxpr = jax.make_jaxpr(lambda t, d: _scalar_loss(loss, layout, t, d))(
+        jax.ShapeDtypeStruct(theta_shape, dtype), dynamic).jaxpr
+    total = 0
+    stack = [jaxpr]
+    while stack:
+        jp = stack.pop()
+        for eqn in jp.eqns:
+            for v in eqn.outvars:
+                aval = v.aval
+                if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                    total += int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize
+            for param in eqn.params.values():  # inner jaxprs: pjit, scan, cond, custom rules
+                for item in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        stack.append(inner)
+    return total
 
 
 class Evaluator:
@@ -154,9 +211,13 @@ class Evaluator:
       traceable: whether JAX can trace the loss (else every evaluation is a host loop).
       n_evaluations: loss evaluations so far (padding excluded).
       trace_error: why the loss could not be traced, when it could not.
+      per_leaf: whether batches perturb one leaf at a time (large problems) or the whole
+        flat vector (small ones: a single compiled function).
+      chunk: perturbations per compiled call and device.
     """
 
-    def __init__(self, loss: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple):
+    def __init__(self, loss: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
+                 memory_budget: int | None = None, progress=None):
         self.loss, self.sp, self.args = loss, sp, args
         self.layout, self.dynamic = make_layout(sp, dtypes, args)
         # One dtype for the flat vector: every leaf's values and steps are exact in it.
@@ -165,9 +226,22 @@ class Evaluator:
         self.n_evaluations = 0
         self.trace_error: str | None = None
         self.out_dtype = np.dtype(np.float64)  # The loss's output dtype, once seen.
+        self.memory_budget = memory_budget or default_memory_budget()
+        self.progress = progress
         self.traceable = self._probe()
         if self.traceable:
+            self.devices = jax.devices()
             self.theta = jnp.asarray(self.theta_np)
+            self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
+            self.act_bytes = _activation_bytes(loss, self.layout, self.theta_np.shape,
+                                               self.dtype, self.dynamic)
+            self._sharding = None
+            if len(self.devices) > 1:
+                mesh = Mesh(np.array(self.devices), ("p",))
+                self._sharding = NamedSharding(mesh, P("p"))
+                replicated = NamedSharding(mesh, P())
+                self.theta = jax.device_put(self.theta, replicated)
+                self.dynamic = jax.device_put(self.dynamic, replicated)
         else:
             self.host_args = _copy_arrays(args)
             self.host_dynamic = _copy_arrays(self.dynamic)
@@ -187,15 +261,42 @@ class Evaluator:
         self.out_dtype = np.dtype(out.dtype)
         return True
 
+    # -- memory ---------------------------------------------------------------------------------
+    def bytes_per_evaluation(self, batched: int) -> int:
+        """Memory one perturbed evaluation needs: its copy of the batched parameters (and the
+        masked step) plus the loss's intermediates."""
+        return 3 * batched * self.dtype.itemsize + self.act_bytes
+
+    def chunk_size(self, m: int, batched: int) -> int:
+        """Perturbations per compiled call and device: at most MAX_CHUNK and within budget.
+
+        Raises InputError when not even one evaluation fits the budget.
+        """
+        per = self.bytes_per_evaluation(batched)
+        by_memory = self.memory_budget // per
+        if by_memory < 1:
+            raise InputError(
+                f"one perturbed evaluation needs about {per / 2**20:.0f} MiB, more than the "
+                f"memory budget of {self.memory_budget / 2**20:.0f} MiB, so a full check of "
+                f"{self.sp.n:,} parameters cannot run. Use mode='directional' (random directions "
+                "per leaf, then group testing to find a wrong entry) or mode='sample', or raise "
+                "memory_budget.")
+        limit = MAX_CHUNK if batched > SMALL_BATCHED else MAX_CHUNK_SMALL
+        chunk = int(min(limit, by_memory))
+        if m < chunk:  # Few perturbations: the next power of two, so few shapes compile.
+            chunk = 1 << max(0, (m - 1).bit_length())
+        return max(1, chunk)
+
     # -- single evaluations -------------------------------------------------------------------
     def at(self, theta_np: np.ndarray | None = None) -> float:
-        """The loss at theta (the unperturbed point by default)."""
+        """The loss at the unperturbed point (traced: through the same batched program)."""
+        if theta_np is None and self.traceable:
+            if self.per_leaf:  # through the smallest leaf's dense batch: the cheapest compile
+                k = int(np.argmin(np.diff(self.sp.offsets)))
+                return float(self.along(k, np.zeros((1, self._leaf_size(k))))[0])
+            return float(self.perturbed(np.zeros(1, np.int64), np.zeros(1))[0])
         self.n_evaluations += 1
-        t = self.theta_np if theta_np is None else theta_np
-        if self.traceable:
-            return float(_loss_at(jnp.asarray(t), self.dynamic, loss=self.loss,
-                                  layout=self.layout))
-        return self._host(t)
+        return self._host(self.theta_np if theta_np is None else theta_np)
 
     def _host(self, t: np.ndarray, where: str = "at params") -> float:
         params, args = assemble(self.layout, t, self.host_dynamic, xp=np)
@@ -214,11 +315,12 @@ class Evaluator:
     # -- batches ------------------------------------------------------------------------------
     def perturbed(self, index: np.ndarray, step: np.ndarray) -> np.ndarray:
         """Loss at theta + step[j] * e_{index[j]}, for each j; returns float64 values."""
+        index = np.asarray(index, np.int64)
         m = len(index)
-        self.n_evaluations += m
         if m == 0:
             return np.zeros(0)
         if not self.traceable:
+            self.n_evaluations += m
             out = np.empty(m)
             for j in range(m):
                 t = self.theta_np.copy()
@@ -226,23 +328,61 @@ class Evaluator:
                 out[j] = self._host(t, f"while evaluating the perturbed point "
                                        f"{self.sp.locate(index[j])} {step[j]:+.3g}")
             return out
-        chunk = self.chunk_size(m)
-        pad = (-m) % chunk
-        index = np.concatenate([index, np.zeros(pad, index.dtype)]).astype(np.int32)
-        step = np.concatenate([step, np.zeros(pad)]).astype(self.dtype)
-        out = []
-        for s in range(0, m + pad, chunk):
-            out.append(np.asarray(_losses_at(self.theta, index[s:s + chunk], step[s:s + chunk],
-                                             self.dynamic, loss=self.loss, layout=self.layout)))
-        return np.concatenate(out)[:m].astype(np.float64)
+        out = np.empty(m)
+        if not self.per_leaf:
+            out[:] = self._batches(_losses_at, None, self.sp.n, index, step)
+            return out
+        leaf_of = np.searchsorted(self.sp.offsets, index, side="right") - 1
+        for k in np.unique(leaf_of):
+            sel = leaf_of == k
+            out[sel] = self._batches(_losses_at, int(k), self._leaf_size(k),
+                                     index[sel] - self.sp.offsets[k], step[sel])
+        return out
 
-    def chunk_size(self, m: int) -> int:
-        """Perturbations per compiled call: at most MAX_CHUNK and within CHUNK_BYTES."""
-        by_memory = max(1, CHUNK_BYTES // max(1, self.theta_np.size * self.dtype.itemsize))
-        chunk = min(MAX_CHUNK, by_memory)
-        if m < chunk:  # Small problems: the next power of two, so few distinct shapes compile.
-            chunk = 1 << (m - 1).bit_length()
-        return chunk
+    def along(self, k: int, deltas: np.ndarray) -> np.ndarray:
+        """Loss with checked leaf k moved by each row of `deltas` (dense, in leaf order)."""
+        deltas = np.asarray(deltas, self.dtype)
+        if not self.traceable:
+            out = np.empty(len(deltas))
+            start = self.sp.offsets[k]
+            for j, d in enumerate(deltas):
+                self.n_evaluations += 1
+                t = self.theta_np.copy()
+                t[start:start + len(d)] += d
+                out[j] = self._host(t, f"while evaluating a direction in "
+                                       f"{self.sp.checked_specs()[k].path or '<params>'}")
+            return out
+        return self._batches(_losses_along, k, self._leaf_size(k), deltas)
+
+    def _leaf_size(self, k: int) -> int:
+        return self.sp.offsets[k + 1] - self.sp.offsets[k]
+
+    def _batches(self, fn, leaf, batched: int, *arrays) -> np.ndarray:
+        """Runs fn over `arrays` (batched along axis 0) in fixed-size, padded chunks."""
+        m = len(arrays[0])
+        self.n_evaluations += m
+        per_device = self.chunk_size(m, batched)
+        chunk = per_device * len(self.devices)
+        pad = (-m) % chunk
+        padded = []
+        for a in arrays:
+            a = np.asarray(a)
+            dtype = np.int32 if np.issubdtype(a.dtype, np.integer) else self.dtype
+            filler = np.zeros((pad, *a.shape[1:]), dtype)
+            padded.append(np.concatenate([a.astype(dtype), filler]))
+        out = []
+        bar = self.progress.start(m) if self.progress is not None else None
+        for s in range(0, m + pad, chunk):
+            parts = [p[s:s + chunk] for p in padded]
+            if self._sharding is not None:
+                parts = [jax.device_put(p, self._sharding) for p in parts]
+            out.append(np.asarray(fn(self.theta, *parts, self.dynamic, loss=self.loss,
+                                     layout=self.layout, leaf=leaf)))
+            if bar is not None:
+                bar.update(min(chunk, m - s))
+        if bar is not None:
+            bar.close()
+        return np.concatenate(out)[:m].astype(np.float64)
 
     # -- gradients ----------------------------------------------------------------------------
     def autodiff(self) -> tuple[np.ndarray | None, str | None]:
@@ -255,23 +395,25 @@ class Evaluator:
             return None, f"jax.grad failed: {type(e).__name__}: {str(e).splitlines()[0]}"
         return np.asarray(g), None  # In its own dtype: its precision enters the error model.
 
-    def call(self, fn: Callable) -> tuple[Any, bool]:
-        """fn(params, *args) at theta: jitted when JAX can trace fn, else once on the host.
-
-        Returns (output, jitted).
-        """
+    def call(self, fn: Callable) -> Any:
+        """fn(params, *args) at theta, called once, eagerly (compiling it would cost more than
+        running it). JAX arrays first, as jit would pass; NumPy copies if that fails (NumPy
+        code that assigns into its inputs)."""
         if self.traceable:
+            params, args = assemble(self.layout, jnp.asarray(self.theta_np), _jnp(self.dynamic))
             try:
-                out = _call_at(self.theta, self.dynamic, fn=fn, layout=self.layout)
-                return jax.tree_util.tree_map(np.asarray, out), True
+                return fn(params, *args)
             except InputError:
                 raise
-            except Exception:  # noqa: BLE001 - not traceable: call it on the host below.
+            except Exception:  # noqa: BLE001 - not JAX-friendly: NumPy copies below.
                 pass
-        dynamic = _copy_arrays(self.dynamic)
-        params, args = assemble(self.layout, self.theta_np.copy(), dynamic, xp=np)
-        args = _copy_arrays(args)
-        return fn(params, *args), False
+        params, args = assemble(self.layout, self.theta_np.copy(), _copy_arrays(self.dynamic),
+                                xp=np)
+        return fn(params, *_copy_arrays(args))
+
+
+def _jnp(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x) if _is_array(x) else x, tree)
 
 
 def _apply(params_args):

@@ -28,16 +28,16 @@ import numpy as np
 
 from jgc._src.tree import InputError, Split
 
-MODES = ("auto", "full", "sample")
+MODES = ("auto", "full", "sample", "directional")
 METHODS = ("central", "richardson")
 # Step exponents: central differences balance rounding u/h against truncation h**2 at
 # h ~ u**(1/3); Richardson's R = (4 D(h) - D(2h)) / 3 has truncation h**4, balanced at u**(1/5).
 STEP_POWER = {"central": 1 / 3, "richardson": 1 / 5}
 HALF = ("float16", "bfloat16")
 MAX_NOISE_PROBES = 16  # Leaves whose loss noise is measured (9 evaluations each).
-# mode="auto" runs a full check below this many parameters (2 loss evaluations each, a few
-# seconds on a laptop CPU for small networks) and a seeded sample above it.
-AUTO_FULL_LIMIT = 200_000
+# mode="auto" runs a full check when it is predicted to take at most this long (2 loss
+# evaluations per parameter, timed on one evaluation), else directions plus a sample.
+AUTO_SECONDS = 5.0
 DEFAULT_SAMPLES = 16  # Entries per leaf in mode="sample" (the CS231n notes check ~10 at random).
 
 
@@ -85,24 +85,19 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
                          "digits, which matters most in float32.")
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}. Use mode='full' to check every "
-                         "entry or mode='sample' to check a seeded sample of each leaf.")
+                         "entry, mode='sample' for a seeded sample of each leaf, or "
+                         "mode='directional' for random directions per leaf (large models).")
     if eps is not None and not (np.isfinite(eps) and eps > 0):
         raise InputError(f"eps={eps!r}: the step must be a positive finite number, or None to "
                          "choose it from each leaf's dtype and magnitude.")
-    if mode == "auto":
-        mode = "full" if sp.n <= AUTO_FULL_LIMIT else "sample"
     specs = sp.checked_specs()
     dtypes = tuple(eval_dtype(s.dtype, x64) for s in specs)
     theta = np.concatenate(
         [np.asarray(sp.leaves[i], dtype=np.float64).ravel() for i in sp.checked] or [np.zeros(0)])
-    entries = []
-    for spec in specs:
-        if mode == "full" or spec.size <= samples:
-            entries.append(np.arange(spec.size))
-        else:
-            # Seeded by the leaf's path, so adding a leaf does not move any other leaf's sample.
-            rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
-            entries.append(np.sort(rng.choice(spec.size, size=samples, replace=False)))
+    if mode in ("full", "auto"):  # "auto" decides once it has timed one evaluation
+        entries = [np.arange(spec.size) for spec in specs]
+    else:
+        entries = sample_entries(sp, 0 if mode == "directional" else samples, seed)
     if eps is None:
         power = STEP_POWER[method]
         us = sorted({f"{machine_eps(d) ** power:.1e}" for d in dtypes}) or ["-"]
@@ -110,6 +105,19 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
     else:
         rule = f"h = {eps:.1e} (fixed)"
     return Plan(mode, method, x64, dtypes, tuple(entries), theta, rule, eps)
+
+
+def sample_entries(sp: Split, samples: int, seed: int) -> list[np.ndarray]:
+    """Up to `samples` entries of each checked leaf, seeded by the leaf's path, so that adding
+    a leaf does not move any other leaf's sample."""
+    out = []
+    for spec in sp.checked_specs():
+        if spec.size <= samples:
+            out.append(np.arange(spec.size))
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
+            out.append(np.sort(rng.choice(spec.size, size=samples, replace=False)))
+    return out
 
 
 def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None = None
@@ -144,10 +152,13 @@ def noise_probes(plan: Plan, sp: Split) -> list[tuple[int, np.ndarray]]:
     (t <= |x|/16), so every x - j·t is a multiple of ulp(x) in the same or a lower binade:
     exactly representable. Rounding the points would otherwise add noise of its own.
     """
-    order = sorted(range(len(sp.checked)), key=lambda k: -len(plan.entries[k]))
+    order = sorted(range(len(sp.checked)),
+                   key=lambda k: -max(len(plan.entries[k]), 1) * (sp.offsets[k + 1] > sp.offsets[k]))
     probes = []
     for k in order[:MAX_NOISE_PROBES]:
         e = plan.entries[k]
+        if len(e) == 0:  # directional mode: any entry of the leaf will do
+            e = np.arange(sp.offsets[k + 1] - sp.offsets[k])
         if len(e) == 0:
             continue
         x = plan.leaf_values(sp, k)[e].astype(plan.dtypes[k])

@@ -41,6 +41,8 @@ class LeafReport:
       worst: up to five (index, numerical, checked, autodiff) rows, worst first.
       resolution: the smallest relative error of this leaf's gradient that the check would
         detect (a scale error of the whole leaf; for single entries, at the best-resolved one).
+      directions: random directions tested (mode "directional"); n_checked then counts the
+        entries checked one by one (a sample, and the suspects group testing left).
     """
 
     path: str
@@ -61,6 +63,7 @@ class LeafReport:
     reason: str = ""
     worst: tuple[tuple[Any, ...], ...] = ()
     resolution: float | None = None
+    directions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -204,7 +207,8 @@ def format_report(r: Report) -> str:
                 status += " (as a whole)"
             elif leaf.n_kink:
                 status += f" ({leaf.n_kink} at kinks)"
-            row = [fmt_path(leaf.path), _shape(leaf), str(leaf.n_checked),
+            checked = str(leaf.n_checked) + (f"+{leaf.directions}dir" if leaf.directions else "")
+            row = [fmt_path(leaf.path), _shape(leaf), checked,
                    f"{leaf.max_rel_error:.1e}",
                    "-" if leaf.worst_index is None else str(leaf.worst_index),
                    fmt_num(leaf.numerical), fmt_num(leaf.checked), fmt_num(leaf.autodiff), status]
