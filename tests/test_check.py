@@ -98,21 +98,21 @@ def test_numpy_loss_and_numpy_grad_slow_path():
     assert "jax.grad is not available" in " ".join(r.notes)
 
 
-def test_gradient_function_is_called_eagerly_with_numpy_fallback():
-    """A gradient function is called once, eagerly (compiling it would cost more than running
-    it): with JAX arrays first; with NumPy copies when it needs them (it assigns into arrays)."""
+def test_gradient_function_jitted_or_called_on_host():
+    """A traceable gradient function is jitted (traced once); one that is not traceable (NumPy
+    code assigning into arrays) is called once on the host with NumPy copies."""
     ex_j, ex_n = mlp("relu"), mlp("relu", xp=np)
     calls = []
 
-    def jax_friendly(p, X, Y):
-        calls.append(type(p["W1"]).__module__.split(".")[0])
-        return ex_n.grad(p, X, Y)
+    def jax_code(p, X, Y):
+        calls.append(type(p["W1"]).__name__)
+        return ex_j.grad(p, X, Y)
 
-    assert jgc.check_grad(ex_j.loss, ex_j.params, *ex_j.args, grad=jax_friendly).ok
-    assert calls == ["jaxlib"]
+    assert jgc.check_grad(ex_j.loss, ex_j.params, *ex_j.args, grad=jax_code).ok
+    assert len(calls) == 1 and "Tracer" in calls[0]
 
     def in_place(p, X, Y):  # the classic course style: dz[z <= 0] = 0
-        calls.append(type(p["W1"]).__module__.split(".")[0])
+        calls.append(type(p["W1"]).__name__)
         z = X @ p["W1"] + p["b1"]
         h = np.maximum(z, 0)
         dout = (h @ p["W2"] + p["b2"] - Y) / len(X)
@@ -122,7 +122,7 @@ def test_gradient_function_is_called_eagerly_with_numpy_fallback():
 
     calls.clear()
     r = jgc.check_grad(ex_j.loss, ex_j.params, *ex_j.args, grad=in_place)
-    assert r.ok and calls == ["jaxlib", "numpy"]
+    assert r.ok and calls[-1] == "ndarray"
 
 
 def test_wrong_custom_vjp_flagged_with_grad_none():

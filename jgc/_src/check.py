@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import time
@@ -158,7 +159,15 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         notes.append("the loss is not traceable by JAX (plain NumPy?), so every perturbation "
                      "was evaluated in a Python loop on the host: the slow path "
                      f"({ev.trace_error})")
-    f0 = ev.at()
+    # jax.grad and the user's gradient compile on other threads while the loss compiles here:
+    # XLA releases the GIL, and on a small problem compilation is most of the time.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        autodiff_job = pool.submit(_in_precision, x64, ev.autodiff)
+        grad_job = (pool.submit(_in_precision, x64, _checked_gradient, ev, grad)
+                    if callable(grad) else None)
+        f0 = ev.at()
+        autodiff, autodiff_why = autodiff_job.result()
+        grad_out = None if grad_job is None else grad_job.result()
     if not np.isfinite(f0):
         raise InputError(f"the loss is {f0} at params (before any perturbation). Check the "
                          "inputs and the initialisation: jgc needs a finite loss to compare "
@@ -168,7 +177,6 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     t_eval = time.perf_counter() - t_eval  # one evaluation, compiled: the cost model's unit
 
     # The gradients being compared.
-    autodiff, autodiff_why = ev.autodiff()
     if grad is None:
         if autodiff is None:
             raise InputError(
@@ -179,13 +187,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         source = "jax.grad"
     else:
         if callable(grad):
-            try:
-                out = ev.call(grad)
-            except InputError:
-                raise
-            except Exception as e:
-                raise InputError(f"grad(params, *args) raised {type(e).__name__}: {e}") from e
-            checked_leaves = match_gradient(out, sp, params, "grad(params, *args)")
+            checked_leaves = match_gradient(grad_out, sp, params, "grad(params, *args)")
         else:
             checked_leaves = match_gradient(grad, sp, params, "grad")
         source = source_name
@@ -312,6 +314,21 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         notes=tuple(notes), noise=sigma)
 
 
+def _in_precision(x64: bool, fn, *args):
+    """Runs fn under the check's precision: jax's x64 setting is thread-local."""
+    with precision(x64):
+        return fn(*args)
+
+
+def _checked_gradient(ev: Evaluator, grad):
+    try:
+        return ev.call(grad)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"grad(params, *args) raised {type(e).__name__}: {e}") from e
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -416,7 +433,8 @@ def _randomness_report(sp, plan, ev, f0, f0_again, source, start, notes) -> Repo
 def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True,
                mode: str = "auto", method: str = "central", eps: float | None = None,
                rtol: float | None = None, atol: float | None = None,
-               samples: int = pl.DEFAULT_SAMPLES, seed: int = 0) -> Report:
+               samples: int = pl.DEFAULT_SAMPLES, seed: int = 0,
+               memory_budget: int | None = None, progress: bool | None = None) -> Report:
     """Checks a gradient of `loss` against finite differences and jax.grad, leaf by leaf.
 
     Args:
@@ -429,15 +447,22 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
         None, jax.grad(loss) is checked (this is how custom_vjp/custom_jvp rules are tested).
       x64: evaluate in float64 (default). The global setting is restored afterwards, even when
         the check raises. With False, the check runs at the parameters' own precision.
-      mode: "full" checks every entry; "sample" checks `samples` seeded entries per leaf; "auto"
-        (default) runs "full" up to 200,000 parameters and "sample" beyond.
+      mode: "full" checks every entry. "sample" checks `samples` seeded entries per leaf.
+        "directional" tests random directions per leaf and, where one fails, finds the wrong
+        entries by group testing (O(log n) evaluations): for models too large for "full".
+        "auto" (default) runs "full" when one timed evaluation predicts it takes under 5 s, and
+        else "directional" plus a sample, saying so in the report.
       method: "central" (default): central differences, 2 loss evaluations per entry (4 at
         reduced precision, where every entry is also evaluated at 2h). "richardson":
         extrapolation from h, 2h and 4h with a larger step, 6 evaluations per entry (3x the
         cost) for about one more correct digit; worth it in float32.
       eps: a fixed absolute step. None (default) picks u**(1/3)·max(1,|θ|) per entry.
       rtol, atol: override the error model: an entry fails when |g - num| > atol + rtol·|num|.
-      samples: entries per leaf in mode "sample". seed: seeds the sample.
+      samples: entries per leaf in mode "sample". seed: seeds the sample and the directions.
+      memory_budget: bytes for one batch of perturbed evaluations (default: a quarter of the
+        available memory, between 256 MiB and 1 GiB); chunks are sized to fit it.
+      progress: show a progress bar on long checks (None: when stderr is a terminal or in a
+        notebook; it appears only for checks predicted to take over 2 s).
 
     Returns:
       A frozen `Report`: `.ok`, `.leaves` (per-leaf status, worst entry, pattern),
@@ -457,7 +482,8 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
     """
     with precision(x64):
         return _run(loss, params, args, grad=grad, x64=x64, mode=mode, method=method, eps=eps,
-                    rtol=rtol, atol=atol, samples=samples, seed=seed)
+                    rtol=rtol, atol=atol, samples=samples, seed=seed,
+                    memory_budget=memory_budget, progress=progress)
 
 
 def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None, **options) -> Report:

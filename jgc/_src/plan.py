@@ -152,8 +152,10 @@ def noise_probes(plan: Plan, sp: Split) -> list[tuple[int, np.ndarray]]:
     (t <= |x|/16), so every x - j·t is a multiple of ulp(x) in the same or a lower binade:
     exactly representable. Rounding the points would otherwise add noise of its own.
     """
-    order = sorted(range(len(sp.checked)),
-                   key=lambda k: -max(len(plan.entries[k]), 1) * (sp.offsets[k + 1] > sp.offsets[k]))
+    def weight(k: int) -> int:  # the largest leaves first; empty leaves last
+        return -max(len(plan.entries[k]), 1) * (sp.offsets[k + 1] > sp.offsets[k])
+
+    order = sorted(range(len(sp.checked)), key=weight)
     probes = []
     for k in order[:MAX_NOISE_PROBES]:
         e = plan.entries[k]

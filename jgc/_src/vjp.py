@@ -97,8 +97,8 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
 
 
 def _with_defaults(options: dict, seed: int) -> dict:
-    opts = dict(mode="auto", eps=None, rtol=None, atol=None, samples=pl.DEFAULT_SAMPLES,
-                seed=seed)
+    opts = dict(mode="auto", method="central", eps=None, rtol=None, atol=None,
+                samples=pl.DEFAULT_SAMPLES, seed=seed, memory_budget=None, progress=None)
     unknown = set(options) - set(opts)
     if unknown:
         raise TypeError(f"check_vjp() got unexpected options {sorted(unknown)}; the options are "
