@@ -63,7 +63,8 @@ with jax.enable_x64(True):
     r2 = jgc.check_grad(loss, P, X, Y, grad=np_grad, mode="full", progress=False)
     warm = time.perf_counter() - t0
 print(json.dumps({"seconds": sec, "ok": r.ok, "evals": r.n_evaluations, "n": N,
-                  "flops": FLOPS, "mm_rate": mm_rate, "warm": warm, "warm_evals": r2.n_evaluations}))
+                  "flops": FLOPS, "mm_rate": mm_rate, "warm": warm,
+                  "warm_evals": r2.n_evaluations}))
 """
 
 TORCH = SETUP + """

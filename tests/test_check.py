@@ -101,7 +101,7 @@ def test_numpy_loss_and_numpy_grad_slow_path():
 def test_gradient_function_jitted_or_called_on_host():
     """A traceable gradient function is jitted (traced once); one that is not traceable (NumPy
     code assigning into arrays) is called once on the host with NumPy copies."""
-    ex_j, ex_n = mlp("relu"), mlp("relu", xp=np)
+    ex_j = mlp("relu")
     calls = []
 
     def jax_code(p, X, Y):

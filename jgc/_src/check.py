@@ -99,17 +99,22 @@ def _measure_noise(ev: Evaluator, sp: Split, plan: pl.Plan) -> float | None:
     The largest of the per-leaf ECnoise estimates: the noise a perturbation sees depends on how
     much computation the perturbed entry feeds, and the largest is the safe choice.
     """
-    probes = pl.noise_probes(plan, sp)
+    probes = pl.noise_probes(plan, sp, pl.DIRECTIONAL_NOISE_PROBES
+                             if plan.mode == "directional" else pl.MAX_NOISE_PROBES)
     if not probes:
         return None
-    if plan.mode == "directional" and ev.traceable:
-        # Through the dense per-leaf batches directional mode compiles anyway.
+    if plan.mode == "directional":
+        # Through the per-leaf direction batches that directional mode compiles anyway: one
+        # step vector t·e_j on the device, and multiples 0, ±1, ..., of it.
         values = []
         for i, st in probes:
             k = int(np.searchsorted(sp.offsets, i, side="right")) - 1
-            rows = np.zeros((len(st), sp.offsets[k + 1] - sp.offsets[k]))
-            rows[:, i - sp.offsets[k]] = st
-            values.append(ev.along(k, rows))
+            j = i - sp.offsets[k]
+            t = float(np.max(np.abs(st)))
+            vec = np.zeros((1, sp.offsets[k + 1] - sp.offsets[k]))
+            vec[0, j] = t
+            values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st)), st / t,
+                                   np.full(len(st), j), np.full(len(st), j + 1)))
     else:
         index = np.concatenate([np.full(len(st), i) for i, st in probes])
         values = np.split(ev.perturbed(index, np.concatenate([st for _, st in probes])),

@@ -87,38 +87,37 @@ class Directional:
         self.f0, self.sigma, self.u, self.float64, self.f_scale = f0, sigma, u, float64, f_scale
         self.seed = seed
 
-    def _steps(self, k: int, w: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    def tests(self, k: int, vectors: np.ndarray, on_device, specs, g, g_round, g_ad
+              ) -> list[DirectionTest]:
+        """Directional tests of leaf k, evaluated in one batch (4 evaluations each).
+
+        `vectors` holds step vectors (rows, in the leaf's dtype; `on_device` is their device
+        copy); each spec (v1, v2, lo, hi) tests the steps vectors[v1] (h) and vectors[v2] (2h)
+        restricted to entries lo..hi-1.
+        """
         dt = self.plan.dtypes[k]
         x = self.plan.leaf_values(self.sp, k).astype(dt)
-        step = (t * w).astype(dt)
-        with np.errstate(over="ignore"):
-            return ((x + step) - x).astype(np.float64), (x - (x - step)).astype(np.float64)
-
-    def test(self, k: int, w: np.ndarray, g: np.ndarray, g_round: np.ndarray,
-             g_ad: np.ndarray | None, mask: np.ndarray | None = None) -> DirectionTest:
-        return self.tests(k, [w if mask is None else w * mask], g, g_round, g_ad)[0]
-
-    def tests(self, k: int, ws: list[np.ndarray], g, g_round, g_ad) -> list[DirectionTest]:
-        """Several directional tests of leaf k, evaluated in one batch (4 evaluations each)."""
-        h = self._h(k)
-        rows, pieces = [], []
-        for w in ws:
-            p1, m1 = self._steps(k, w, h)
-            p2, m2 = self._steps(k, w, 2 * h)
-            rows += [p1, -m1, p2, -m2]
-            pieces.append((p1 + m1, p2 + m2))
-        f = self.ev.along(k, np.stack(rows)).reshape(len(ws), 4)
+        vid, mult, lo, hi, pieces = [], [], [], [], []
+        for v1, v2, a, b in specs:
+            for v, c in ((v1, 1.0), (v1, -1.0), (v2, 1.0), (v2, -1.0)):
+                vid.append(v), mult.append(c), lo.append(a), hi.append(b)
+            xr = x[a:b]
+            with np.errstate(over="ignore"):  # the exact steps the device takes: fl(x ± s) - x
+                s1 = ((xr + vectors[v1][a:b]) - (xr - vectors[v1][a:b])).astype(np.float64)
+                s2 = ((xr + vectors[v2][a:b]) - (xr - vectors[v2][a:b])).astype(np.float64)
+            pieces.append((a, b, s1, s2))
+        f = self.ev.along(k, on_device, vid, mult, lo, hi).reshape(len(specs), 4)
         out = []
-        for (s1, s2), (fp1, fm1, fp2, fm2) in zip(pieces, f):
+        for (a, b, s1, s2), (fp1, fm1, fp2, fm2) in zip(pieces, f):
             numerical = (8 * (fp1 - fm1) - (fp2 - fm2)) / 6
             size = max(abs(fp1), abs(fm1), abs(fp2), abs(fm2), abs(self.f0), self.f_scale)
             delta = float(es.noise_bound(self.sigma, size, self.u, self.float64))
             # (8 r1 - r2) / 6 carries 8/6 of r1's and 1/6 of r2's errors: 3 delta from the four
             # loss values, and the checked gradient's rounding over both directions.
-            grad_err = (8 * np.abs(s1) @ g_round + np.abs(s2) @ g_round) / 6
+            grad_err = (8 * np.abs(s1) @ g_round[a:b] + np.abs(s2) @ g_round[a:b]) / 6
             tol = es.TOL_FACTOR * (3 * delta + grad_err)
-            out.append(DirectionTest(numerical, float(g @ s1), None if g_ad is None
-                                     else float(g_ad @ s1), tol, float(np.linalg.norm(s1))))
+            out.append(DirectionTest(numerical, float(g[a:b] @ s1), None if g_ad is None
+                                     else float(g_ad[a:b] @ s1), tol, float(np.linalg.norm(s1))))
         return out
 
     def _h(self, k: int) -> float:
@@ -135,35 +134,39 @@ class Directional:
                  n_directions: int = N_DIRECTIONS) -> LeafOutcome:
         """The directional tests of leaf k and, where one fails, group testing."""
         before = self.ev.n_evaluations
-        spec = self.sp.checked_specs()[k]
-        if spec.size == 0:
+        size = self.sp.checked_specs()[k].size
+        if size == 0:
             return LeafOutcome([], np.zeros(0, np.int64))
-        ws = [self.weights(k, j) for j in range(n_directions)]
-        tests = self.tests(k, ws, g, g_round, g_ad)
-        failing = [w for w, t in zip(ws, tests) if not t.ok]
+        dt, h = self.plan.dtypes[k], self._h(k)
+        vectors = np.stack([(t * self.weights(k, j)).astype(dt)
+                            for j in range(n_directions) for t in (h, 2 * h)])
+        on_device = self.ev.vectors(vectors)
+        specs = [(2 * j, 2 * j + 1, 0, size) for j in range(n_directions)]
+        tests = self.tests(k, vectors, on_device, specs, g, g_round, g_ad)
+        failing = [j for j, t in enumerate(tests) if not t.ok]
         candidates = np.zeros(0, np.int64)
         if failing:
-            candidates = self._localize(k, failing[0], np.arange(spec.size), g, g_round)
+            j = failing[0]
+            candidates = self._localize(k, vectors, on_device, (2 * j, 2 * j + 1), size, g,
+                                        g_round)
         return LeafOutcome(tests, candidates, self.ev.n_evaluations - before)
 
-    def _localize(self, k, w, entries, g, g_round) -> np.ndarray:
-        """Halves `entries` until groups of GROUP_LEAF; returns the entries left in doubt."""
-        frontier, found = [entries], []
+    def _localize(self, k, vectors, on_device, pair, size, g, g_round) -> np.ndarray:
+        """Halves the range of entries until groups of GROUP_LEAF; returns the entries left in
+        doubt (contiguous halves: each test is a range of the same direction)."""
+        frontier, found = [(0, size)], []
         while frontier and len(found) < MAX_FOUND:
-            small = [e for e in frontier if len(e) <= GROUP_LEAF]
-            found += small
-            halves = [h for e in frontier if len(e) > GROUP_LEAF
-                      for h in (e[:len(e) // 2], e[len(e) // 2:])]
+            found += [r for r in frontier if r[1] - r[0] <= GROUP_LEAF]
+            halves = [h for a, b in frontier if b - a > GROUP_LEAF
+                      for h in ((a, (a + b) // 2), ((a + b) // 2, b))]
             if not halves:
                 break
-            masks = []
-            for half in halves:
-                mask = np.zeros_like(w)
-                mask[half] = 1.0
-                masks.append(w * mask)
-            tests = self.tests(k, masks, g, g_round, None)
-            frontier = [h for h, t in zip(halves, tests) if not t.ok][:MAX_FOUND]
-        return np.concatenate(found) if found else np.zeros(0, np.int64)
+            specs = [(*pair, a, b) for a, b in halves]
+            tests = self.tests(k, vectors, on_device, specs, g, g_round, None)
+            frontier = [r for r, t in zip(halves, tests) if not t.ok][:MAX_FOUND]
+        if not found:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.arange(a, b) for a, b in found])
 
 
 def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None):

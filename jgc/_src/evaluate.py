@@ -33,6 +33,7 @@ from jgc._src.tree import InputError, Split, tree_pformat
 # chunks, which cuts the per-call dispatch overhead that dominates them.
 MAX_CHUNK = 64
 MAX_CHUNK_SMALL = 512
+MIN_CHUNK = 16
 MAP_BATCH = 2  # large leaves: perturbations evaluated two at a time within a chunk
 SMALL_BATCHED = 4096  # "small": at most this many batched parameters per perturbation
 # From this many parameters on, each leaf gets its own batched function (a compile each), so that
@@ -137,6 +138,10 @@ def _segment(layout: Layout, theta, leaf: int | None):
     return theta[start:stop]
 
 
+def _losses_along_bound(vectors, theta, vid, mult, lo, hi, dynamic, **static):
+    return _losses_along(theta, vectors, vid, mult, lo, hi, dynamic, **static)
+
+
 def _map(one, arrays, sequential: bool):
     """one(*row) over arrays shaped (devices, chunk, ...): vmapped over the devices axis (which
     is sharded across jax.devices()), and within a device either vmapped (small problems) or
@@ -171,11 +176,22 @@ def _losses_at(theta, index, step, dynamic, *, loss, layout, leaf, sequential):
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "layout", "leaf", "sequential"))
-def _losses_along(theta, deltas, dynamic, *, loss, layout, leaf, sequential):
-    """Loss with checked leaf `leaf` moved by each row of deltas (dense perturbations)."""
+def _losses_along(theta, vectors, vid, mult, lo, hi, dynamic, *, loss, layout, leaf, sequential):
+    """Loss with checked leaf `leaf` at x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1.
+
+    The step vectors stay on the device; a row is four numbers. mult is +-1 or a small integer
+    and the mask 0 or 1, so the perturbed value is fl(x + s) for the vector's own entry s,
+    exactly as the host computes it when it predicts the change.
+    """
     base = _segment(layout, theta, leaf)
-    return _map(lambda d: _scalar_loss(loss, layout, theta, dynamic, leaf, base + d),
-                (deltas,), sequential)
+    positions = jnp.arange(base.shape[0])
+
+    def one(v, c, a, b):
+        mask = (positions >= a) & (positions < b)
+        return _scalar_loss(loss, layout, theta, dynamic, leaf,
+                            base + jnp.where(mask, c * vectors[v], 0))
+
+    return _map(one, (vid, mult, lo, hi), sequential)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "layout"))
@@ -312,17 +328,20 @@ class Evaluator:
             # each stencil), so that a single program compiles; compiling costs far more than
             # evaluating a padded chunk of a small loss.
             chunk = min(chunk, 1 << max(0, (2 * self.sp.n + 2).bit_length()))
-        elif m < chunk:  # Few perturbations: the next power of two, so few shapes compile.
-            chunk = 1 << max(0, (m - 1).bit_length())
+        elif m < chunk:  # Few perturbations: the next power of two, at least MIN_CHUNK, so
+            # that the handful of small calls of one check (stencils on a few entries) share a
+            # compiled program.
+            chunk = max(min(chunk, MIN_CHUNK), 1 << max(0, (m - 1).bit_length()))
         return max(1, chunk)
 
     # -- single evaluations -------------------------------------------------------------------
     def at(self, theta_np: np.ndarray | None = None) -> float:
         """The loss at the unperturbed point (traced: through the same batched program)."""
         if theta_np is None and self.traceable:
-            if self.per_leaf:  # through the smallest leaf's dense batch: the cheapest compile
+            if self.per_leaf:  # through the smallest leaf's direction batch (cheap to compile)
                 k = int(np.argmin(np.diff(self.sp.offsets)))
-                return float(self.along(k, np.zeros((1, self._leaf_size(k))))[0])
+                zero = self.vectors(np.zeros((1, self._leaf_size(k))))
+                return float(self.along(k, zero, [0], [0.0], [0], [0])[0])
             return float(self.perturbed(np.zeros(1, np.int64), np.zeros(1))[0])
         self.n_evaluations += 1
         return self._host(self.theta_np if theta_np is None else theta_np)
@@ -368,20 +387,32 @@ class Evaluator:
                                      index[sel] - self.sp.offsets[k], step[sel])
         return out
 
-    def along(self, k: int, deltas: np.ndarray) -> np.ndarray:
-        """Loss with checked leaf k moved by each row of `deltas` (dense, in leaf order)."""
-        deltas = np.asarray(deltas, self.dtype)
+    def vectors(self, vectors: np.ndarray):
+        """Step vectors for `along`, placed on the device(s) once."""
+        vectors = np.asarray(vectors, self.dtype)
         if not self.traceable:
-            out = np.empty(len(deltas))
-            start = self.sp.offsets[k]
-            for j, d in enumerate(deltas):
-                self.n_evaluations += 1
+            return vectors
+        out = jnp.asarray(vectors)
+        if self._sharding is not None:
+            out = jax.device_put(out, NamedSharding(self._sharding.mesh, P()))
+        return out
+
+    def along(self, k: int, vectors, vid, mult, lo, hi) -> np.ndarray:
+        """Loss with checked leaf k at x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1
+        (`vectors` from `self.vectors`: one row per step vector, in leaf order)."""
+        vid, lo, hi = (np.asarray(a, np.int64) for a in (vid, lo, hi))
+        mult = np.asarray(mult, np.float64)
+        if not self.traceable:
+            start, out = self.sp.offsets[k], np.empty(len(vid))
+            self.n_evaluations += len(vid)
+            for j in range(len(vid)):
                 t = self.theta_np.copy()
-                t[start:start + len(d)] += d
+                t[start + lo[j]:start + hi[j]] += mult[j] * vectors[vid[j]][lo[j]:hi[j]]
                 out[j] = self._host(t, f"while evaluating a direction in "
                                        f"{self.sp.checked_specs()[k].path or '<params>'}")
             return out
-        return self._batches(_losses_along, k, self._leaf_size(k), deltas)
+        return self._batches(functools.partial(_losses_along_bound, vectors), k,
+                             self._leaf_size(k), vid, mult, lo, hi)
 
     def _leaf_size(self, k: int) -> int:
         return self.sp.offsets[k + 1] - self.sp.offsets[k]

@@ -35,6 +35,9 @@ METHODS = ("central", "richardson")
 STEP_POWER = {"central": 1 / 3, "richardson": 1 / 5}
 HALF = ("float16", "bfloat16")
 MAX_NOISE_PROBES = 16  # Leaves whose loss noise is measured (9 evaluations each).
+# In directional mode, a probe of a large leaf costs as much as a full forward pass: the two
+# largest leaves, which feed the most computation, stand for the rest.
+DIRECTIONAL_NOISE_PROBES = 2
 # mode="auto" runs a full check when it is predicted to take at most this long (2 loss
 # evaluations per parameter, timed on one evaluation), else directions plus a sample.
 AUTO_SECONDS = 5.0
@@ -141,7 +144,8 @@ def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None 
     return hp, hm
 
 
-def noise_probes(plan: Plan, sp: Split) -> list[tuple[int, np.ndarray]]:
+def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES
+                 ) -> list[tuple[int, np.ndarray]]:
     """Points at which to measure the loss's noise: (flat index, 9 steps) for up to
     MAX_NOISE_PROBES leaves, the largest first.
 
@@ -157,7 +161,7 @@ def noise_probes(plan: Plan, sp: Split) -> list[tuple[int, np.ndarray]]:
 
     order = sorted(range(len(sp.checked)), key=weight)
     probes = []
-    for k in order[:MAX_NOISE_PROBES]:
+    for k in order[:limit]:
         e = plan.entries[k]
         if len(e) == 0:  # directional mode: any entry of the leaf will do
             e = np.arange(sp.offsets[k + 1] - sp.offsets[k])

@@ -1,0 +1,166 @@
+"""Scale: several devices, directional mode, auto mode, memory budget, progress, recompiles."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import jgc
+from jgc._src import evaluate, plan, progress
+from jgc.examples import mlp
+
+SHARD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np, jgc
+    from jgc._src import evaluate
+    from jgc.examples import mlp
+    if sys.argv[1] == "per_leaf":
+        evaluate.PER_LEAF_MIN = 0  # force one batched function per leaf
+    ex = mlp("tanh", width=6)
+    out = {"devices": len(jax.devices())}
+    for name, grad in (("ok", ex.grad), ("bug", ex.bugs["b1_4_over_m"].grad)):
+        for mode in ("full", "directional"):
+            r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=grad, mode=mode)
+            out[name + mode] = [r.ok, [(l.path, l.status, l.numerical, l.checked,
+                                        l.max_rel_error) for l in r.leaves]]
+    g = jgc.numerical_grad(ex.loss, ex.params, *ex.args)
+    out["num"] = {k: np.asarray(v).tolist() for k, v in g.items()}
+    print(json.dumps(out))
+""")
+
+
+def _run(devices: int, path: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, path], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("path", ["flat", "per_leaf"])
+def test_four_devices_give_identical_results(path):
+    one, four = _run(1, path), _run(4, path)
+    assert one.pop("devices") == 1 and four.pop("devices") == 4
+    assert one == four  # bit for bit: each device runs the one-device program on its share
+    assert one["okfull"][0] and not one["bugfull"][0]
+
+
+def _one_wrong_entry(ex, where):
+    def grad(p, *args):
+        g = dict(ex.grad(p, *args))
+        leaf, idx = where
+        a = np.array(g[leaf], copy=True)
+        a[idx] += 0.05
+        g[leaf] = a
+        return g
+    return grad
+
+
+@pytest.mark.parametrize("leaf,idx", [("W1", (3, 2)), ("b2", (1,)), ("W2", (0, 0))])
+def test_directional_finds_the_wrong_entry(leaf, idx):
+    ex = mlp("tanh", width=12)
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=_one_wrong_entry(ex, (leaf, idx)),
+                       mode="directional")
+    assert r.mode == "directional"
+    assert [x.path for x in r.bad_leaves] == [f"['{leaf}']"]
+    bad = r.leaf(f"['{leaf}']")
+    assert bad.worst_index == idx and bad.n_mismatch == 1
+    assert "located by group testing" in r.diagnosis
+    full = 2 * r.n_params
+    assert r.n_evaluations < full  # cheaper than checking every entry
+    assert any("random directions per leaf" in n for n in r.notes)
+
+
+def test_directional_passes_correct_and_names_scale_bug():
+    ex = mlp("tanh", width=12)
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, mode="directional")
+    assert r.ok and all(x.directions == 2 for x in r.leaves)
+    assert "along all 8 random directions" in r.diagnosis
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["b1_4_over_m"].grad,
+                       mode="directional")
+    assert [x.path for x in r.bad_leaves] == ["['b1']"]
+
+
+def test_directions_are_seeded_by_path():
+    from jgc._src.directional import direction
+    a = direction(0, "['W1']", 0, 10)
+    assert np.array_equal(a, direction(0, "['W1']", 0, 10))
+    assert not np.array_equal(a, direction(0, "['W2']", 0, 10))
+
+
+def test_auto_switches_to_directional_when_full_is_costly(monkeypatch):
+    ex = mlp("tanh")
+    monkeypatch.setattr(plan, "AUTO_SECONDS", 0.0)
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["W1_transposed"].grad)
+    assert r.mode == "directional" and not r.ok
+    assert any(n.startswith("auto: a full check would take about") for n in r.notes)
+    monkeypatch.setattr(plan, "AUTO_SECONDS", 1e9)
+    assert jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad).mode == "full"
+
+
+def test_memory_budget_sizes_chunks_and_refuses_what_cannot_fit():
+    ex = mlp("tanh")
+    small = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, memory_budget=4096)
+    big = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    assert small.ok and [x.numerical for x in small.leaves] == [x.numerical for x in big.leaves]
+    with pytest.raises(jgc.InputError, match="more than the memory budget.*mode='directional'"):
+        jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, memory_budget=16)
+
+
+def test_default_memory_budget_is_sane():
+    b = evaluate.default_memory_budget()
+    assert 256 * 2**20 <= b <= 2**30
+
+
+def test_progress_bar_shows_only_for_long_runs(monkeypatch):
+    stream = io.StringIO()
+    bar = progress.Progress(stream=stream, show_after=0.0).start(100)
+    for _ in range(10):
+        bar.update(10)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" in text and "100/100 evaluations" in text and text.endswith("\n")
+    quiet = io.StringIO()
+    bar = progress.Progress(stream=quiet, show_after=3600.0).start(100)
+    bar.update(50)
+    bar.update(50)
+    bar.close()
+    assert quiet.getvalue() == ""
+    assert progress.enabled(False) is False and progress.enabled(True) is True
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, no notebook
+    assert progress.enabled(None) is False
+
+
+def test_no_n_by_n_array():
+    """The perturbation batch is (chunk x n) at most, never (n x n)."""
+    ex = mlp("tanh", width=40)  # n = 1,763
+    ev_chunk = []
+    orig = evaluate.Evaluator._batches
+
+    def spy(self, fn, leaf, batched, *arrays):
+        ev_chunk.append(self.chunk_size(len(arrays[0]), batched))
+        return orig(self, fn, leaf, batched, *arrays)
+
+    evaluate.Evaluator._batches = spy
+    try:
+        jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    finally:
+        evaluate.Evaluator._batches = orig
+    n = sum(v.size for v in ex.params.values())
+    assert max(ev_chunk) <= evaluate.MAX_CHUNK_SMALL < n
+
+
+def test_second_check_of_larger_model_compiles_nothing():
+    ex = mlp("tanh", width=150)  # n = 23,103: one batched function per leaf
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, mode="directional")
+    assert r.ok
+    other = jax.tree_util.tree_map(lambda v: v * 0.9, ex.params)
+    from test_check import _count_compiles
+    with jax.log_compiles(), _count_compiles() as count:
+        jgc.check_grad(ex.loss, other, *ex.args, grad=ex.grad, mode="directional")
+    assert count() == 0
