@@ -174,8 +174,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         autodiff, autodiff_why = autodiff_job.result()
         grad_out = None if grad_job is None else grad_job.result()
     if not np.isfinite(f0):
-        raise InputError(f"the loss is {f0} at params (before any perturbation). Check the "
-                         "inputs and the initialisation: jgc needs a finite loss to compare "
+        raise InputError(f"the loss is {f0} at params (before any perturbation). "
+                         f"{_where_not_finite(params, args)}jgc needs a finite loss to compare "
                          "gradients.")
     t_eval = time.perf_counter()
     f0_again = ev.at()
@@ -295,6 +295,10 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
                                 autodiff_why=autodiff_why, batch=batch, eps=eps)
     if autodiff is None and grad is not None:
         notes.append(f"jax.grad is not available as a third opinion: {autodiff_why}")
+    mutation = _mutation_note(ev, grad)
+    if mutation:
+        notes.append(mutation)
+        text += f"\nWarning: {mutation}."
     if method == "richardson" and model.kink.any():
         notes.append(f"the loss has kinks ({int(model.kink.sum())} entries): Richardson's wide "
                      "stencil (h, 2h, 4h at h = u**(1/5)) assumes smoothness over it and can be "
@@ -317,6 +321,32 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         method=_method_name(method, full), mode=plan.mode, step=plan.step_rule, n_params=sp.n,
         n_checked=m, n_evaluations=ev.n_evaluations, seconds=time.perf_counter() - start,
         notes=tuple(notes), noise=sigma)
+
+
+def _where_not_finite(params, args) -> str:
+    """Names the inputs holding NaN or Inf, or says that they are all finite."""
+    bad = []
+    for name, tree in (("params", params), ("args", args)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            a = np.asarray(leaf) if hasattr(leaf, "shape") or isinstance(leaf, float) else None
+            if a is not None and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+                n = int((~np.isfinite(a)).sum())
+                bad.append(f"{name}{jax.tree_util.keystr(path)} ({n} non-finite entr"
+                           f"{'y' if n == 1 else 'ies'})")
+    if bad:
+        return f"The inputs are not finite: {', '.join(bad[:5])}. Fix or filter them first; "
+    return ("Every input is finite, so the loss itself produces it (log or division at 0, an "
+            "overflow in exp): check the initialisation and the data scale; ")
+
+
+def _mutation_note(ev: Evaluator, grad) -> str | None:
+    """grad(params, *args) on the host gets copies; if it changed them, say which."""
+    changed = getattr(ev, "mutated", None)
+    if not changed:
+        return None
+    return (f"grad(params, *args) modified its inputs in place ({', '.join(changed[:5])}). jgc "
+            "passed it copies, so your arrays are intact, but in training this corrupts the "
+            "parameters or data: make the gradient function return new arrays")
 
 
 def _in_precision(x64: bool, fn, *args):

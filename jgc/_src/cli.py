@@ -1,8 +1,9 @@
-"""The command line: `jgc demo` (and `python -m jgc demo`)."""
+"""The command line: `jgc demo` and `jgc check FILE` (also `python -m jgc ...`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jgc._src.version import __version__
@@ -45,6 +46,62 @@ def demo(args) -> int:
     return 1
 
 
+class UsageError(Exception):
+    """A problem with the command line or the user's file: exit status 2, one line on stderr."""
+
+
+def _load(path: str) -> dict:
+    import runpy
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file. Pass a Python file that defines `loss` and "
+                         "`params` (and optionally `args` and `grad`).")
+    try:
+        return runpy.run_path(path, run_name="__jgc_check__")
+    except SyntaxError as e:
+        raise UsageError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:
+        raise UsageError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
+
+
+def _get(ns: dict, name: str, what: str, path: str, required: bool = True):
+    if name not in ns:
+        if not required:
+            return None
+        found = sorted(k for k, v in ns.items() if not k.startswith("_") and
+                       not isinstance(v, type(os)))
+        raise UsageError(f"{path} defines no `{name}` ({what}); it defines: "
+                         f"{', '.join(found) or 'nothing'}. Name it `{name}` or pass "
+                         f"--{what.split()[0]} NAME.")
+    return ns[name]
+
+
+def check(args) -> int:
+    """Runs check_grad on a user's file; 0 all well, 1 mismatch, 2 usage or input error."""
+    import jgc
+
+    ns = _load(args.file)
+    loss = _get(ns, args.loss, "loss function", args.file)
+    params = _get(ns, args.params, "params pytree", args.file)
+    extra = _get(ns, args.args, "args tuple", args.file, required=False)
+    grad = _get(ns, args.grad, "grad function or pytree", args.file, required=False)
+    if not callable(loss):
+        raise UsageError(f"{args.file}: `{args.loss}` is a {type(loss).__name__}, not a "
+                         "function loss(params, *args) -> scalar.")
+    if extra is None:
+        extra = ()
+    elif not isinstance(extra, tuple):
+        raise UsageError(f"{args.file}: `{args.args}` must be a tuple of the loss's extra "
+                         f"arguments, e.g. args = (X, y); got a {type(extra).__name__}.")
+    try:
+        report = jgc.check_grad(loss, params, *extra, grad=grad, x64=args.x64, mode=args.mode,
+                                eps=args.eps, method=args.method)
+    except jgc.InputError as e:
+        raise UsageError(str(e)) from e
+    print(report.to_json(indent=2) if args.json else report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jgc", description="jgc: is your gradient right, where is it wrong, and why.")
@@ -56,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
                    help="check in float64 (default) or at the parameters' precision")
     p.set_defaults(func=demo)
+    c = sub.add_parser("check", help="check the gradient defined in a Python file",
+                       description="Imports FILE, which defines `loss` and `params` (and "
+                       "optionally `args`, a tuple, and `grad`), runs jgc.check_grad and prints "
+                       "the report. Exit status: 0 all is well, 1 a mismatch, 2 a usage or "
+                       "input error.")
+    c.add_argument("file", help="a Python file defining loss and params")
+    c.add_argument("--loss", default="loss", help="name of the loss function (default: loss)")
+    c.add_argument("--params", default="params", help="name of the params (default: params)")
+    c.add_argument("--args", default="args", help="name of the args tuple (default: args)")
+    c.add_argument("--grad", default="grad",
+                   help="name of the gradient to check (default: grad; absent: jax.grad)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
+                   help="check in float64 (default) or at the parameters' precision")
+    c.add_argument("--mode", default="auto", choices=["auto", "full", "sample", "directional"])
+    c.add_argument("--method", default="central", choices=["central", "richardson"])
+    c.add_argument("--eps", type=float, default=None, help="fixed step (default: automatic)")
+    c.add_argument("--debug", action="store_true", help="show full tracebacks")
+    c.set_defaults(func=check)
     return parser
 
 
@@ -65,7 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
+    except UsageError as e:
+        if getattr(args, "debug", False):
+            raise
+        first = str(e).splitlines()[0]
+        print(f"jgc: error: {first}", file=sys.stderr)
+        rest = str(e).splitlines()[1:]
+        if rest:
+            print("\n".join("  " + line.strip() for line in rest), file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - never a raw traceback unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"jgc: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -472,7 +472,20 @@ class Evaluator:
                 pass
         params, args = assemble(self.layout, self.theta_np.copy(), _copy_arrays(self.dynamic),
                                 xp=np)
-        return fn(params, *_copy_arrays(args))
+        args = _copy_arrays(args)
+        before = _fingerprints((params, args))
+        out = fn(params, *args)
+        after = _fingerprints((params, args))
+        self.mutated = [("params" if p.startswith("[0]") else "args") + p[3:]
+                        for p in before if before[p] != after.get(p)]
+        return out
+
+
+def _fingerprints(tree) -> dict[str, bytes]:
+    """Byte copies of every NumPy array leaf, by path: to see whether a function mutated them."""
+    return {jax.tree_util.keystr(p): np.asarray(x).tobytes()
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(x, np.ndarray)}
 
 
 def _apply(params_args):
