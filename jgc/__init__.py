@@ -6,6 +6,8 @@ The public API. Everything under `jgc._src` is private and may change without no
 from jgc._src.check import assert_grad as assert_grad
 from jgc._src.check import check_grad as check_grad
 from jgc._src.check import numerical_grad as numerical_grad
+from jgc._src.jvp import check_hvp as check_hvp
+from jgc._src.jvp import check_jvp as check_jvp
 from jgc._src.report import LeafReport as LeafReport
 from jgc._src.report import Report as Report
 from jgc._src.tree import InputError as InputError
@@ -19,6 +21,8 @@ __all__ = (
     "__version__",
     "assert_grad",
     "check_grad",
+    "check_hvp",
+    "check_jvp",
     "check_vjp",
     "numerical_grad",
 )

@@ -228,26 +228,31 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     g_ad = None if ad_leaves is None else _restricted(sp, plan, ad_leaves)
     ad_round = 0.0 if g_ad is None else _gradient_rounding(plan, ad_leaves)
 
-    # The first stencil for every planned entry.
     index = _global_indices(sp, plan)
     m = len(index)
-    everywhere = np.ones(m, bool)
-    d = es.differences(f0, m, sigma, u, float64, f_scale)
-    d = _stencil(ev, sp, plan, d, 0, everywhere, index)
-
-    # The second stencil, at 2h: everywhere in reduced precision and for Richardson (the
-    # leaf-level test and the extrapolation need it), else only where a gradient disagrees.
-    full = method == "richardson" or not float64
-    if full:
-        second = everywhere
+    if method == "complex":
+        full = False
+        model = _complex_step_model(ev, sp, plan, index, f0, sigma, u, float64, f_scale,
+                                    checked_leaves, seed)
     else:
-        second = es.suspects(d, g, rtol, atol, g_round)
-        if g_ad is not None:
-            second |= es.suspects(d, g_ad, rtol, atol, ad_round)
-    d = _stencil(ev, sp, plan, d, 1, second, index)
-    if method == "richardson":
-        d = _stencil(ev, sp, plan, d, 2, everywhere, index)
-    model = es.error_model(d, method)
+        # The first stencil for every planned entry.
+        everywhere = np.ones(m, bool)
+        d = es.differences(f0, m, sigma, u, float64, f_scale)
+        d = _stencil(ev, sp, plan, d, 0, everywhere, index)
+
+        # The second stencil, at 2h: everywhere in reduced precision and for Richardson (the
+        # leaf-level test and the extrapolation need it), else only where a gradient disagrees.
+        full = method == "richardson" or not float64
+        if full:
+            second = everywhere
+        else:
+            second = es.suspects(d, g, rtol, atol, g_round)
+            if g_ad is not None:
+                second |= es.suspects(d, g_ad, rtol, atol, ad_round)
+        d = _stencil(ev, sp, plan, d, 1, second, index)
+        if method == "richardson":
+            d = _stencil(ev, sp, plan, d, 2, everywhere, index)
+        model = es.error_model(d, method)
     cmp = es.compare(g, model, rtol, atol, g_round)
     cmp_ad = None if g_ad is None else es.compare(g_ad, model, rtol, atol, ad_round)
     # Entries still in doubt: look closer, at h/4 and h/8 (see estimate.error_model). Not when
@@ -255,7 +260,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     doubt = cmp.status == es.MISMATCH
     if cmp_ad is not None:
         doubt |= cmp_ad.status == es.MISMATCH
-    if doubt.any() and eps is None and rtol is None and atol is None:
+    if doubt.any() and eps is None and rtol is None and atol is None and method != "complex":
         d = _stencil(ev, sp, plan, d, es.FINE, doubt, index)
         d = _stencil(ev, sp, plan, d, es.FINER, doubt, index)
         model = es.error_model(d, method)
@@ -386,7 +391,55 @@ def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, check
     return dataclasses.replace(plan, entries=tuple(entries)), outcomes
 
 
+def _complex_step_model(ev, sp, plan, index, f0, sigma, u, float64, f_scale, leaves, seed
+                        ) -> es.ErrorModel:
+    """The complex step Im f(x + i h e_k) / h for every planned entry, after checking on a
+    sample that the loss is complex-analytic (else its "derivative" is meaningless).
+
+    Error bar: the complex step has no subtractive cancellation, and with h = u·max(1, |x|) its
+    truncation (h**2 times the third derivative, over 6) is below rounding; what remains is the
+    rounding of the derivative itself, bounded like a gradient's (estimate.rounding, on the
+    leaf's scale).
+    """
+    if not ev.traceable:
+        raise InputError("method='complex' needs a loss JAX can trace (it evaluates it at "
+                         "complex parameters); this one is not traceable. Use "
+                         "method='central'.")
+    hp, _ = _all_steps(sp, plan, 1.0)
+    value = ev.complex_step(index, hp, plan.dtypes)
+    # Analyticity: compare with central differences (and their error bars) on a sample.
+    sample = dataclasses.replace(plan, entries=tuple(pl.sample_entries(sp, 2, seed)),
+                                 method="central")
+    s_index = _global_indices(sp, sample)
+    d = es.differences(f0, len(s_index), sigma, u, float64, f_scale)
+    d = _stencil(ev, sp, sample, d, 0, np.ones(len(s_index), bool), s_index)
+    d = _stencil(ev, sp, sample, d, 1, np.ones(len(s_index), bool), s_index)
+    central = es.error_model(d)
+    pos = {int(i): j for j, i in enumerate(index)}
+    cs = value[[pos[int(i)] for i in s_index]]
+    cs_err = es.rounding(cs, u, float(np.max(np.abs(cs))) if cs.size else 0.0)
+    off = np.abs(cs - central.value) > es.TOL_FACTOR * (central.error + cs_err)
+    if off.any():
+        j = int(np.argmax(off))
+        raise InputError(
+            f"method='complex' needs a complex-analytic loss, but at {sp.locate(s_index[j])} "
+            f"the complex step gives {cs[j]:.6g} where central differences give "
+            f"{central.value[j]:.6g}: the loss is not analytic (abs, max, relu, comparisons, "
+            "or code that drops the imaginary part, such as .real, float() or NumPy). Use "
+            "method='central', or method='richardson' for more digits.")
+    scale = np.concatenate([np.full(len(e), float(np.max(np.abs(value[a:a + len(e)])))
+                                    if len(e) else 0.0)
+                            for a, e in zip(np.cumsum([0] + [len(e) for e in plan.entries]),
+                                            plan.entries)]) if len(value) else np.zeros(0)
+    error = es.rounding(value, u, scale)
+    nan = np.full(len(value), np.nan)
+    return es.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
+                         error / es.NOISE_SIGMAS)
+
+
 def _method_name(method: str, full: bool) -> str:
+    if method == "complex":
+        return "complex step Im f(x + ih)/h (analyticity verified on a sample)"
     if method == "richardson":
         return "Richardson extrapolation of central differences at h, 2h, 4h"
     if full:
@@ -544,7 +597,8 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
     """Finite-difference gradient of `loss` at `params`, shaped like params.
 
     Computed with the same batched evaluator, step rule and methods as `check_grad` (central
-    differences by default; method="richardson" for more digits at 3x the cost). Checked leaves
+    differences by default; method="richardson" for more digits at 3x the cost; method="complex"
+    for the complex step, exact to rounding for complex-analytic losses). Checked leaves
     come back as NumPy arrays in the evaluation dtype (float64 under x64); skipped leaves as
     None.
 
@@ -562,10 +616,13 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
         index = _global_indices(sp, plan)
         everywhere = np.ones(len(index), bool)
         u = pl.machine_eps(plan.dtypes[0])
-        d = es.differences(ev.at(), len(index), None, u, True)
-        for s in range(3 if method == "richardson" else 1):
-            d = _stencil(ev, sp, plan, d, s, everywhere, index)
-        value = es.error_model(d, method).value
+        if method == "complex":
+            value = ev.complex_step(index, _all_steps(sp, plan, 1.0)[0], plan.dtypes)
+        else:
+            d = es.differences(ev.at(), len(index), None, u, True)
+            for s in range(3 if method == "richardson" else 1):
+                d = _stencil(ev, sp, plan, d, s, everywhere, index)
+            value = es.error_model(d, method).value
         out = [None] * len(sp.specs)
         for k, (i, leaf) in enumerate(zip(sp.checked, _flat_to_leaves(sp, value))):
             out[i] = leaf.astype(plan.dtypes[k])

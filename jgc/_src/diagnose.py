@@ -23,7 +23,7 @@ import numpy as np
 from jgc._src.estimate import KINK, MISMATCH, Comparison
 from jgc._src.estimate import chi2 as es_chi2
 from jgc._src.estimate import resolution as es_resolution
-from jgc._src.report import LeafReport
+from jgc._src.report import LeafReport as LeafReport
 from jgc._src.tree import LeafSpec
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
@@ -273,7 +273,7 @@ def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3) 
     for idx, num, chk, ad in leaf.worst[:k]:
         line = f"      at {idx}: numerical {num:.6g}, {source} {chk:.6g}"
         if with_autodiff and ad is not None:
-            line += f", jax.grad {ad:.6g}"
+            line += f", {_AUTODIFF} {ad:.6g}"
         out.append(line)
     return out
 
@@ -287,7 +287,8 @@ def agrees_with_autodiff(x: LeafData) -> bool | None:
 
 def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source: str,
              has_autodiff: bool, autodiff_why: str | None, batch: int | None,
-             eps: float | None = None) -> tuple[str, str]:
+             eps: float | None = None, autodiff: str = "jax.grad",
+             noun: str = "gradient") -> tuple[str, str]:
     """Returns (verdict, diagnosis text).
 
     `agrees` maps each mismatched leaf's path to whether the checked gradient agrees with
@@ -296,7 +297,9 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
     bad = [leaf for leaf in leaves if leaf.status == "mismatch"]
     kinks = [leaf for leaf in leaves if leaf.n_kink]
     lines: list[str] = []
-    checking_autodiff = source == "jax.grad"
+    checking_autodiff = source == autodiff
+    global _NOUN, _AUTODIFF
+    _NOUN, _AUTODIFF = noun, autodiff
     if not bad:
         verdict = "ok"
         n = sum(leaf.n_checked for leaf in leaves)
@@ -311,8 +314,8 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
                          "checked entries." if n else "No floating-point entries were checked.")
         ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == "mismatch"]
         if ad_bad and not checking_autodiff:
-            lines.append("Note: jax.grad disagrees with finite differences in "
-                         f"{_paths(ad_bad)} while the {source} gradient agrees: if the loss "
+            lines.append(f"Note: {autodiff} disagrees with finite differences in "
+                         f"{_paths(ad_bad)} while {_the(source)} agrees: if the loss "
                          "uses a jax.custom_vjp or custom_jvp rule, that rule may be wrong.")
     else:
         wrong, suspect, conflict = [], [], []
@@ -329,35 +332,36 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
         if wrong:
             if checking_autodiff:
                 lines.append(
-                    f"jax.grad disagrees with finite differences in {_paths(wrong)}. If the loss "
-                    "uses a jax.custom_vjp or jax.custom_jvp rule, that rule is the likely "
-                    "culprit; otherwise see the advice on numerics below.")
+                    f"{autodiff} disagrees with finite differences in {_paths(wrong)}. If the "
+                    "function uses a jax.custom_vjp or jax.custom_jvp rule, that rule is the "
+                    "likely culprit; otherwise see the advice on numerics below.")
             elif has_autodiff:
                 lines.append(
-                    f"The {source} gradient is wrong in {_paths(wrong)}: jax.grad agrees with "
-                    "finite differences there, so the bug is in the hand-written gradient, not "
-                    "in the loss or the numerics.")
+                    f"{_sentence(_the(source))} is wrong in {_paths(wrong)}: {autodiff} agrees "
+                    "with finite differences there, so the bug is in the hand-written "
+                    f"{noun}, not in the function or the numerics.")
             else:
                 lines.append(
-                    f"The {source} gradient disagrees with finite differences in "
-                    f"{_paths(wrong)}. jax.grad cannot break the tie ({autodiff_why}), but the "
+                    f"{_sentence(_the(source))} disagrees with finite differences in "
+                    f"{_paths(wrong)}. {autodiff} cannot break the tie ({autodiff_why}), but the "
                     "differences are outside the finite differences' error bars (and outside "
                     "the one-sided slopes wherever the loss has a kink), so the hand-written "
-                    "gradient is the likely culprit.")
+                    f"{noun} is the likely culprit.")
             for leaf in wrong:
                 lines.append(f"  - {describe_leaf(leaf, source, batch)}.")
                 lines += worst_lines(leaf, source, not checking_autodiff)
         if suspect:
             lines.append(
-                f"The {source} gradient and jax.grad agree with each other but not with finite "
+                f"{_sentence(_the(source))} and {autodiff} agree with each other but not "
+                "with finite "
                 f"differences in {_paths(suspect)}: the numerics are suspect, or the loss is not "
                 "differentiable at these parameters.")
             for leaf in suspect:
                 lines += worst_lines(leaf, source, True)
         if conflict:
             lines.append(
-                f"All three disagree in {_paths(conflict)}: the {source} gradient differs from "
-                "both finite differences and jax.grad, and jax.grad differs from finite "
+                f"All three disagree in {_paths(conflict)}: {_the(source)} differs from "
+                f"both finite differences and {autodiff}, and {autodiff} differs from finite "
                 "differences too. A custom_vjp/custom_jvp rule in the loss may be wrong as well "
                 "as the hand-written gradient, or the numerics are unreliable here.")
             for leaf in conflict:
@@ -397,7 +401,10 @@ def _paths(leaves: list[LeafReport]) -> str:
 
 def _the(source: str) -> str:
     """'the hand-written gradient' or 'jax.grad' (which is not 'the jax.grad gradient')."""
-    return "jax.grad" if source == "jax.grad" else f"the {source} gradient"
+    return source if source.startswith("jax") else f"the {source} {_NOUN}"
+
+
+_NOUN, _AUTODIFF = "gradient", "jax.grad"  # set per diagnosis (gradient, tangent rule, ...)
 
 
 def _sentence(text: str) -> str:

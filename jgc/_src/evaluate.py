@@ -194,6 +194,18 @@ def _losses_along(theta, vectors, vid, mult, lo, hi, dynamic, *, loss, layout, l
     return _map(one, (vid, mult, lo, hi), sequential)
 
 
+@functools.partial(jax.jit, static_argnames=("loss", "layout"))
+def _losses_complex(theta, index, step, dynamic, *, loss, layout):
+    """Im loss(theta + i step[j] e_{index[j]}) / step[j]: the complex-step derivatives."""
+    positions = jnp.arange(theta.shape[0])
+
+    def one(i, s):
+        z = theta + 1j * jnp.where(positions == i, s, 0)
+        return jnp.imag(_scalar_loss(loss, layout, z, dynamic)) / s
+
+    return jax.vmap(one)(index, step)
+
+
 @functools.partial(jax.jit, static_argnames=("fn", "layout"))
 def _call_at(theta, dynamic, *, fn, layout):
     params, args = assemble(layout, theta, dynamic)
@@ -413,6 +425,32 @@ class Evaluator:
             return out
         return self._batches(functools.partial(_losses_along_bound, vectors), k,
                              self._leaf_size(k), vid, mult, lo, hi)
+
+    def complex_step(self, index: np.ndarray, step: np.ndarray, dtypes) -> np.ndarray:
+        """Complex-step derivatives Im f(x + i h e_k) / h at the given entries.
+
+        Raises InputError when the loss cannot be evaluated at complex parameters.
+        """
+        cdtypes = [np.result_type(d, np.complex64) for d in dtypes]
+        layout, _ = make_layout(self.sp, cdtypes, self.args)
+        theta = jnp.asarray(self.theta_np.astype(np.result_type(*cdtypes)))
+        chunk = max(1, min(MAX_CHUNK_SMALL, 1 << max(0, (len(index) - 1).bit_length())))
+        pad = (-len(index)) % chunk
+        idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
+        st = np.concatenate([step, np.ones(pad)]).astype(self.dtype)
+        out = []
+        try:
+            for a in range(0, len(idx), chunk):
+                out.append(np.asarray(_losses_complex(theta, idx[a:a + chunk], st[a:a + chunk],
+                                                      self.dynamic, loss=self.loss,
+                                                      layout=layout)))
+        except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
+            raise InputError(
+                "method='complex' needs a loss that JAX can evaluate at complex parameters, "
+                f"but it raised {type(e).__name__}: {str(e).splitlines()[0]}. Use "
+                "method='central' (or 'richardson').") from e
+        self.n_evaluations += len(index)
+        return np.concatenate(out)[:len(index)].astype(np.float64)
 
     def _leaf_size(self, k: int) -> int:
         return self.sp.offsets[k + 1] - self.sp.offsets[k]

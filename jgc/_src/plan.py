@@ -29,10 +29,12 @@ import numpy as np
 from jgc._src.tree import InputError, Split
 
 MODES = ("auto", "full", "sample", "directional")
-METHODS = ("central", "richardson")
+METHODS = ("central", "richardson", "complex")
 # Step exponents: central differences balance rounding u/h against truncation h**2 at
 # h ~ u**(1/3); Richardson's R = (4 D(h) - D(2h)) / 3 has truncation h**4, balanced at u**(1/5).
-STEP_POWER = {"central": 1 / 3, "richardson": 1 / 5}
+# The complex step Im f(x + i h) / h has no subtractive cancellation: its truncation,
+# h**2 |f'''| / 6, vanishes for h ~ u (power 1), leaving only the rounding of f' itself.
+STEP_POWER = {"central": 1 / 3, "richardson": 1 / 5, "complex": 1.0}
 HALF = ("float16", "bfloat16")
 MAX_NOISE_PROBES = 16  # Leaves whose loss noise is measured (9 evaluations each).
 # In directional mode, a probe of a large leaf costs as much as a full forward pass: the two
@@ -85,7 +87,9 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
     if method not in METHODS:
         raise InputError(f"method={method!r} is not one of {METHODS}. 'central' (default) costs "
                          "2 loss evaluations per entry; 'richardson' costs 6 and gives more "
-                         "digits, which matters most in float32.")
+                         "digits, which matters most in float32; 'complex' (the complex "
+                         "step, for complex-analytic losses) costs 1 complex evaluation and is "
+                         "exact to rounding.")
     if mode not in MODES:
         raise InputError(f"mode={mode!r} is not one of {MODES}. Use mode='full' to check every "
                          "entry, mode='sample' for a seeded sample of each leaf, or "

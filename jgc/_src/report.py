@@ -114,6 +114,8 @@ class Report:
     seconds: float
     notes: tuple[str, ...] = ()
     noise: float | None = None
+    autodiff_name: str = "jax.grad"  # jax's own opinion: jax.grad, jax.jvp, jax's H·v
+    noun: str = "gradient"  # what is checked: gradient, tangent rule, Hessian-vector product
 
     @property
     def bad_leaves(self) -> tuple[LeafReport, ...]:
@@ -182,18 +184,22 @@ def format_report(r: Report) -> str:
     summary = (f"{n_bad} of {n_leaves} checked leaves mismatch" if n_bad
                else f"all {n_leaves} checked leaves agree")
     lines = [
-        f"jgc gradient check: {headline} ({summary})",
+        f"jgc {'gradient' if r.noun == 'gradient' else r.noun} check: {headline} ({summary})",
         f"checking: {r.checked_source} | precision: {r.precision} | method: {r.method} "
         f"| step: {r.step}",
-        f"mode: {r.mode}, {r.n_checked} of {r.n_params} entries checked, {r.n_evaluations} loss "
-        f"evaluations, {r.seconds:.2f} s"
+        (f"mode: {r.mode}, {r.n_checked} entries checked ({r.n_params} outputs over each "
+         f"direction), {r.n_evaluations} evaluations, {r.seconds:.2f} s"
+         if r.mode in ("jvp", "hvp") else
+         f"mode: {r.mode}, {r.n_checked} of {r.n_params} entries checked, {r.n_evaluations} "
+         f"loss evaluations, {r.seconds:.2f} s")
         + ("" if r.noise is None else f" | loss noise: {r.noise:.1e}"),
         "",
     ]
-    show_jax = r.checked_source != "jax.grad"
+    show_jax = r.checked_source != r.autodiff_name
     cols = [c.format(source=r.checked_source) for c in _COLUMNS]
+    cols[7] = r.autodiff_name
     if not show_jax:
-        cols.remove("jax.grad")
+        del cols[7]
     rows = []
     for leaf in r.leaves:
         if leaf.status == "skipped":
