@@ -17,6 +17,7 @@ bar. Patterns: "zero" (g == 0), "sign" (g = -D), "scale" (g = a D), "transpose" 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -222,10 +223,11 @@ def describe_factor(a: float, batch: int | None) -> str:
     return f"{size}: likely {causes[0]}"
 
 
-def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
+def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
+                  noun: str = "gradient") -> str:
     """One sentence about a mismatched leaf: its pattern (or its extent) and likely cause."""
     p = leaf.path or "<params>"
-    what = f"{_the(source)} of {p}"
+    what = f"{_the(source, noun)} of {p}"
     if leaf.pattern in ("scale", "sign"):
         if leaf.pattern == "sign":
             body = f"{what} has the wrong sign (factor -1): likely a subtraction reversed " \
@@ -268,12 +270,13 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None) -> str:
     return body
 
 
-def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3) -> list[str]:
+def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3,
+                autodiff: str = "jax.grad") -> list[str]:
     out = []
     for idx, num, chk, ad in leaf.worst[:k]:
         line = f"      at {idx}: numerical {num:.6g}, {source} {chk:.6g}"
         if with_autodiff and ad is not None:
-            line += f", {_AUTODIFF} {ad:.6g}"
+            line += f", {autodiff} {ad:.6g}"
         out.append(line)
     return out
 
@@ -298,24 +301,23 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
     kinks = [leaf for leaf in leaves if leaf.n_kink]
     lines: list[str] = []
     checking_autodiff = source == autodiff
-    global _NOUN, _AUTODIFF
-    _NOUN, _AUTODIFF = noun, autodiff
+    the = functools.partial(_the, noun=noun)
     if not bad:
         verdict = "ok"
         n = sum(leaf.n_checked for leaf in leaves)
         dirs = sum(leaf.directions for leaf in leaves)
         if dirs:
             n_dir_leaves = sum(1 for leaf in leaves if leaf.directions)
-            lines.append(f"{_sentence(_the(source))} agrees with finite differences along all "
+            lines.append(f"{_sentence(the(source))} agrees with finite differences along all "
                          f"{dirs} random directions ({n_dir_leaves} leaves)"
                          + (f" and in all {n} entries checked one by one." if n else "."))
         else:
-            lines.append(f"{_sentence(_the(source))} agrees with finite differences in all {n} "
+            lines.append(f"{_sentence(the(source))} agrees with finite differences in all {n} "
                          "checked entries." if n else "No floating-point entries were checked.")
         ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == "mismatch"]
         if ad_bad and not checking_autodiff:
             lines.append(f"Note: {autodiff} disagrees with finite differences in "
-                         f"{_paths(ad_bad)} while {_the(source)} agrees: if the loss "
+                         f"{_paths(ad_bad)} while {the(source)} agrees: if the loss "
                          "uses a jax.custom_vjp or custom_jvp rule, that rule may be wrong.")
     else:
         wrong, suspect, conflict = [], [], []
@@ -337,36 +339,36 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
                     "likely culprit; otherwise see the advice on numerics below.")
             elif has_autodiff:
                 lines.append(
-                    f"{_sentence(_the(source))} is wrong in {_paths(wrong)}: {autodiff} agrees "
+                    f"{_sentence(the(source))} is wrong in {_paths(wrong)}: {autodiff} agrees "
                     "with finite differences there, so the bug is in the hand-written "
                     f"{noun}, not in the function or the numerics.")
             else:
                 lines.append(
-                    f"{_sentence(_the(source))} disagrees with finite differences in "
+                    f"{_sentence(the(source))} disagrees with finite differences in "
                     f"{_paths(wrong)}. {autodiff} cannot break the tie ({autodiff_why}), but the "
                     "differences are outside the finite differences' error bars (and outside "
                     "the one-sided slopes wherever the loss has a kink), so the hand-written "
                     f"{noun} is the likely culprit.")
             for leaf in wrong:
-                lines.append(f"  - {describe_leaf(leaf, source, batch)}.")
-                lines += worst_lines(leaf, source, not checking_autodiff)
+                lines.append(f"  - {describe_leaf(leaf, source, batch, noun)}.")
+                lines += worst_lines(leaf, source, not checking_autodiff, autodiff=autodiff)
         if suspect:
             lines.append(
-                f"{_sentence(_the(source))} and {autodiff} agree with each other but not "
+                f"{_sentence(the(source))} and {autodiff} agree with each other but not "
                 "with finite "
                 f"differences in {_paths(suspect)}: the numerics are suspect, or the loss is not "
                 "differentiable at these parameters.")
             for leaf in suspect:
-                lines += worst_lines(leaf, source, True)
+                lines += worst_lines(leaf, source, True, autodiff=autodiff)
         if conflict:
             lines.append(
-                f"All three disagree in {_paths(conflict)}: {_the(source)} differs from "
+                f"All three disagree in {_paths(conflict)}: {the(source)} differs from "
                 f"both finite differences and {autodiff}, and {autodiff} differs from finite "
                 "differences too. A custom_vjp/custom_jvp rule in the loss may be wrong as well "
                 "as the hand-written gradient, or the numerics are unreliable here.")
             for leaf in conflict:
-                lines.append(f"  - {describe_leaf(leaf, source, batch)}.")
-                lines += worst_lines(leaf, source, True)
+                lines.append(f"  - {describe_leaf(leaf, source, batch, noun)}.")
+                lines += worst_lines(leaf, source, True, autodiff=autodiff)
         if (suspect or conflict or checking_autodiff) and eps is not None:
             lines.append(f"The step was fixed by hand (eps={eps:g}): first try eps=None, which "
                          "picks each entry's step from its dtype and magnitude.")
@@ -399,12 +401,9 @@ def _paths(leaves: list[LeafReport]) -> str:
     return ", ".join(leaf.path or "<params>" for leaf in leaves)
 
 
-def _the(source: str) -> str:
+def _the(source: str, noun: str = "gradient") -> str:
     """'the hand-written gradient' or 'jax.grad' (which is not 'the jax.grad gradient')."""
-    return source if source.startswith("jax") else f"the {source} {_NOUN}"
-
-
-_NOUN, _AUTODIFF = "gradient", "jax.grad"  # set per diagnosis (gradient, tangent rule, ...)
+    return source if source.startswith("jax") else f"the {source} {noun}"
 
 
 def _sentence(text: str) -> str:
