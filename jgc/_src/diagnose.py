@@ -174,8 +174,11 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     else:  # per entry: the error bar relative to the gradient, at the best-resolved entry
         with np.errstate(divide="ignore", invalid="ignore"):
             resolution = float(np.nanmin(x.tol / np.abs(x.numerical)))
+    rel = np.full(spec.size, np.nan)  # per entry, NaN where not checked (for plots)
+    rel[x.entries] = cmp.rel_error
     return LeafReport(
         spec.path, spec.shape, spec.dtype, n, status, resolution=resolution,
+        rel_errors=rel.reshape(spec.shape),
         max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
         n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,

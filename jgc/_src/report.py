@@ -43,6 +43,8 @@ class LeafReport:
         detect (a scale error of the whole leaf; for single entries, at the best-resolved one).
       directions: random directions tested (mode "directional"); n_checked then counts the
         entries checked one by one (a sample, and the suspects group testing left).
+      rel_errors: the element-wise relative errors, shaped like the leaf (NaN where an entry
+        was not checked); what report.plot() draws. Not part of to_dict().
     """
 
     path: str
@@ -64,13 +66,15 @@ class LeafReport:
     worst: tuple[tuple[Any, ...], ...] = ()
     resolution: float | None = None
     directions: int = 0
+    rel_errors: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.status != "mismatch"
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name != "rel_errors"}
         d["shape"] = list(self.shape)
         d["worst_index"] = None if self.worst_index is None else list(self.worst_index)
         d["worst"] = [[list(r[0]), *r[1:]] for r in self.worst]
@@ -139,6 +143,20 @@ class Report:
 
     def __str__(self) -> str:
         return format_report(self)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: coloured verdict and status, the table, the diagnosis."""
+        from jgc._src.render import to_html
+
+        return to_html(self)
+
+    def plot(self, path=None):
+        """A matplotlib figure: max relative error per leaf (log scale, with the classic
+        thresholds) and a relative-error heatmap per 2-D leaf. Saved to `path` if given.
+        Needs the optional extra: pip install 'jgc[plot]'."""
+        from jgc._src.render import plot
+
+        return plot(self, path)
 
     def __repr__(self) -> str:
         bad = ", ".join(leaf.path for leaf in self.bad_leaves)
