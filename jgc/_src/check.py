@@ -169,7 +169,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         autodiff_job = pool.submit(_in_precision, x64, ev.autodiff)
         grad_job = (pool.submit(_in_precision, x64, _checked_gradient, ev, grad)
-                    if callable(grad) else None)
+                    if _is_function(grad) else None)
         f0 = ev.at()
         autodiff, autodiff_why = autodiff_job.result()
         grad_out = None if grad_job is None else grad_job.result()
@@ -191,7 +191,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         checked_leaves = _flat_to_leaves(sp, autodiff)
         source = "jax.grad"
     else:
-        if callable(grad):
+        if _is_function(grad):
             checked_leaves = match_gradient(grad_out, sp, params, "grad(params, *args)")
         else:
             checked_leaves = match_gradient(grad, sp, params, "grad")
@@ -352,6 +352,14 @@ def _mutation_note(ev: Evaluator, grad) -> str | None:
     return (f"grad(params, *args) modified its inputs in place ({', '.join(changed[:5])}). jgc "
             "passed it copies, so your arrays are intact, but in training this corrupts the "
             "parameters or data: make the gradient function return new arrays")
+
+
+def _is_function(grad) -> bool:
+    """A gradient *function*, as opposed to a ready gradient pytree. Equinox modules are
+    callable pytrees: one that holds arrays is a ready gradient (eqx.filter_grad returns one)."""
+    return callable(grad) and not any(
+        isinstance(x, (np.ndarray, np.generic, jax.Array))
+        for x in jax.tree_util.tree_leaves(grad))
 
 
 def _in_precision(x64: bool, fn, *args):
