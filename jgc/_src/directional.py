@@ -61,7 +61,6 @@ class LeafOutcome:
 
     tests: list[DirectionTest]
     candidates: np.ndarray  # local entry indices checked one by one after group testing
-    evaluations: int = 0
 
     @property
     def ok(self) -> bool:
@@ -133,7 +132,6 @@ class Directional:
     def run_leaf(self, k: int, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None,
                  n_directions: int = N_DIRECTIONS) -> LeafOutcome:
         """The directional tests of leaf k and, where one fails, group testing."""
-        before = self.ev.n_evaluations
         size = self.sp.checked_specs()[k].size
         if size == 0:
             return LeafOutcome([], np.zeros(0, np.int64))
@@ -149,7 +147,7 @@ class Directional:
             j = failing[0]
             candidates = self._localize(k, vectors, on_device, (2 * j, 2 * j + 1), size, g,
                                         g_round)
-        return LeafOutcome(tests, candidates, self.ev.n_evaluations - before)
+        return LeafOutcome(tests, candidates)
 
     def _localize(self, k, vectors, on_device, pair, size, g, g_round) -> np.ndarray:
         """Halves the range of entries until groups of GROUP_LEAF; returns the entries left in

@@ -44,7 +44,6 @@ TOL_FACTOR = 3.0
 NOISE_SIGMAS = 6.0
 
 OK, KINK, MISMATCH = 0, 1, 2
-STATUS_NAMES = {OK: "ok", KINK: "kink", MISMATCH: "mismatch"}
 
 
 # -- the loss's noise level ------------------------------------------------------------------
@@ -153,12 +152,16 @@ def differences(f0: float, m: int, sigma: float | None, u: float, float64: bool,
     return Differences(f0, sigma, u, float64, f_scale, tuple(Stencil.empty(m) for _ in SCALES))
 
 
-def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm) -> Differences:
-    size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.full(len(fp), abs(d.f0)),
+def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm, f0=None
+                 ) -> Differences:
+    """Fills stencil s at `where`. `f0`: the unperturbed value per entry, when the entries are
+    the outputs of a vector function (check_jvp); by default the loss's d.f0."""
+    f0 = d.f0 if f0 is None else f0
+    size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.broadcast_to(np.abs(f0), fp.shape),
                               np.full(len(fp), d.f_scale)])
     delta = noise_bound(d.sigma, size, d.u, d.float64)
     stencils = list(d.stencils)
-    stencils[s] = stencils[s].filled(where, d.f0, fp, fm, hp, hm, delta)
+    stencils[s] = stencils[s].filled(where, f0, fp, fm, hp, hm, delta)
     return dataclasses.replace(d, stencils=tuple(stencils))
 
 

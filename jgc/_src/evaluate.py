@@ -295,7 +295,6 @@ class Evaluator:
                 self.theta = jax.device_put(self.theta, replicated)
                 self.dynamic = jax.device_put(self.dynamic, replicated)
         else:
-            self.host_args = _copy_arrays(args)
             self.host_dynamic = _copy_arrays(self.dynamic)
 
     def _probe(self) -> bool:

@@ -108,31 +108,16 @@ def directional_differences(F: _Flat, theta, dtypes, sp, direction, u, float64):
     sigma = np.array([es.ecnoise(sigma_rows[:, e]) or np.nan for e in range(f0.size)])
     sigma = np.where(np.isnan(sigma), 0.0, sigma) if np.isfinite(sigma).any() else None
     m = f0.size
-    d = dataclasses.replace(es.differences(0.0, m, None, u, float64), sigma=sigma)
+    d = es.differences(0.0, m, sigma, u, float64)
     everywhere = np.ones(m, bool)
     for s, scale in enumerate(es.SCALES):
         fp, fm = values[1 + 2 * s], values[2 + 2 * s]
         # Per element: F's value at x plays f0's role (the one-sided slopes and |f|). The step
         # is h·scale exactly, so D estimates J (d+ + d-) / 2h: the effective tangent.
-        d = _with_vector_stencil(d, s, everywhere, f0, fp, fm, h * scale, h * scale)
+        d = es.with_stencil(d, s, everywhere, fp, fm, h * scale, h * scale, f0=f0)
     model = es.error_model(d)
     p1, m1 = spans[0]
     return model, (p1 + m1) / (2 * h), f0, len(rows)
-
-
-def _with_vector_stencil(d, s, where, f0, fp, fm, hp, hm):
-    size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.abs(f0)])
-    delta = es.noise_bound(d.sigma, size, d.u, d.float64)
-    stencils = list(d.stencils)
-    st = stencils[s]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = ((fp - fm) / (hp + hm), (fp - f0) / hp, (f0 - fm) / hm,
-                  2 * delta / (hp + hm), np.full(fp.shape, hp + hm))
-    arrays = [a.copy() for a in (st.central, st.forward, st.backward, st.noise, st.width)]
-    for a, v in zip(arrays, values):
-        a[where] = v
-    stencils[s] = es.Stencil(*arrays)
-    return dataclasses.replace(d, stencils=tuple(stencils))
 
 
 def _random_tangent(seed: int, j: int, theta: np.ndarray) -> np.ndarray:
@@ -364,10 +349,7 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
                     v = np.zeros(sp.n)
                     v[sp.offsets[k] + e] = 1.0
                     directions.append(v)
-        jax_hvp, why = _jax_hvp(gfun, args)
-        if hvp is None and jax_hvp is None:
-            raise InputError(f"hvp=None asks jgc to check jax's Hessian-vector product, but "
-                             f"{why}. Pass your own hvp(params, v, *args).")
+        jax_hvp = _jax_hvp(gfun, args)
         models, checked, auto, n_evals = [], [], [], 0
         for v in directions:
             model, v_eff, f0, n = directional_differences(F, theta, dtypes, sp, v, u,
@@ -381,8 +363,7 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
                                      f"{e}") from e
                 checked.append(np.concatenate([a.ravel() for a in match_gradient(
                     hv, sp, params, "hvp(params, v, *args)")]))
-                if jax_hvp is not None:
-                    auto.append(_flat_out(jax_hvp(p_tree, v_tree)))
+                auto.append(_flat_out(jax_hvp(p_tree, v_tree)))
             else:
                 checked.append(_flat_out(jax_hvp(p_tree, v_tree)))
             models.append(model)
@@ -413,17 +394,14 @@ def _jax_hvp(gfun, args):
         return jax.grad(lambda q: sum(jnp.vdot(a, b) for a, b in zip(
             jax.tree_util.tree_leaves(g(q)), jax.tree_util.tree_leaves(v))))(p)
 
-    state = {"fn": jax.jit(fwd)}
+    fwd_jit, rev_jit, forward_failed = jax.jit(fwd), jax.jit(rev), []
 
     def run(p, v):
-        try:
-            return state["fn"](p, v)
-        except Exception as e:  # noqa: BLE001 - e.g. "can't apply forward-mode autodiff
-            if state["fn"] is not fwd_jit:  # (jvp) to a custom_vjp function"
-                raise
-            state["fn"] = jax.jit(rev)
-            state["why"] = f"{type(e).__name__}"
-            return state["fn"](p, v)
+        if not forward_failed:
+            try:
+                return fwd_jit(p, v)
+            except Exception:  # noqa: BLE001 - "can't apply forward-mode autodiff (jvp) to a
+                forward_failed.append(True)  # custom_vjp function": reverse-over-reverse
+        return rev_jit(p, v)
 
-    fwd_jit = state["fn"]
-    return run, None
+    return run
