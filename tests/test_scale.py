@@ -140,17 +140,17 @@ def test_no_n_by_n_array():
     """The perturbation batch is (chunk x n) at most, never (n x n)."""
     ex = mlp("tanh", width=40)  # n = 1,763
     ev_chunk = []
-    orig = evaluate.Evaluator._batches
+    orig = evaluate.Evaluator._chunks
 
-    def spy(self, fn, leaf, batched, *arrays):
+    def spy(self, kind, build, static, batched, extra, arrays):
         ev_chunk.append(self.chunk_size(len(arrays[0]), batched))
-        return orig(self, fn, leaf, batched, *arrays)
+        return orig(self, kind, build, static, batched, extra, arrays)
 
-    evaluate.Evaluator._batches = spy
+    evaluate.Evaluator._chunks = spy
     try:
         jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
     finally:
-        evaluate.Evaluator._batches = orig
+        evaluate.Evaluator._chunks = orig
     n = sum(v.size for v in ex.params.values())
     assert max(ev_chunk) <= evaluate.MAX_CHUNK_SMALL < n
 

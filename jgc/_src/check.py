@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,28 +17,12 @@ from jgc._src import directional as dr
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import Evaluator
+from jgc._src.inputs import in_precision, precision, promote_args, refuse_unusable
 from jgc._src.progress import Progress, enabled
 from jgc._src.report import LeafReport, Report
 from jgc._src.tree import ArrayTree, InputError, Split, match_gradient, split
 
 Loss = Callable[..., Any]  # loss(params, *args) -> scalar
-
-
-@contextlib.contextmanager
-def precision(x64: bool):
-    """Float64 for the duration of a check (x64=True), restored afterwards even on error.
-
-    `jax.enable_x64` is a context manager over the config option: on exit it restores the value
-    it found, whether the body returned or raised (KeyboardInterrupt included).
-    """
-    if not isinstance(x64, bool):
-        raise InputError(f"x64={x64!r}: expected True (check in float64, the default) or False "
-                         "(check at the parameters' own precision).")
-    if x64:
-        with jax.enable_x64(True):
-            yield
-    else:
-        yield
 
 
 def _batch_size(args) -> int | None:
@@ -90,6 +74,12 @@ def _split_checked(params) -> Split:
             + (f" (its leaves: {found})" if sp.specs else " (it is empty)")
             + ". Pass the trainable parameters as float arrays, e.g. "
             "{'W': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}.")
+    if sp.n == 0:
+        empty = ", ".join(f"{s.path or '<params>'} (shape {s.shape})" for s in sp.checked_specs())
+        raise InputError(
+            f"params has no entries to check: every floating-point leaf is empty ({empty}). A "
+            "check of zero entries would verify nothing. Pass parameters with at least one "
+            "entry.")
     return sp
 
 
@@ -97,12 +87,47 @@ def _measure_noise(ev: Evaluator, sp: Split, plan: pl.Plan) -> float | None:
     """The loss's noise level (standard deviation of one evaluation), or None if unmeasurable.
 
     The largest of the per-leaf ECnoise estimates: the noise a perturbation sees depends on how
-    much computation the perturbed entry feeds, and the largest is the safe choice.
+    much computation the perturbed entry feeds, and the largest is the safe choice. A probe
+    whose nine values are all equal (the loss rounds its inputs more coarsely than the probe's
+    spacing) is repeated at a wider spacing, up to MAX_WIDEN times.
     """
-    probes = pl.noise_probes(plan, sp, pl.DIRECTIONAL_NOISE_PROBES
-                             if plan.mode == "directional" else pl.MAX_NOISE_PROBES)
-    if not probes:
-        return None
+    limit = pl.DIRECTIONAL_NOISE_PROBES if plan.mode == "directional" else pl.MAX_NOISE_PROBES
+    sigmas, flat = [], None
+    for widen in range(MAX_WIDEN + 1):
+        probes = pl.noise_probes(plan, sp, limit, widen)
+        if flat is not None:  # only the probes that saw no variation, if wider now
+            probes = [(i, st) for (i, st), (_, old) in zip(probes, flat) if old is not None
+                      and np.max(np.abs(st)) > np.max(np.abs(old))]
+        if not probes:
+            break
+        values = _probe_values(ev, sp, plan, probes)
+        sigmas += [x for x in map(es.ecnoise, values) if x is not None]
+        flat = [(i, st if np.ptp(v) == 0 else None) for (i, st), v in zip(probes, values)]
+        if all(old is None for _, old in flat):
+            break
+    return max(sigmas) if sigmas else None
+
+
+# A loss that rounds float64 inputs to float32 needs probes ~2**16 wider than float64's spacing
+# (sqrt(eps64) = 1.5e-8, against float32's resolution 6e-8): two widenings by 2**8.
+MAX_WIDEN = 2
+
+
+def _variation(f0: float, f_scale: float, theta: np.ndarray, leaves) -> float:
+    """The scale on which the loss varies, for turning its measured noise into a relative one.
+
+    The step rule assumes the third derivative is about the loss's own size (plan.py). A loss
+    that cancels to ~0 (a sum of mixed-sign terms) still varies, on the scale of its
+    first-order change |g_j| max(1, |theta_j|): the larger of the two is used, so that a
+    near-zero loss does not read as noisy.
+    """
+    g = np.abs(np.concatenate([np.asarray(a, np.float64).ravel() for a in leaves]))
+    first_order = g * np.maximum(1.0, np.abs(theta))
+    finite = first_order[np.isfinite(first_order)]
+    return max(abs(f0), f_scale, float(finite.max()) if finite.size else 0.0) or 1.0
+
+
+def _probe_values(ev: Evaluator, sp: Split, plan: pl.Plan, probes) -> list[np.ndarray]:
     if plan.mode == "directional":
         # Through the per-leaf direction batches that directional mode compiles anyway: one
         # step vector t·e_j on the device, and multiples 0, ±1, ..., of it.
@@ -115,13 +140,10 @@ def _measure_noise(ev: Evaluator, sp: Split, plan: pl.Plan) -> float | None:
             vec[0, j] = t
             values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st)), st / t,
                                    np.full(len(st), j), np.full(len(st), j + 1)))
-    else:
-        index = np.concatenate([np.full(len(st), i) for i, st in probes])
-        values = np.split(ev.perturbed(index, np.concatenate([st for _, st in probes])),
-                          len(probes))
-    sigmas = [es.ecnoise(v) for v in values]
-    sigmas = [x for x in sigmas if x is not None]
-    return max(sigmas) if sigmas else None
+        return values
+    index = np.concatenate([np.full(len(st), i) for i, st in probes])
+    return np.split(ev.perturbed(index, np.concatenate([st for _, st in probes])),
+                    len(probes))
 
 
 def _stencil(ev: Evaluator, sp: Split, plan: pl.Plan, d: es.Differences, s: int,
@@ -141,14 +163,19 @@ def _stencil(ev: Evaluator, sp: Split, plan: pl.Plan, d: es.Differences, s: int,
 def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: str,
          eps: float | None, rtol: float | None, atol: float | None, samples: int, seed: int,
          method: str = "central", f_scale: float = 0.0, source_name: str = "hand-written",
-         memory_budget: int | None = None, progress: bool | None = None) -> Report:
-    """The whole check. Pure: builds copies, never touches the user's arrays or config."""
+         memory_budget: int | None = None, progress: bool | None = None,
+         has_aux: bool = False, effective_x64: bool = True) -> Report:
+    """The whole check. Pure: builds copies, never touches the user's arrays or config.
+
+    `effective_x64` is the x64 flag the check runs under (from `inputs.precision`).
+    """
     start = time.perf_counter()
     _validate_callable(loss)
     for name, v in (("rtol", rtol), ("atol", atol)):
         if v is not None and not (np.isfinite(v) and v >= 0):
             raise InputError(f"{name}={v!r}: expected a non-negative number, or None to use the "
                              "error model.")
+    refuse_unusable(params=params, args=args, grad=grad)
     sp = _split_checked(params)
     plan = pl.make_plan(sp, mode=mode, x64=x64, eps=eps, samples=samples, seed=seed,
                         method=method)
@@ -158,21 +185,33 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         notes.append(f"{', '.join(half)} {'is' if len(half) == 1 else 'are'} half precision: "
                      "evaluated in float32, since differences of a half-precision loss are "
                      "mostly rounding noise (~3 digits)")
-    ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args, memory_budget=memory_budget,
+    args, promoted = promote_args(args, x64)
+    if promoted:
+        notes.append(f"x64: floating-point arguments were promoted to float64 with the "
+                     f"parameters ({', '.join(promoted[:4])}"
+                     f"{', ...' if len(promoted) > 4 else ''}); pass x64=False to check at "
+                     "their own precision")
+    ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args, has_aux=has_aux,
+                   memory_budget=memory_budget,
                    progress=Progress() if enabled(progress) else None)
     if not ev.traceable:
-        notes.append("the loss is not traceable by JAX (plain NumPy?), so every perturbation "
-                     "was evaluated in a Python loop on the host: the slow path "
-                     f"({ev.trace_error})")
+        notes.append("the loss is not traceable by JAX (it converts to NumPy), so jgc "
+                     "evaluated it on the host, one perturbation at a time")
     # jax.grad and the user's gradient compile on other threads while the loss compiles here:
-    # XLA releases the GIL, and on a small problem compilation is most of the time.
+    # XLA releases the GIL, and on a small problem compilation is most of the time. Each
+    # thread runs under the check's effective precision (JAX's x64 flag is thread-local).
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        autodiff_job = pool.submit(_in_precision, x64, ev.autodiff)
-        grad_job = (pool.submit(_in_precision, x64, _checked_gradient, ev, grad)
+        autodiff_job = pool.submit(in_precision, effective_x64, ev.autodiff)
+        grad_job = (pool.submit(in_precision, effective_x64, _checked_gradient, ev, grad)
                     if _is_function(grad) else None)
         f0 = ev.at()
-        autodiff, autodiff_why = autodiff_job.result()
+        autodiff, autodiff_why, autodiff_error = autodiff_job.result()
         grad_out = None if grad_job is None else grad_job.result()
+    if ev.batch_error:
+        notes.append(f"the loss cannot be vmapped ({ev.batch_error}), so jgc evaluated the "
+                     "perturbations one at a time inside the compiled program: the slower path")
+    if ev.grad_note:
+        notes.append(ev.grad_note)
     if not np.isfinite(f0):
         raise InputError(f"the loss is {f0} at params (before any perturbation). "
                          f"{_where_not_finite(params, args)}jgc needs a finite loss to compare "
@@ -184,15 +223,13 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     # The gradients being compared.
     if grad is None:
         if autodiff is None:
-            raise InputError(
-                f"grad=None asks jgc to check jax.grad, but {autodiff_why}. Pass your "
-                "hand-written gradient as grad=(a function grad(params, *args), a pytree shaped "
-                "like params, or a flat vector).")
+            raise autodiff_failure(autodiff_why, autodiff_error, ev) from autodiff_error
         checked_leaves = _flat_to_leaves(sp, autodiff)
         source = "jax.grad"
     else:
         if _is_function(grad):
-            checked_leaves = match_gradient(grad_out, sp, params, "grad(params, *args)")
+            checked_leaves = match_gradient(_without_aux(grad_out, sp, params, has_aux), sp,
+                                            params, "grad(params, *args)")
         else:
             checked_leaves = match_gradient(grad, sp, params, "grad")
         source = source_name
@@ -217,6 +254,9 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
     float64 = u <= pl.machine_eps(np.float64)
     sigma = _measure_noise(ev, sp, plan)
+    if sigma is not None:
+        plan = pl.with_noise(plan, sigma / _variation(f0, f_scale, plan.theta,
+                                                      ad_leaves or checked_leaves))
 
     outcomes: dict[int, dr.LeafOutcome] = {}
     if plan.mode == "directional":
@@ -232,8 +272,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     m = len(index)
     if method == "complex":
         full = False
-        model = _complex_step_model(ev, sp, plan, index, f0, sigma, u, float64, f_scale,
-                                    checked_leaves, seed)
+        model = _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
     else:
         # The first stencil for every planned entry.
         everywhere = np.ones(m, bool)
@@ -270,7 +309,10 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     agree = None if g_ad is None else np.abs(g - g_ad) <= tol + es.TOL_FACTOR * ad_round
     leaf_test = full and sigma is not None and rtol is None and atol is None
 
-    # Per-leaf results and the diagnosis.
+    # Per-leaf results and the diagnosis. Resolution is judged unless the user fixed the
+    # tolerance (rtol/atol): then what passes is theirs to choose.
+    zero_bound = None if (rtol is not None or atol is not None) else es.zero_bound(checked_leaves)
+    ad_zero_bound = 0.0 if ad_leaves is None else es.zero_bound(ad_leaves)
     leaves, agrees, pos = [], {}, 0
     checked_at = {i: k for k, i in enumerate(sp.checked)}
     for i, spec in enumerate(sp.specs):
@@ -287,7 +329,9 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
             None if agree is None else agree[sl], kink=model.kink[sl],
             collective=_collective(model, g, g_round, sl) if leaf_test else None,
             autodiff_collective=(_collective(model, g_ad, ad_round, sl)
-                                 if leaf_test and g_ad is not None else None))
+                                 if leaf_test and g_ad is not None else None),
+            zero_bound=zero_bound, autodiff_zero_bound=ad_zero_bound,
+            pair_rounding=(g_round + ad_round)[sl] if g_ad is not None else 0.0)
         report = dg.leaf_report(dat, full=plan.mode == "full")
         agrees[spec.path] = dg.agrees_with_autodiff(dat)
         if k in outcomes:
@@ -297,7 +341,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         leaves.append(report)
     batch = _batch_size(args)
     verdict, text = dg.diagnose(leaves, agrees, source=source, has_autodiff=autodiff is not None,
-                                autodiff_why=autodiff_why, batch=batch, eps=eps)
+                                autodiff_why=autodiff_why, batch=batch, eps=eps,
+                                float64=float64, method=method)
     if autodiff is None and grad is not None:
         notes.append(f"jax.grad is not available as a third opinion: {autodiff_why}")
     mutation = _mutation_note(ev, grad)
@@ -320,6 +365,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         num = np.linalg.norm(g - model.value)
         den = np.linalg.norm(g) + np.linalg.norm(model.value)
         global_rel = float(num / den) if den > 0 else 0.0
+    if not np.all(np.isfinite(g)):
+        global_rel = math.inf  # Inf/Inf is NaN: a non-finite gradient is infinitely wrong
     return Report(
         ok=verdict == "ok", verdict=verdict, leaves=tuple(leaves), global_rel_error=global_rel,
         diagnosis=text, checked_source=source, precision=_precision_name(plan, ev),
@@ -362,10 +409,98 @@ def _is_function(grad) -> bool:
         for x in jax.tree_util.tree_leaves(grad))
 
 
-def _in_precision(x64: bool, fn, *args):
-    """Runs fn under the check's precision: jax's x64 setting is thread-local."""
-    with precision(x64):
-        return fn(*args)
+def _without_aux(out, sp: Split, params, has_aux: bool):
+    """A gradient function's output; with has_aux, (grad, aux) as jax.grad(has_aux=True)
+    returns it is accepted too."""
+    if has_aux and isinstance(out, tuple) and len(out) == 2:
+        try:
+            match_gradient(out[0], sp, params)
+        except InputError:
+            return out
+        return out[0]
+    return out
+
+
+def _user_frame(error: BaseException):
+    """The innermost traceback frame in the user's code (not JAX's, NumPy's or jgc's)."""
+    skip = ("/jax/", "/jaxlib/", "/jgc/_src/", "/numpy/", "/concurrent/", "/threading.py",
+            "/contextlib.py")
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if not any(part in name for part in skip):
+            found = tb
+        tb = tb.tb_next
+    return found
+
+
+def _rule_functions(jaxpr) -> dict:
+    """Code objects of the custom_vjp backward rules in a jaxpr (nested ones included)."""
+    out = {}
+    for eqn in jaxpr.eqns:
+        bwd = eqn.params.get("bwd")
+        f = getattr(bwd, "f", None)
+        if eqn.primitive.name == "custom_vjp_call" and hasattr(f, "__code__"):
+            out[f.__code__] = f.__name__
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    out.update(_rule_functions(inner))
+    return out
+
+
+def _callbacks(jaxpr) -> set[str]:
+    """Names of the host-callback primitives a jaxpr uses (nested ones included)."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name and eqn.primitive.name != "debug_callback":
+            out.add(f"jax.{eqn.primitive.name}")
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    out |= _callbacks(inner)
+    return out
+
+
+def autodiff_failure(why: str, error: BaseException | None, ev: Evaluator) -> InputError:
+    """The error for grad=None when jax.grad itself cannot be computed.
+
+    When the failure is inside a custom_vjp backward rule, that rule is what is under test: the
+    message says so (and the caller chains the original exception, so its line shows).
+    """
+    if error is None:
+        return InputError(
+            f"grad=None asks jgc to check jax.grad, but {why}. Pass your hand-written gradient "
+            "as grad= (a function grad(params, *args), a pytree shaped like params, or a flat "
+            "vector).")
+    text = str(error).splitlines()[0].rstrip(".") if str(error) else ""
+    callbacks = _callbacks(ev.traced.closed.jaxpr) if ev.traced is not None else set()
+    if callbacks:
+        return InputError(
+            f"grad=None checks jax.grad, but the loss calls {', '.join(sorted(callbacks))}, "
+            f"which JAX cannot differentiate ({type(error).__name__}: {text}). Pass your "
+            "hand-written gradient as grad=: jgc evaluates such a loss anyway, one "
+            "perturbation at a time.")
+    frame = _user_frame(error)
+    where = ""
+    if frame is not None:
+        code = frame.tb_frame.f_code
+        where = f" at {code.co_filename}:{frame.tb_lineno} in {code.co_name}()"
+        rules = _rule_functions(ev.traced.closed.jaxpr) if ev.traced is not None else {}
+        if code in rules:
+            return InputError(
+                f"grad=None checks jax.grad, and jax.grad failed: the backward rule "
+                f"`{rules[code]}` of a jax.custom_vjp function raised {type(error).__name__}: "
+                f"{text}{where}. That rule is what is under test, and it crashes before any "
+                "number can be compared: fix it (the chained traceback above shows the "
+                "failing line), then check again.")
+    return InputError(
+        f"grad=None checks jax.grad, but jax.grad raised {type(error).__name__}: {text}{where}. "
+        "If the loss uses a jax.custom_vjp or custom_jvp rule, that rule is the likely "
+        "culprit (the chained traceback above shows the failing line); otherwise the loss "
+        "uses an operation JAX cannot differentiate: pass your own gradient as grad=.")
 
 
 def _checked_gradient(ev: Evaluator, grad):
@@ -399,22 +534,21 @@ def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, check
     return dataclasses.replace(plan, entries=tuple(entries)), outcomes
 
 
-def _complex_step_model(ev, sp, plan, index, f0, sigma, u, float64, f_scale, leaves, seed
-                        ) -> es.ErrorModel:
+def complex_step(ev, sp, plan, f0, sigma, u, float64, f_scale, seed) -> np.ndarray:
     """The complex step Im f(x + i h e_k) / h for every planned entry, after checking on a
-    sample that the loss is complex-analytic (else its "derivative" is meaningless).
+    sample that the loss is complex-analytic (else its "derivative" is meaningless, and for
+    abs or .real it is silently zero).
 
-    Error bar: the complex step has no subtractive cancellation, and with h = u·max(1, |x|) its
-    truncation (h**2 times the third derivative, over 6) is below rounding; what remains is the
-    rounding of the derivative itself, bounded like a gradient's (estimate.rounding, on the
-    leaf's scale).
+    Raises InputError when the loss is not traceable, cannot take complex parameters, or is not
+    analytic.
     """
     if not ev.traceable:
         raise InputError("method='complex' needs a loss JAX can trace (it evaluates it at "
                          "complex parameters); this one is not traceable. Use "
                          "method='central'.")
+    index = _global_indices(sp, plan)
     hp, _ = _all_steps(sp, plan, 1.0)
-    value = ev.complex_step(index, hp, plan.dtypes)
+    value = ev.complex_step(index, hp)
     # Analyticity: compare with central differences (and their error bars) on a sample.
     sample = dataclasses.replace(plan, entries=tuple(pl.sample_entries(sp, 2, seed)),
                                  method="central")
@@ -435,6 +569,18 @@ def _complex_step_model(ev, sp, plan, index, f0, sigma, u, float64, f_scale, lea
             f"{central.value[j]:.6g}: the loss is not analytic (abs, max, relu, comparisons, "
             "or code that drops the imaginary part, such as .real, float() or NumPy). Use "
             "method='central', or method='richardson' for more digits.")
+    return value
+
+
+def _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed) -> es.ErrorModel:
+    """The complex step as an error model.
+
+    Error bar: the complex step has no subtractive cancellation, and with h = u·max(1, |x|) its
+    truncation (h**2 times the third derivative, over 6) is below rounding; what remains is the
+    rounding of the derivative itself, bounded like a gradient's (estimate.rounding, on the
+    leaf's scale).
+    """
+    value = complex_step(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
     scale = np.concatenate([np.full(len(e), float(np.max(np.abs(value[a:a + len(e)])))
                                     if len(e) else 0.0)
                             for a, e in zip(np.cumsum([0] + [len(e) for e in plan.entries]),
@@ -475,9 +621,13 @@ def leaf_rounding(a) -> np.ndarray:
     """Per entry of a gradient leaf (flattened): the rounding error it carries in its own
     dtype, bounded on the scale of the leaf's largest entry (see estimate.rounding)."""
     a = np.asarray(a)
-    scale = float(np.max(np.abs(a))) if a.size else 0.0
     eps = pl.machine_eps(a.dtype) if np.issubdtype(a.dtype, np.floating) else 0.0
-    return es.rounding(a.ravel().astype(np.float64), eps, scale)
+    a = a.ravel().astype(np.float64)
+    finite = np.isfinite(a)
+    # A non-finite entry is a mismatch of its own (estimate.compare); it must not widen the
+    # error bar of the others, as an Inf scale would.
+    scale = float(np.max(np.abs(a[finite]))) if finite.any() else 0.0
+    return np.where(finite, es.rounding(a, eps, scale), 0.0)
 
 
 def _gradient_rounding(plan: pl.Plan, leaves: list[np.ndarray]) -> np.ndarray:
@@ -530,7 +680,8 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
                mode: str = "auto", method: str = "central", eps: float | None = None,
                rtol: float | None = None, atol: float | None = None,
                samples: int = pl.DEFAULT_SAMPLES, seed: int = 0,
-               memory_budget: int | None = None, progress: bool | None = None) -> Report:
+               memory_budget: int | None = None, progress: bool | None = None,
+               has_aux: bool = False) -> Report:
     """Checks a gradient of `loss` against finite differences and jax.grad, leaf by leaf.
 
     Args:
@@ -559,6 +710,8 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
         available memory, between 256 MiB and 1 GiB); chunks are sized to fit it.
       progress: show a progress bar on long checks (None: when stderr is a terminal or in a
         notebook; it appears only for checks predicted to take over 2 s).
+      has_aux: the loss returns (value, aux), as for jax.value_and_grad(..., has_aux=True);
+        aux is ignored. A gradient function may then return (grad, aux) too.
 
     Returns:
       A frozen `Report`: `.ok`, `.leaves` (per-leaf status, worst entry, pattern),
@@ -576,10 +729,11 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
     >>> jgc.check_grad(loss, p, x).ok  # grad=None: checks jax.grad itself
     True
     """
-    with precision(x64):
+    with precision(x64) as effective:
         return _run(loss, params, args, grad=grad, x64=x64, mode=mode, method=method, eps=eps,
                     rtol=rtol, atol=atol, samples=samples, seed=seed,
-                    memory_budget=memory_budget, progress=progress)
+                    memory_budget=memory_budget, progress=progress, has_aux=has_aux,
+                    effective_x64=effective)
 
 
 def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None, **options) -> Report:
@@ -601,14 +755,19 @@ def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None, **options) -> R
 
 
 def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
-                   method: str = "central", eps: float | None = None) -> ArrayTree:
+                   method: str = "central", eps: float | None = None,
+                   has_aux: bool = False) -> ArrayTree:
     """Finite-difference gradient of `loss` at `params`, shaped like params.
 
     Computed with the same batched evaluator, step rule and methods as `check_grad` (central
     differences by default; method="richardson" for more digits at 3x the cost; method="complex"
     for the complex step, exact to rounding for complex-analytic losses). Checked leaves
     come back as NumPy arrays in the evaluation dtype (float64 under x64); skipped leaves as
-    None.
+    None. With has_aux=True the loss returns (value, aux), as for jax.value_and_grad.
+
+    Raises:
+      InputError: as check_grad; method="complex" on a loss that is not complex-analytic
+        (abs, max, .real, NumPy code) is refused, since its complex step is meaningless.
 
     >>> import jax.numpy as jnp, jgc
     >>> g = jgc.numerical_grad(lambda p: jnp.sum(p["a"] ** 2), {"a": jnp.array([1.0, -2.0])})
@@ -617,17 +776,21 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
     """
     with precision(x64):
         _validate_callable(loss)
+        refuse_unusable(params=params, args=args)
         sp = _split_checked(params)
         plan = pl.make_plan(sp, mode="full", x64=x64, eps=eps, samples=0, seed=0,
                             method=method)
-        ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args)
+        args, _ = promote_args(args, x64)
+        ev = Evaluator(loss, sp, plan.theta, plan.dtypes, args, has_aux=has_aux)
         index = _global_indices(sp, plan)
         everywhere = np.ones(len(index), bool)
-        u = pl.machine_eps(plan.dtypes[0])
+        u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
+        float64 = u <= pl.machine_eps(np.float64)
+        f0 = ev.at()
         if method == "complex":
-            value = ev.complex_step(index, _all_steps(sp, plan, 1.0)[0], plan.dtypes)
+            value = complex_step(ev, sp, plan, f0, None, u, float64, 0.0, 0)
         else:
-            d = es.differences(ev.at(), len(index), None, u, True)
+            d = es.differences(f0, len(index), None, u, float64)
             for s in range(3 if method == "richardson" else 1):
                 d = _stencil(ev, sp, plan, d, s, everywhere, index)
             value = es.error_model(d, method).value

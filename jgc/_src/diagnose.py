@@ -18,17 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 
-from jgc._src.estimate import KINK, MISMATCH, Comparison
+from jgc._src.estimate import KINK, MISMATCH, TOL_FACTOR, Comparison
 from jgc._src.estimate import chi2 as es_chi2
 from jgc._src.estimate import resolution as es_resolution
 from jgc._src.report import LeafReport as LeafReport
+from jgc._src.report import pct
 from jgc._src.tree import LeafSpec
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
 COARSE = 0.01  # A leaf whose resolution is coarser than 1% gets a note: such bugs can hide.
+# A leaf is "unresolved" when the check could not tell its gradient from one 2x too large, its
+# negative or zero: each differs from the right one by 100% (or more) of its size.
+UNRESOLVED = 1.0
 N_WORST = 5
 
 
@@ -50,8 +55,11 @@ class Collective:
     def significant(self) -> bool:
         return len(self.where) > 0 and self.chi2 > self.threshold
 
-    def resolution(self, g: np.ndarray) -> float:
-        return es_resolution(g[self.where], self.sd, self.threshold)
+    def resolution(self) -> float:
+        """From the reference, not the checked gradient (a buggy gradient 10x too large would
+        claim 10x the resolution); noise adds about one to each squared standardised entry,
+        which is taken off the signal."""
+        return es_resolution(self.reference, self.sd, self.threshold, bias=len(self.where))
 
     def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
         """A one-parameter pattern whose residual is consistent with noise, if any."""
@@ -84,6 +92,14 @@ class LeafData:
     kink: np.ndarray | None = None  # bool per entry: the loss is not smooth there.
     collective: Collective | None = None  # Leaf-level tests (reduced precision only).
     autodiff_collective: Collective | None = None
+    # |value| below which a gradient entry is zero to rounding, on the scale of the whole
+    # gradient (all leaves): for the checked gradient and for jax.grad. None: not judged (the
+    # user fixed the tolerance with rtol/atol, so resolution is theirs to choose).
+    zero_bound: float | None = 0.0
+    autodiff_zero_bound: float = 0.0
+    # Per entry: the rounding bounds of the checked gradient and jax.grad added, for comparing
+    # the two with each other at their own precision (no finite differences involved).
+    pair_rounding: np.ndarray | float = 0.0
 
 
 def _explains(residual, discrepancy, tol) -> bool:
@@ -142,19 +158,20 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         return LeafReport(spec.path, spec.shape, spec.dtype, 0, "ok")
     n_mis = int(np.sum(cmp.status == MISMATCH))
     n_kink = int(np.sum(cmp.status == KINK))
+    nonfinite = ~np.isfinite(x.checked)
     as_whole = n_mis == 0 and x.collective is not None and x.collective.significant
-    status = "mismatch" if n_mis or as_whole else ("kink" if n_kink else "ok")
-    # Worst first: mismatches by how far they exceed their error bar, then the rest by rel error.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        excess = np.where(cmp.status == MISMATCH, cmp.abs_error / np.maximum(x.tol, 1e-300), 0.0)
-    order = np.lexsort((-np.nan_to_num(cmp.rel_error, nan=np.inf),
-                        -np.nan_to_num(excess, nan=np.inf)))
-    order = order[:N_WORST] if n_mis == 0 else [j for j in order[:N_WORST]
-                                                 if cmp.status[j] == MISMATCH]
-    rows = tuple((tuple(int(i) for i in np.unravel_index(x.entries[j], spec.shape)),
-                  float(x.numerical[j]), float(x.checked[j]),
-                  None if x.autodiff is None else float(x.autodiff[j])) for j in order)
-    if n_mis:
+    resolution = _resolution(x)
+    zero = x.zero_bound is not None and _verified_zero(x)
+    if n_mis or as_whole:
+        status = "mismatch"
+    elif x.zero_bound is not None and resolution >= UNRESOLVED and not zero:
+        status = "unresolved"
+    else:
+        status = "kink" if n_kink else "ok"
+    rows = _worst_rows(x, n_mis, as_whole)
+    if nonfinite.any():
+        pattern, factor = "nonfinite", None
+    elif n_mis:
         # Fit patterns on smooth entries only: at a kink the central difference is no derivative.
         smooth = None if x.kink is None else ~x.kink
         pattern, factor = find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape,
@@ -168,21 +185,81 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         ad_whole = x.autodiff_collective is not None and x.autodiff_collective.significant
         ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) or ad_whole else
                      "kink" if np.any(x.autodiff_cmp.status == KINK) else "ok")
-    top = rows[0]
-    if x.collective is not None:
-        resolution = x.collective.resolution(x.checked)
-    else:  # per entry: the error bar relative to the gradient, at the best-resolved entry
-        with np.errstate(divide="ignore", invalid="ignore"):
-            resolution = float(np.nanmin(x.tol / np.abs(x.numerical)))
+    top = rows[0] if rows else (None, None, None, None)
     rel = np.full(spec.size, np.nan)  # per entry, NaN where not checked (for plots)
     rel[x.entries] = cmp.rel_error
     return LeafReport(
-        spec.path, spec.shape, spec.dtype, n, status, resolution=resolution,
+        spec.path, spec.shape, spec.dtype, n, status,
+        resolution=None if zero and resolution >= UNRESOLVED else resolution, zero=zero,
         rel_errors=rel.reshape(spec.shape),
         max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
         n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,
-        autodiff_status=ad_status, worst=rows)
+        autodiff_status=ad_status, worst=rows, n_nonfinite=int(nonfinite.sum()),
+        autodiff_disagrees=_autodiff_disagrees(x))
+
+
+def _worst_rows(x: LeafData, n_mis: int, as_whole: bool) -> tuple:
+    """Up to N_WORST (index, numerical, checked, autodiff) rows, worst first.
+
+    Under a mismatch only mismatched entries are shown (non-finite ones first); a leaf that is
+    wrong only taken together ("as a whole") shows none, since each of its entries agrees
+    within its error bar.
+    """
+    cmp = x.cmp
+    if as_whole:
+        return ()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.where(cmp.status == MISMATCH, cmp.abs_error / np.maximum(x.tol, 1e-300), 0.0)
+    order = np.lexsort((-np.nan_to_num(cmp.rel_error, nan=np.inf),
+                        -np.nan_to_num(excess, nan=np.inf), np.isfinite(x.checked)))
+    if n_mis:
+        order = [j for j in order if cmp.status[j] == MISMATCH]
+    return tuple((tuple(int(i) for i in np.unravel_index(x.entries[j], x.spec.shape)),
+                  float(x.numerical[j]), float(x.checked[j]),
+                  None if x.autodiff is None else float(x.autodiff[j]))
+                 for j in order[:N_WORST])
+
+
+def _resolution(x: LeafData) -> float:
+    """The smallest relative error of the whole leaf the check would detect: from the leaf-level
+    test in reduced precision, else at the best-resolved entry (its error bar relative to the
+    numerical derivative)."""
+    if x.collective is not None:
+        return x.collective.resolution()
+    finite = np.isfinite(x.checked)
+    if not finite.any():
+        return 0.0  # every entry is non-finite: a mismatch whatever the resolution
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = x.tol[finite] / np.abs(x.numerical[finite])
+    return float(np.nanmin(ratio)) if np.isfinite(ratio).any() else math.inf
+
+
+def _verified_zero(x: LeafData) -> bool:
+    """A gradient that is zero, verified in absolute terms.
+
+    A zero gradient has no relative error to resolve (2x zero is zero), so it is verified when
+    finite differences are consistent with zero at every entry and the gradients are zero to
+    rounding on the scale of the whole gradient: a parameter the loss does not depend on, or a
+    bias in front of a normalisation, whose gradient is zero up to the rounding of terms that
+    cancel. A small but deliberate gradient (1e-14, far above its own rounding) is not zero:
+    below resolution it is unresolved.
+    """
+    with np.errstate(invalid="ignore"):
+        return (bool(np.all(np.abs(x.numerical) <= x.tol))
+                and bool(np.all(np.abs(x.checked) <= x.zero_bound))
+                and (x.autodiff is None
+                     or bool(np.all(np.abs(x.autodiff) <= x.autodiff_zero_bound))))
+
+
+def _autodiff_disagrees(x: LeafData) -> bool:
+    """jax.grad and the checked gradient differ somewhere in the leaf beyond their own rounding
+    (both are computed, not measured, so finite differences' error bars do not enter)."""
+    if x.autodiff is None:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.any(~(np.abs(x.checked - x.autodiff)
+                             <= TOL_FACTOR * np.asarray(x.pair_rounding))))
 
 
 def skipped_report(spec: LeafSpec) -> LeafReport:
@@ -251,6 +328,12 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
                     "2λ·θ), or applied to a parameter the loss does not regularise")
     elif leaf.pattern == "zero":
         body = f"{what} is all zeros: it was never computed, or was overwritten"
+    elif leaf.pattern == "nonfinite":
+        n = leaf.n_nonfinite
+        first = f", first at {leaf.worst_index}" if leaf.worst_index is not None else ""
+        body = (f"{what} has {n} non-finite entr{'y' if n == 1 else 'ies'} (NaN or Inf){first}"
+                f" where finite differences give a finite derivative: a division by zero, a "
+                "log or sqrt at 0, or an overflow (exp of a large number) in the computation")
     elif leaf.directions and leaf.n_mismatch and leaf.pattern is None:
         body = (f"{what} is wrong at {leaf.n_mismatch} entr"
                 f"{'y' if leaf.n_mismatch == 1 else 'ies'} located by group testing")
@@ -294,29 +377,32 @@ def agrees_with_autodiff(x: LeafData) -> bool | None:
 def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source: str,
              has_autodiff: bool, autodiff_why: str | None, batch: int | None,
              eps: float | None = None, autodiff: str = "jax.grad",
-             noun: str = "gradient") -> tuple[str, str]:
+             noun: str = "gradient", float64: bool = True,
+             method: str = "central") -> tuple[str, str]:
     """Returns (verdict, diagnosis text).
 
     `agrees` maps each mismatched leaf's path to whether the checked gradient agrees with
-    jax.grad there (None when jax.grad is not a separate opinion).
+    jax.grad there (None when jax.grad is not a separate opinion). `float64` and `method` say
+    what the check already did, so that its advice never repeats it.
     """
     bad = [leaf for leaf in leaves if leaf.status == "mismatch"]
+    unresolved = [leaf for leaf in leaves if leaf.status == "unresolved"]
     kinks = [leaf for leaf in leaves if leaf.n_kink]
     lines: list[str] = []
     checking_autodiff = source == autodiff
     the = functools.partial(_the, noun=noun)
     if not bad:
-        verdict = "ok"
-        n = sum(leaf.n_checked for leaf in leaves)
+        verdict = "unresolved" if unresolved else "ok"
+        n = sum(leaf.n_checked for leaf in leaves if leaf.status != "unresolved")
         dirs = sum(leaf.directions for leaf in leaves)
         if dirs:
             n_dir_leaves = sum(1 for leaf in leaves if leaf.directions)
             lines.append(f"{_sentence(the(source))} agrees with finite differences along all "
                          f"{dirs} random directions ({n_dir_leaves} leaves)"
                          + (f" and in all {n} entries checked one by one." if n else "."))
-        else:
+        elif n:
             lines.append(f"{_sentence(the(source))} agrees with finite differences in all {n} "
-                         "checked entries." if n else "No floating-point entries were checked.")
+                         "checked entries" + (" of the resolved leaves." if unresolved else "."))
         ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == "mismatch"]
         if ad_bad and not checking_autodiff:
             lines.append(f"Note: {autodiff} disagrees with finite differences in "
@@ -381,15 +467,18 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
                 "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
                 "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
                 "exactly at a switch for these parameters.")
-    coarse = [leaf for leaf in leaves if leaf.status == "ok" and leaf.resolution is not None
-              and leaf.resolution > COARSE]
+    if unresolved:
+        lines += _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff,
+                                   float64, method)
+    coarse = [leaf for leaf in leaves if leaf.status in ("ok", "kink")
+              and leaf.resolution is not None and leaf.resolution > COARSE]
     if coarse:
         worst = max(coarse, key=lambda leaf: leaf.resolution)
         lines.append(
             f"Resolution: the finite differences' error bar (rounding noise, or truncation at "
             f"this step) is large next to the gradient of {_paths(coarse)}, so errors smaller "
-            f"than {_pct(worst.resolution)} of {worst.path or '<params>'} could go unseen. "
-            "Check in float64 (x64=True), or with method='richardson', to resolve them.")
+            f"than {pct(worst.resolution)} of {worst.path or '<params>'} could go unseen. "
+            + _resolution_advice(float64, method))
     for leaf in kinks:
         lines.append(
             f"{leaf.n_kink} entr{'y' if leaf.n_kink == 1 else 'ies'} of {leaf.path or '<params>'} "
@@ -398,6 +487,42 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
             "differentiable there and the one-sided slopes differ. The checked value lies "
             "between them, so that is expected, not a failure.")
     return verdict, "\n".join(lines)
+
+
+def _resolution_advice(float64: bool, method: str) -> str:
+    """How to resolve more, never repeating what the check already did."""
+    steps = []
+    if not float64:
+        steps.append("check in float64 (x64=True)")
+    if method != "richardson":
+        steps.append("use method='richardson' (one more digit, 3x the cost)")
+    steps.append("make the gradient larger next to the loss (a loss dominated by a large "
+                 "constant, such as 1 + small terms, keeps only the constant's digits)")
+    return "To resolve them: " + "; or ".join(steps) + "."
+
+
+def _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff, float64, method):
+    the = _the(source, noun)
+    lines = [
+        f"Unresolved: finite differences cannot resolve the {noun} of {_paths(unresolved)}: "
+        "the error bar of the difference quotients (rounding noise of the loss, or "
+        f"truncation) is at least as large as the {noun} itself, so {the} could be 2× too "
+        "large, of the wrong sign, or zero there without any test failing. Nothing was "
+        "verified in these leaves, so the check is not ok. " + _resolution_advice(float64, method)]
+    if checking_autodiff or all(leaf.autodiff is None for leaf in unresolved):
+        return lines
+    split = [leaf for leaf in unresolved if leaf.autodiff_disagrees]
+    same = [leaf for leaf in unresolved if not leaf.autodiff_disagrees]
+    if split:
+        lines.append(
+            f"{_sentence(the)} and {autodiff} disagree in {_paths(split)}, beyond their "
+            "rounding: one of them is wrong there, but finite differences cannot tell which.")
+        for leaf in split:
+            lines += worst_lines(leaf, source, True, autodiff=autodiff)
+    if same:
+        lines.append(f"{_sentence(the)} and {autodiff} agree with each other to rounding in "
+                     f"{_paths(same)}, which finite differences cannot confirm.")
+    return lines
 
 
 def _paths(leaves: list[LeafReport]) -> str:
@@ -414,5 +539,3 @@ def _sentence(text: str) -> str:
     return text if text.startswith("jax") else text[:1].upper() + text[1:]
 
 
-def _pct(x: float) -> str:
-    return "100%" if not np.isfinite(x) or x >= 1 else f"{100 * x:.2g}%"

@@ -120,9 +120,7 @@ class Directional:
         return out
 
     def _h(self, k: int) -> float:
-        if self.plan.eps is not None:
-            return self.plan.eps
-        return pl.machine_eps(self.plan.dtypes[k]) ** pl.STEP_POWER["central"]
+        return pl.nominal_step(self.plan, k, "central")
 
     def weights(self, k: int, j: int) -> np.ndarray:
         spec = self.sp.checked_specs()[k]

@@ -286,6 +286,18 @@ def rounding(values: np.ndarray, eps, scale) -> np.ndarray:
     return KAPPA * eps * np.maximum(np.abs(values), scale)
 
 
+def zero_bound(leaves) -> float:
+    """|g| below which a gradient entry is zero to rounding: TOL_FACTOR rounding bounds of the
+    gradient's dtype on the scale of its largest finite entry over all leaves (a sum of terms
+    that cancel leaves rounding noise of the size of the terms; see `rounding`)."""
+    arrays = [np.asarray(a) for a in leaves]
+    finite = [np.abs(a[np.isfinite(a)].astype(np.float64)) for a in arrays]
+    scale = max((float(a.max()) for a in finite if a.size), default=0.0)
+    eps = max((float(np.finfo(a.dtype).eps) for a in arrays
+               if np.issubdtype(a.dtype, np.floating)), default=0.0)
+    return float(TOL_FACTOR * KAPPA * eps * scale)
+
+
 def tolerance(error, numerical, rtol=None, atol=None) -> np.ndarray:
     """The allowed |checked - numerical|: from the error model, or the user's rtol/atol."""
     if rtol is None and atol is None:
@@ -314,7 +326,7 @@ def compare(values: np.ndarray, m: ErrorModel, rtol=None, atol=None,
     tol = tolerance(m.error + value_error, m.value, rtol, atol)
     diff = np.abs(values - m.value)
     with np.errstate(invalid="ignore"):
-        bad = ~(diff <= tol)  # NaN counts as bad.
+        bad = ~(diff <= tol) | ~np.isfinite(values)  # NaN and Inf are always mismatches.
         at_kink = bad & m.kink & (values >= m.low) & (values <= m.high)
     status = np.where(bad, MISMATCH, OK)
     status[at_kink] = KINK
@@ -351,11 +363,13 @@ def chi2(residual: np.ndarray, sd: np.ndarray) -> float:
     return float(np.sum(np.minimum(z2, NOISE_SIGMAS ** 2)))
 
 
-def resolution(values: np.ndarray, sd: np.ndarray, threshold: float) -> float:
+def resolution(values: np.ndarray, sd: np.ndarray, threshold: float, bias: float = 0.0
+               ) -> float:
     """The smallest relative error of a whole leaf (g -> (1 + e) g) the leaf-level test detects:
     it adds e**2 * sum((g / sd)**2) to chi2, which must exceed the threshold minus the noise's
-    own mean, len(values)."""
+    own mean, len(values). `bias`: what noise alone contributes to sum((values / sd)**2) when
+    the values are themselves noisy estimates (one per entry), taken off the signal."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        signal = float(np.sum((values / sd) ** 2))
+        signal = float(np.sum((values / sd) ** 2)) - bias
     room = threshold - len(values)
     return math.sqrt(room / signal) if signal > 0 else math.inf

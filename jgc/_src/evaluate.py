@@ -1,21 +1,26 @@
 """Stage 3, `evaluate`: the loss at the unperturbed and perturbed points.
 
-The checked leaves live in one flat vector theta. A perturbation is a pair (flat index i, exact
-step s); the loss at theta + s e_i is computed for a chunk of perturbations at once by one
-`jit(vmap(...))` call. The perturbation is built by adding a masked step (`where(arange == i, s,
-0)`), not with `theta.at[i].add(s)`: under vmap the latter lowers to a scatter, which XLA runs
-several times slower on CPU. Every chunk has the same size (the last one is padded), so the whole
-check compiles one function, and a second check of the same loss with the same shapes compiles
-nothing: the jitted functions are module-level and keyed on the loss and a hashable layout.
+The loss is traced once per check (see programs.py) into a jaxpr whose inputs are one flat
+segment per checked leaf (in its evaluation dtype) followed by the array leaves that are held
+fixed (the rest of params, and args). Every program of the check evaluates that one trace, so
+every evaluation sees the same function: the loss as it is at call time.
+
+The checked leaves also live in one flat vector theta. A perturbation is a pair (flat index i,
+exact step s); the loss at theta + s e_i is computed for a chunk of perturbations at once by one
+compiled `vmap`. The perturbation is built by adding a masked step (`where(arange == i, s, 0)`),
+not with `theta.at[i].add(s)`: under vmap the latter lowers to a scatter, which XLA runs several
+times slower on CPU. Every chunk has the same size (the last one is padded), so a check compiles
+few programs, and a second check of an unchanged loss with the same shapes compiles nothing.
 
 A loss that JAX cannot trace (plain NumPy forward code) falls back to a loop on the host that
-produces the same numbers, more slowly.
+produces the same numbers, more slowly. A loss that JAX can trace but not vmap (a
+`jax.pure_callback` without a vmap method) is evaluated one perturbation at a time inside the
+compiled program (`lax.map`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jgc._src import programs
 from jgc._src.tree import InputError, Split, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
@@ -42,112 +48,116 @@ SMALL_BATCHED = 4096  # "small": at most this many batched parameters per pertur
 PER_LEAF_MIN = 20_000
 
 
-class _Static:
-    """Wraps a non-array leaf (a string, a callable, a Python int) as a hashable static value."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def _key(self):
-        try:
-            hash(self.value)
-            return (type(self.value), self.value)
-        except TypeError:
-            return ("id", id(self.value))
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and self._key() == other._key()
-
-
 def _is_array(x) -> bool:
     return isinstance(x, (np.ndarray, np.generic, jax.Array))
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Everything static about a call loss(params, *args): hashable, so jit can key on it."""
+    """Where each leaf of (params, args) comes from when the loss is called."""
 
     params_def: Any
     args_def: Any
     # One (leaf index, start, stop, shape, dtype) per checked leaf.
     checked: tuple[tuple[int, int, int, tuple[int, ...], str], ...]
-    params_static: tuple[tuple[int, _Static], ...]
-    params_dynamic: tuple[int, ...]
-    args_static: tuple[tuple[int, _Static], ...]
+    params_static: tuple[tuple[int, Any], ...]  # non-array leaves, passed as they are
+    params_dynamic: tuple[int, ...]  # fixed array leaves of params
+    args_static: tuple[tuple[int, Any], ...]
     args_dynamic: tuple[int, ...]
     n_params_leaves: int
     n_args_leaves: int
 
 
 def make_layout(sp: Split, dtypes, args) -> tuple[Layout, tuple]:
-    """Returns the layout and the dynamic (array) leaves of params and args."""
+    """Returns the layout and the fixed array leaves of params and args."""
     checked = tuple(
         (i, sp.offsets[k], sp.offsets[k + 1], sp.specs[i].shape, str(dtypes[k]))
         for k, i in enumerate(sp.checked))
     fixed = [i for i in range(len(sp.leaves)) if i not in set(sp.checked)]
     p_dyn = tuple(i for i in fixed if _is_array(sp.leaves[i]))
-    p_static = tuple((i, _Static(sp.leaves[i])) for i in fixed if i not in set(p_dyn))
+    p_static = tuple((i, sp.leaves[i]) for i in fixed if i not in set(p_dyn))
     a_leaves, a_def = jax.tree_util.tree_flatten(args)
     a_dyn = tuple(i for i, x in enumerate(a_leaves) if _is_array(x))
-    a_static = tuple((i, _Static(x)) for i, x in enumerate(a_leaves) if not _is_array(x))
+    a_static = tuple((i, x) for i, x in enumerate(a_leaves) if not _is_array(x))
     layout = Layout(sp.treedef, a_def, checked, p_static, p_dyn, a_static, a_dyn,
                     len(sp.leaves), len(a_leaves))
     dynamic = (tuple(sp.leaves[i] for i in p_dyn), tuple(a_leaves[i] for i in a_dyn))
     return layout, dynamic
 
 
-def assemble(layout: Layout, theta, dynamic, xp=jnp, leaf: int | None = None, value=None):
-    """Rebuilds (params, args) from the flat vector and the dynamic leaves.
+def assemble(layout: Layout, segments, dynamic, xp=jnp, cast: bool = True):
+    """Rebuilds (params, args) from one flat segment per checked leaf and the fixed leaves.
 
-    With `leaf` (a checked-leaf position) the values of that leaf come from `value` instead of
-    theta: under vmap only that leaf is then batched, and everything computed from the other
-    leaves alone (the unperturbed front of a network) is computed once.
+    `cast`: convert each segment to its leaf's evaluation dtype (segments cut from the flat
+    vector theta, which holds every leaf in one dtype); traced segments already have theirs.
     """
     p_dyn, a_dyn = dynamic
     leaves: list[Any] = [None] * layout.n_params_leaves
-    for k, (i, start, stop, shape, dt) in enumerate(layout.checked):
-        flat = value if k == leaf else theta[start:stop]
-        leaves[i] = xp.reshape(flat, shape).astype(dt)
-    for i, s in layout.params_static:
-        leaves[i] = s.value
+    for seg, (i, _, _, shape, dt) in zip(segments, layout.checked):
+        leaves[i] = xp.reshape(seg, shape)
+        if cast:
+            leaves[i] = leaves[i].astype(dt)
+    for i, value in layout.params_static:
+        leaves[i] = value
     for i, x in zip(layout.params_dynamic, p_dyn):
         leaves[i] = x
     params = jax.tree_util.tree_unflatten(layout.params_def, leaves)
     a_leaves: list[Any] = [None] * layout.n_args_leaves
-    for i, s in layout.args_static:
-        a_leaves[i] = s.value
+    for i, value in layout.args_static:
+        a_leaves[i] = value
     for i, x in zip(layout.args_dynamic, a_dyn):
         a_leaves[i] = x
     return params, jax.tree_util.tree_unflatten(layout.args_def, a_leaves)
 
 
-def _scalar_loss(loss, layout, theta, dynamic, leaf=None, value=None):
-    params, args = assemble(layout, theta, dynamic, leaf=leaf, value=value)
-    return jnp.reshape(loss(params, *args), ())
+def segments_of(layout: Layout, theta, xp=jnp) -> list:
+    return [theta[a:b] for _, a, b, _, _ in layout.checked]
 
 
-def _segment(layout: Layout, theta, leaf: int | None):
-    if leaf is None:
-        return theta
-    _, start, stop, _, _ = layout.checked[leaf]
-    return theta[start:stop]
+def loss_value(out, has_aux: bool):
+    """The scalar of loss(...)'s output: out, or out[0] with has_aux (as jax.value_and_grad)."""
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise InputError(
+                f"has_aux=True: loss must return a pair (value, aux), as for "
+                f"jax.value_and_grad(..., has_aux=True), but it returned "
+                f"{_describe_out(out)}. Pass has_aux=False if it returns the value alone.")
+        return out[0]
+    if isinstance(out, (tuple, list)):
+        raise InputError(
+            f"loss returned {_describe_out(out)}, not a scalar. If it returns (value, aux), "
+            "as written for jax.value_and_grad(..., has_aux=True), pass has_aux=True "
+            "(`jgc check --has-aux` on the command line).")
+    return out
 
 
-def _losses_along_bound(vectors, theta, vid, mult, lo, hi, dynamic, **static):
-    return _losses_along(theta, vectors, vid, mult, lo, hi, dynamic, **static)
+def _describe_out(out) -> str:
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of length {len(out)}: {tree_pformat(out)}"
+    return f"a {type(out).__name__}"
 
 
-def _map(one, arrays, sequential: bool):
+def check_scalar(shape, dtype) -> None:
+    if tuple(shape) not in ((), (1,)):
+        raise InputError(
+            f"loss must return a scalar, but it returned an array of shape {tuple(shape)}. "
+            "Reduce it to one number, e.g. with .mean() or .sum() over the batch.")
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        raise InputError(f"loss must return a real floating-point scalar, but it returned "
+                         f"dtype {np.dtype(dtype)}. Return a float loss.")
+
+
+def _map(one, arrays, sequential: bool, batched: bool = True):
     """one(*row) over arrays shaped (devices, chunk, ...): vmapped over the devices axis (which
     is sharded across jax.devices()), and within a device either vmapped (small problems) or
     mapped sequentially in pairs (large leaves: a batched matmul whose weights differ per
     perturbation streams a fresh copy of them from memory each time, while a sequential map
-    keeps one copy in cache; measured 2x faster on a 784x64 leaf)."""
+    keeps one copy in cache; measured 2x faster on a 784x64 leaf). `batched=False` (a loss that
+    cannot be vmapped): one perturbation at a time, on one device."""
+    if not batched:
+        flat = [a.reshape(-1, *a.shape[2:]) for a in arrays]
+        return jax.lax.map(lambda row: one(*row), flat).reshape(arrays[0].shape[:2])
+
     def per_device(*rows):
         if sequential:
             return jax.lax.map(lambda a: one(*a), rows, batch_size=MAP_BATCH)
@@ -156,70 +166,96 @@ def _map(one, arrays, sequential: bool):
     return jax.vmap(per_device)(*arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout", "leaf", "sequential"))
-def _losses_at(theta, index, step, dynamic, *, loss, layout, leaf, sequential):
-    """Loss at theta + step[j] * e_{index[j]} for every j: one compiled batch.
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What shapes a batched program besides the trace: the segments and how rows map."""
 
-    leaf=None: indices into the whole flat vector. Otherwise indices into that checked leaf,
-    and only that leaf is batched.
-    """
-    base = _segment(layout, theta, leaf)
-    positions = jnp.arange(base.shape[0])
-
-    def one(i, s):
-        value = base + jnp.where(positions == i, s, 0)
-        if leaf is None:
-            return _scalar_loss(loss, layout, value, dynamic)
-        return _scalar_loss(loss, layout, theta, dynamic, leaf, value)
-
-    return _map(one, (index, step), sequential)
+    kind: str
+    segments: tuple[tuple[int, int, str], ...]
+    leaf: int | None
+    sequential: bool
+    batched: bool
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout", "leaf", "sequential"))
-def _losses_along(theta, vectors, vid, mult, lo, hi, dynamic, *, loss, layout, leaf, sequential):
+def _program_losses_at(traced: programs.Traced, st: _Static):
+    def run(consts, theta, dynamic, index, step):
+        segs = [theta[a:b] for a, b, _ in st.segments]
+        base = theta if st.leaf is None else segs[st.leaf]
+        positions = jnp.arange(base.shape[0])
+
+        def one(i, s):
+            value = base + jnp.where(positions == i, s, 0)
+            if st.leaf is None:
+                parts = [value[a:b] for a, b, _ in st.segments]
+            else:
+                parts = list(segs)
+                parts[st.leaf] = value
+            return _evaluate(traced, consts, parts, dynamic, st)
+
+        return _map(one, (index, step), st.sequential, st.batched)
+
+    return run
+
+
+def _program_losses_along(traced: programs.Traced, st: _Static):
     """Loss with checked leaf `leaf` at x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1.
 
     The step vectors stay on the device; a row is four numbers. mult is +-1 or a small integer
     and the mask 0 or 1, so the perturbed value is fl(x + s) for the vector's own entry s,
     exactly as the host computes it when it predicts the change.
     """
-    base = _segment(layout, theta, leaf)
-    positions = jnp.arange(base.shape[0])
+    def run(consts, theta, dynamic, vectors, vid, mult, lo, hi):
+        segs = [theta[a:b] for a, b, _ in st.segments]
+        base = segs[st.leaf]
+        positions = jnp.arange(base.shape[0])
 
-    def one(v, c, a, b):
-        mask = (positions >= a) & (positions < b)
-        return _scalar_loss(loss, layout, theta, dynamic, leaf,
-                            base + jnp.where(mask, c * vectors[v], 0))
+        def one(v, c, a, b):
+            mask = (positions >= a) & (positions < b)
+            parts = list(segs)
+            parts[st.leaf] = base + jnp.where(mask, c * vectors[v], 0)
+            return _evaluate(traced, consts, parts, dynamic, st)
 
-    return _map(one, (vid, mult, lo, hi), sequential)
+        return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)
+
+    return run
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout"))
-def _losses_complex(theta, index, step, dynamic, *, loss, layout):
+def _program_complex(traced: programs.Traced, st: _Static):
     """Im loss(theta + i step[j] e_{index[j]}) / step[j]: the complex-step derivatives."""
-    positions = jnp.arange(theta.shape[0])
+    def run(consts, theta, dynamic, index, step):
+        positions = jnp.arange(theta.shape[0])
 
-    def one(i, s):
-        z = theta + 1j * jnp.where(positions == i, s, 0)
-        return jnp.imag(_scalar_loss(loss, layout, z, dynamic)) / s
+        def one(i, s):
+            z = theta + 1j * jnp.where(positions == i, s, 0)
+            parts = [z[a:b] for a, b, _ in st.segments]
+            return jnp.imag(_evaluate(traced, consts, parts, dynamic, st)) / s
 
-    return jax.vmap(one)(index, step)
+        return _map(one, (index, step), False, st.batched)
 
-
-@functools.partial(jax.jit, static_argnames=("fn", "layout"))
-def _call_at(theta, dynamic, *, fn, layout):
-    params, args = assemble(layout, theta, dynamic)
-    return fn(params, *args)
+    return run
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "layout"))
-def _autodiff_at(theta, dynamic, *, loss, layout):
-    return jax.grad(_scalar_loss, argnums=2)(loss, layout, theta, dynamic)
+def _program_autodiff(traced: programs.Traced, st: _Static):
+    def run(consts, theta, dynamic):
+        def f(t):
+            return _evaluate(traced, consts, [t[a:b] for a, b, _ in st.segments], dynamic, st)
+
+        return jax.grad(f)(theta)
+
+    return run
 
 
-def _copy_arrays(tree):
-    """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays."""
-    return jax.tree_util.tree_map(lambda x: np.array(x) if _is_array(x) else x, tree)
+def _program_call(traced: programs.Traced, st: _Static):
+    def run(consts, theta, dynamic):
+        return traced.evaluate(consts, *[theta[a:b] for a, b, _ in st.segments], *dynamic)
+
+    return run
+
+
+def _evaluate(traced, consts, parts, dynamic, st: _Static):
+    parts = [p.astype(dt) for p, (_, _, dt) in zip(parts, st.segments)]
+    (out,) = traced.evaluate(consts, *parts, *dynamic)
+    return jnp.reshape(out, ())
 
 
 def default_memory_budget() -> int:
@@ -232,11 +268,9 @@ def default_memory_budget() -> int:
     return int(min(max(available // 4, 256 * 2**20), 2**30))
 
 
-def _activation_bytes(loss, layout, theta_shape, dtype, dynamic) -> int:
+def activation_bytes(jaxpr) -> int:
     """An upper bound on the memory one evaluation of the loss touches: the sum of every
     intermediate value's size in its jaxpr (XLA fuses and frees most of them)."""
-    jaxpr = jax.make_jaxpr(lambda t, d: _scalar_loss(loss, layout, t, d))(
-        jax.ShapeDtypeStruct(theta_shape, dtype), dynamic).jaxpr
     total = 0
     stack = [jaxpr]
     while stack:
@@ -254,63 +288,107 @@ def _activation_bytes(loss, layout, theta_shape, dtype, dynamic) -> int:
     return total
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 class Evaluator:
     """Evaluates loss(params, *args) at perturbations of the checked leaves.
 
     Attributes:
       traceable: whether JAX can trace the loss (else every evaluation is a host loop).
+      batched: whether the loss can be vmapped (else one perturbation at a time, compiled).
       n_evaluations: loss evaluations so far (padding excluded).
       trace_error: why the loss could not be traced, when it could not.
+      batch_error: why the loss could not be vmapped, when it could not.
       per_leaf: whether batches perturb one leaf at a time (large problems) or the whole
         flat vector (small ones: a single compiled function).
-      chunk: perturbations per compiled call and device.
+      mutated: paths of the arrays a host-called function changed in place.
+      grad_note: how the gradient function was called, when that is worth saying.
     """
 
     def __init__(self, loss: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
-                 memory_budget: int | None = None, progress=None):
-        self.loss, self.sp, self.args = loss, sp, args
+                 has_aux: bool = False, memory_budget: int | None = None, progress=None):
+        self.loss, self.sp, self.args, self.has_aux = loss, sp, args, has_aux
         self.layout, self.dynamic = make_layout(sp, dtypes, args)
+        self.dtypes = tuple(np.dtype(d) for d in dtypes)
         # One dtype for the flat vector: every leaf's values and steps are exact in it.
         self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
         self.theta_np = theta.astype(self.dtype)
         self.n_evaluations = 0
         self.trace_error: str | None = None
+        self.batch_error: str | None = None
+        self.batched = True
+        self.mutated: list[str] = []
+        self.grad_note: str | None = None
         self.out_dtype = np.dtype(np.float64)  # The loss's output dtype, once seen.
         self.memory_budget = memory_budget or default_memory_budget()
         self.progress = progress
-        self.traceable = self._probe()
+        self.segments = tuple((a, b, str(dt)) for (_, a, b, _, _), dt in
+                              zip(self.layout.checked, self.dtypes))
+        self.traced = self._trace()
+        self.traceable = self.traced is not None
         if self.traceable:
             self.devices = jax.devices()
-            self.theta = jnp.asarray(self.theta_np)
             self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
-            # Activation memory matters for budgeting large problems only (a trace costs time).
-            self.act_bytes = (_activation_bytes(loss, self.layout, self.theta_np.shape,
-                                                self.dtype, self.dynamic)
+            # Activation memory matters for budgeting large problems only.
+            self.act_bytes = (activation_bytes(self.traced.closed.jaxpr)
                               if sp.n > SMALL_BATCHED else 0)
-            self._sharding = None
-            if len(self.devices) > 1:
-                mesh = Mesh(np.array(self.devices), ("p",))
-                self._sharding = NamedSharding(mesh, P("p"))
-                replicated = NamedSharding(mesh, P())
-                self.theta = jax.device_put(self.theta, replicated)
-                self.dynamic = jax.device_put(self.dynamic, replicated)
+            self._place()
         else:
             self.host_dynamic = _copy_arrays(self.dynamic)
 
-    def _probe(self) -> bool:
-        """Traces the loss once (no compilation) and checks that it returns a scalar."""
+    # -- tracing ------------------------------------------------------------------------------
+    def _flat_loss(self, *flat):
+        k, n_p = len(self.segments), len(self.layout.params_dynamic)
+        dynamic = (flat[k:k + n_p], flat[k + n_p:])
+        params, args = assemble(self.layout, flat[:k], dynamic, cast=False)
+        return loss_value(self.loss(params, *args), self.has_aux)
+
+    def _avals(self, dtypes=None):
+        segs = [jax.ShapeDtypeStruct((b - a,), dt)
+                for (a, b, _), dt in zip(self.segments, dtypes or self.dtypes)]
+        return (*segs, *self.dynamic[0], *self.dynamic[1])
+
+    def _trace(self) -> programs.Traced | None:
+        """Traces the loss once (no compilation) and checks that it returns a scalar.
+
+        A loss that raises InputError (a pair without has_aux, say) is refused; any other
+        tracing failure means the loss is not JAX code: the host loop evaluates it.
+        """
         try:
-            out = jax.eval_shape(
-                lambda t, d: self.loss(*_apply(assemble(self.layout, t, d))),
-                jax.ShapeDtypeStruct(self.theta_np.shape, self.dtype), self.dynamic)
+            traced = programs.trace(self._flat_loss, *self._avals())
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - any tracing failure means: use the host loop.
-            self.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            return False
-        _check_scalar(out.shape, out.dtype)
+            self.trace_error = _first_line(e)
+            return None
+        (out,) = traced.closed.out_avals
+        check_scalar(out.shape, out.dtype)
         self.out_dtype = np.dtype(out.dtype)
-        return True
+        return traced
+
+    def _place(self) -> None:
+        """Puts theta, the fixed leaves and the trace's constants on the device(s) once."""
+        self.theta = jnp.asarray(self.theta_np)
+        self.dyn = tuple(jnp.asarray(x) for x in (*self.dynamic[0], *self.dynamic[1]))
+        self.consts = [jnp.asarray(c) for c in self.traced.consts]
+        self._sharding = None
+        if len(self.devices) > 1:
+            mesh = Mesh(np.array(self.devices), ("p",))
+            self._sharding = NamedSharding(mesh, P("p"))
+            replicated = NamedSharding(mesh, P())
+            self.theta, self.dyn, self.consts = jax.device_put(
+                (self.theta, self.dyn, self.consts), replicated)
+
+    def _static(self, kind: str, leaf: int | None, sequential: bool) -> _Static:
+        return _Static(kind, self.segments, leaf, sequential, self.batched)
+
+    def _program(self, kind: str, build, traced, static: _Static, rows: tuple):
+        args = (traced.consts if traced is not self.traced else self.consts, self.theta,
+                self.dyn, *rows)
+        return programs.compiled(kind, lambda: build(traced, static), static, (traced,), args)
 
     # -- memory ---------------------------------------------------------------------------------
     def bytes_per_evaluation(self, batched: int) -> int:
@@ -346,28 +424,31 @@ class Evaluator:
         return max(1, chunk)
 
     # -- single evaluations -------------------------------------------------------------------
-    def at(self, theta_np: np.ndarray | None = None) -> float:
+    def at(self) -> float:
         """The loss at the unperturbed point (traced: through the same batched program)."""
-        if theta_np is None and self.traceable:
+        if self.traceable:
             if self.per_leaf:  # through the smallest leaf's direction batch (cheap to compile)
                 k = int(np.argmin(np.diff(self.sp.offsets)))
                 zero = self.vectors(np.zeros((1, self._leaf_size(k))))
                 return float(self.along(k, zero, [0], [0.0], [0], [0])[0])
             return float(self.perturbed(np.zeros(1, np.int64), np.zeros(1))[0])
         self.n_evaluations += 1
-        return self._host(self.theta_np if theta_np is None else theta_np)
+        return self._host(self.theta_np)
 
     def _host(self, t: np.ndarray, where: str = "at params") -> float:
-        params, args = assemble(self.layout, t, self.host_dynamic, xp=np)
+        params, args = assemble(self.layout, segments_of(self.layout, t), self.host_dynamic,
+                                xp=np)
         try:
-            out = self.loss(params, *args)
+            out = loss_value(self.loss(params, *args), self.has_aux)
+        except InputError:
+            raise
         except Exception as e:
             raise InputError(
                 f"loss(params, *args) raised {type(e).__name__}: {e}\n  {where}, with params "
                 f"= {tree_pformat(params)}.\n  (JAX could not trace the loss either: "
                 f"{self.trace_error})") from e
         arr = np.asarray(out)
-        _check_scalar(arr.shape, arr.dtype)
+        check_scalar(arr.shape, arr.dtype)
         self.out_dtype = arr.dtype
         return float(arr.reshape(()))
 
@@ -389,13 +470,15 @@ class Evaluator:
             return out
         out = np.empty(m)
         if not self.per_leaf:
-            out[:] = self._batches(_losses_at, None, self.sp.n, index, step)
+            out[:] = self._batches("losses_at", _program_losses_at, None, self.sp.n, (),
+                                   index, step)
             return out
         leaf_of = np.searchsorted(self.sp.offsets, index, side="right") - 1
         for k in np.unique(leaf_of):
             sel = leaf_of == k
-            out[sel] = self._batches(_losses_at, int(k), self._leaf_size(k),
-                                     index[sel] - self.sp.offsets[k], step[sel])
+            out[sel] = self._batches("losses_at", _program_losses_at, int(k),
+                                     self._leaf_size(k), (), index[sel] - self.sp.offsets[k],
+                                     step[sel])
         return out
 
     def vectors(self, vectors: np.ndarray):
@@ -422,44 +505,70 @@ class Evaluator:
                 out[j] = self._host(t, f"while evaluating a direction in "
                                        f"{self.sp.checked_specs()[k].path or '<params>'}")
             return out
-        return self._batches(functools.partial(_losses_along_bound, vectors), k,
-                             self._leaf_size(k), vid, mult, lo, hi)
+        return self._batches("losses_along", _program_losses_along, k, self._leaf_size(k),
+                             (vectors,), vid, mult, lo, hi)
 
-    def complex_step(self, index: np.ndarray, step: np.ndarray, dtypes) -> np.ndarray:
+    def complex_step(self, index: np.ndarray, step: np.ndarray) -> np.ndarray:
         """Complex-step derivatives Im f(x + i h e_k) / h at the given entries.
 
         Raises InputError when the loss cannot be evaluated at complex parameters.
         """
-        cdtypes = [np.result_type(d, np.complex64) for d in dtypes]
-        layout, _ = make_layout(self.sp, cdtypes, self.args)
+        cdtypes = [np.result_type(d, np.complex64) for d in self.dtypes]
+        why = ("method='complex' needs a loss that JAX can evaluate at complex parameters, "
+               "but it raised {}. Use method='central' (or 'richardson').")
+        try:
+            traced = programs.trace(self._flat_loss, *self._avals(cdtypes))
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
+            raise InputError(why.format(_first_line(e))) from e
         theta = jnp.asarray(self.theta_np.astype(np.result_type(*cdtypes)))
+        static = _Static("complex", tuple((a, b, str(dt)) for (a, b, _), dt in
+                                          zip(self.segments, cdtypes)), None, False,
+                         self.batched)
         chunk = max(1, min(MAX_CHUNK_SMALL, 1 << max(0, (len(index) - 1).bit_length())))
         pad = (-len(index)) % chunk
         idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
         st = np.concatenate([step, np.ones(pad)]).astype(self.dtype)
+        consts = [jnp.asarray(c) for c in traced.consts]
         out = []
         try:
             for a in range(0, len(idx), chunk):
-                out.append(np.asarray(_losses_complex(theta, idx[a:a + chunk], st[a:a + chunk],
-                                                      self.dynamic, loss=self.loss,
-                                                      layout=layout)))
+                rows = (idx[a:a + chunk][None], st[a:a + chunk][None])
+                args = (consts, theta, self.dyn, *rows)
+                program = programs.compiled("complex", lambda: _program_complex(traced, static),
+                                            static, (traced,), args)
+                out.append(np.asarray(program(*args)).ravel())
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
-            raise InputError(
-                "method='complex' needs a loss that JAX can evaluate at complex parameters, "
-                f"but it raised {type(e).__name__}: {str(e).splitlines()[0]}. Use "
-                "method='central' (or 'richardson').") from e
+            raise InputError(why.format(_first_line(e))) from e
         self.n_evaluations += len(index)
         return np.concatenate(out)[:len(index)].astype(np.float64)
 
     def _leaf_size(self, k: int) -> int:
         return self.sp.offsets[k + 1] - self.sp.offsets[k]
 
-    def _batches(self, fn, leaf, batched: int, *arrays) -> np.ndarray:
-        """Runs fn over `arrays` (batched along axis 0) in fixed-size, padded chunks."""
+    def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays) -> np.ndarray:
+        """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
+
+        A loss that cannot be vmapped (the first compilation fails) is run again one
+        perturbation at a time, and `batch_error` says why.
+        """
+        self.n_evaluations += len(arrays[0])
+        static = self._static(kind, leaf, batched > SMALL_BATCHED)
+        try:
+            return self._chunks(kind, build, static, batched, extra, arrays)
+        except InputError:
+            raise
+        except _Unbatchable as e:
+            self.batched, self.batch_error = False, _first_line(e.__cause__)
+            static = self._static(kind, leaf, False)
+            return self._chunks(kind, build, static, batched, extra, arrays)
+
+    def _chunks(self, kind, build, static, batched, extra, arrays) -> np.ndarray:
         m = len(arrays[0])
-        self.n_evaluations += m
         per_device = self.chunk_size(m, batched)
-        chunk = per_device * len(self.devices)
+        devices = len(self.devices) if self.batched else 1
+        chunk = per_device * devices
         pad = (-m) % chunk
         padded = []
         for a in arrays:
@@ -467,17 +576,23 @@ class Evaluator:
             dtype = np.int32 if np.issubdtype(a.dtype, np.integer) else self.dtype
             filler = np.zeros((pad, *a.shape[1:]), dtype)
             padded.append(np.concatenate([a.astype(dtype), filler]))
-        out = []
+        out, program = [], None
         bar = self.progress.start(m) if self.progress is not None else None
-        devices = len(self.devices)
-        sequential = batched > SMALL_BATCHED
         for s in range(0, m + pad, chunk):
             parts = [p[s:s + chunk].reshape(devices, per_device, *p.shape[1:]) for p in padded]
-            if self._sharding is not None:
+            if self._sharding is not None and self.batched:
                 parts = [jax.device_put(p, self._sharding) for p in parts]
-            out.append(np.asarray(fn(self.theta, *parts, self.dynamic, loss=self.loss,
-                                     layout=self.layout, leaf=leaf,
-                                     sequential=sequential)).ravel())
+            rows = (*extra, *parts)
+            if program is None:
+                try:
+                    program = self._program(kind, build, self.traced, static, rows)
+                except InputError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
+                    if not self.batched:
+                        raise
+                    raise _Unbatchable() from e
+            out.append(np.asarray(program(self.consts, self.theta, self.dyn, *rows)).ravel())
             if bar is not None:
                 bar.update(min(chunk, m - s))
         if bar is not None:
@@ -485,30 +600,49 @@ class Evaluator:
         return np.concatenate(out)[:m].astype(np.float64)
 
     # -- gradients ----------------------------------------------------------------------------
-    def autodiff(self) -> tuple[np.ndarray | None, str | None]:
-        """jax.grad of the loss at theta, or (None, why) when it is not available."""
+    def autodiff(self) -> tuple[np.ndarray | None, str | None, BaseException | None]:
+        """jax.grad of the loss at theta, or (None, why, the exception) when unavailable."""
         if not self.traceable:
-            return None, "the loss is not traceable by JAX"
+            return None, "the loss is not traceable by JAX", None
+        static = _Static("autodiff", self.segments, None, False, True)
         try:
-            g = _autodiff_at(self.theta, self.dynamic, loss=self.loss, layout=self.layout)
+            program = self._program("autodiff", _program_autodiff, self.traced, static, ())
+            g = program(self.consts, self.theta, self.dyn)
         except Exception as e:  # noqa: BLE001 - report why, check the rest.
-            return None, f"jax.grad failed: {type(e).__name__}: {str(e).splitlines()[0]}"
-        return np.asarray(g), None  # In its own dtype: its precision enters the error model.
+            return None, f"jax.grad failed: {_first_line(e)}", e
+        return np.asarray(g), None, None  # In its own dtype: its precision enters the model.
 
     def call(self, fn: Callable) -> Any:
-        """fn(params, *args) at theta, once: jitted when JAX can trace it (one compilation;
-        run eagerly, every primitive would compile on its own, which measured 5x slower on a
-        cold start), else on the host with NumPy copies (NumPy code, which may assign into its
-        inputs)."""
+        """fn(params, *args) at theta, called once.
+
+        A traceable loss suggests JAX code: fn is traced once and run compiled (run eagerly,
+        every primitive would compile on its own, which measured 5x slower on a cold start). If
+        JAX cannot trace it (NumPy code), it is called on the host with NumPy copies (it may
+        assign into its inputs), and `grad_note` says so. A NumPy loss suggests NumPy code:
+        fn is then called on the host directly, exactly once.
+        """
         if self.traceable:
             try:
-                return _call_at(self.theta, self.dynamic, fn=fn, layout=self.layout)
+                traced = programs.trace(lambda *flat: fn(*_apply(assemble(
+                    self.layout, flat[:len(self.segments)], (
+                        flat[len(self.segments):len(self.segments) + len(self.dynamic[0])],
+                        flat[len(self.segments) + len(self.dynamic[0]):])))), *self._avals())
             except InputError:
                 raise
-            except Exception:  # noqa: BLE001 - not traceable: NumPy copies below.
-                pass
-        params, args = assemble(self.layout, self.theta_np.copy(), _copy_arrays(self.dynamic),
-                                xp=np)
+            except Exception as e:  # noqa: BLE001 - not traceable: NumPy copies below.
+                self.grad_note = (
+                    "grad(params, *args) is not traceable by JAX, so jgc called it on the host "
+                    "with NumPy copies; it ran twice: JAX's tracer ran it first and stopped at "
+                    f"{_first_line(e)}")
+            else:
+                static = _Static("call", self.segments, None, False, True)
+                program = programs.compiled(
+                    "call", lambda: _program_call(traced, static), static, (traced,),
+                    ([jnp.asarray(c) for c in traced.consts], self.theta, self.dyn))
+                flat = program([jnp.asarray(c) for c in traced.consts], self.theta, self.dyn)
+                return jax.tree_util.tree_unflatten(traced.out_tree, flat)
+        params, args = assemble(self.layout, segments_of(self.layout, self.theta_np.copy()),
+                                _copy_arrays(self.dynamic), xp=np)
         args = _copy_arrays(args)
         before = _fingerprints((params, args))
         out = fn(params, *args)
@@ -516,6 +650,15 @@ class Evaluator:
         self.mutated = [("params" if p.startswith("[0]") else "args") + p[3:]
                         for p in before if before[p] != after.get(p)]
         return out
+
+
+class _Unbatchable(Exception):
+    """The batched program could not be built (the loss does not vmap); see __cause__."""
+
+
+def _copy_arrays(tree):
+    """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays."""
+    return jax.tree_util.tree_map(lambda x: np.array(x) if _is_array(x) else x, tree)
 
 
 def _fingerprints(tree) -> dict[str, bytes]:
@@ -528,13 +671,3 @@ def _fingerprints(tree) -> dict[str, bytes]:
 def _apply(params_args):
     params, args = params_args
     return (params, *args)
-
-
-def _check_scalar(shape, dtype) -> None:
-    if tuple(shape) not in ((), (1,)):
-        raise InputError(
-            f"loss must return a scalar, but it returned an array of shape {tuple(shape)}. "
-            "Reduce it to one number, e.g. with .mean() or .sum() over the batch.")
-    if not (np.issubdtype(np.dtype(dtype), np.floating)):
-        raise InputError(f"loss must return a real floating-point scalar, but it returned "
-                         f"dtype {np.dtype(dtype)}. Return a float loss.")

@@ -134,6 +134,8 @@ def _report_outputs(out_tree, source: str, checked: list[np.ndarray],
     sizes = [0 if leaf is None else int(np.size(leaf)) for _, leaf in pairs]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     leaves, agrees = [], {}
+    zero = es.zero_bound(checked)
+    ad_zero = 0.0 if autodiff is None else es.zero_bound(autodiff)
     for o, (path, leaf) in enumerate(pairs):
         sl = slice(offsets[o], offsets[o + 1])
         if leaf is None:  # a skipped (non-float) parameter
@@ -163,7 +165,8 @@ def _report_outputs(out_tree, source: str, checked: list[np.ndarray],
         agree = None if g_ad is None else np.abs(cat(2) - g_ad) <= cat(1)
         entries = np.tile(np.arange(sizes[o]), len(parts))
         data = dg.LeafData(spec, entries, np.zeros(len(entries)), cat(0), cat(1), cat(2), cmp,
-                           g_ad, cmp_ad, agree, kink=cat(6))
+                           g_ad, cmp_ad, agree, kink=cat(6), zero_bound=zero,
+                           autodiff_zero_bound=ad_zero)
         leaves.append(dg.leaf_report(data, full=False))
         agrees[path] = dg.agrees_with_autodiff(data)
     verdict, text = dg.diagnose(leaves, agrees, source=source,

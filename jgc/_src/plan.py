@@ -77,6 +77,10 @@ class Plan:
     theta: np.ndarray  # The checked leaves, flattened, in float64 (exact copy of the values).
     step_rule: str  # Human-readable description of the step, for the report header.
     eps: float | None  # The user's step override, if any.
+    # The loss's measured relative noise per evaluation (sigma / |f|), once known: when it is
+    # above a leaf's machine epsilon (a loss that computes in float32 inside a float64 check),
+    # the step balances truncation against *that* noise instead (see `unit`).
+    noise: float = 0.0
 
     def leaf_values(self, sp: Split, k: int) -> np.ndarray:
         return self.theta[sp.offsets[k]:sp.offsets[k + 1]]
@@ -94,6 +98,11 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
         raise InputError(f"mode={mode!r} is not one of {MODES}. Use mode='full' to check every "
                          "entry, mode='sample' for a seeded sample of each leaf, or "
                          "mode='directional' for random directions per leaf (large models).")
+    if mode == "sample" and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
+                             or samples < 1):
+        raise InputError(f"samples={samples!r}: mode='sample' checks `samples` entries per leaf, "
+                         "so it must be a positive integer (default 16). A check of zero "
+                         "entries would verify nothing.")
     if eps is not None and not (np.isfinite(eps) and eps > 0):
         raise InputError(f"eps={eps!r}: the step must be a positive finite number, or None to "
                          "choose it from each leaf's dtype and magnitude.")
@@ -105,13 +114,38 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
         entries = [np.arange(spec.size) for spec in specs]
     else:
         entries = sample_entries(sp, 0 if mode == "directional" else samples, seed)
-    if eps is None:
-        power = STEP_POWER[method]
-        us = sorted({f"{machine_eps(d) ** power:.1e}" for d in dtypes}) or ["-"]
-        rule = f"h = {'/'.join(us)}·max(1,|θ|)"
-    else:
-        rule = f"h = {eps:.1e} (fixed)"
-    return Plan(mode, method, x64, dtypes, tuple(entries), theta, rule, eps)
+    plan = Plan(mode, method, x64, dtypes, tuple(entries), theta, "", eps)
+    return dataclasses.replace(plan, step_rule=step_rule(plan))
+
+
+def unit(plan: Plan, k: int) -> float:
+    """The relative error of one loss value that leaf k's step balances against truncation:
+    the machine epsilon of its evaluation dtype, or the loss's measured relative noise when
+    that is larger (capped at float16's epsilon: beyond it differences carry no digits)."""
+    return max(machine_eps(plan.dtypes[k]), min(plan.noise, machine_eps(np.float16)))
+
+
+def nominal_step(plan: Plan, k: int, method: str | None = None) -> float:
+    """The step of leaf k before scaling by max(1, |x|): unit**power (see the module doc)."""
+    if plan.eps is not None:
+        return plan.eps
+    return unit(plan, k) ** STEP_POWER[method or plan.method]
+
+
+def step_rule(plan: Plan) -> str:
+    """The step rule for the report header, e.g. 'h = 6.1e-06·max(1,|θ|)'."""
+    if plan.eps is not None:
+        return f"h = {plan.eps:.1e} (fixed)"
+    hs = sorted({f"{nominal_step(plan, k):.1e}" for k in range(len(plan.dtypes))}) or ["-"]
+    noisy = any(plan.noise > machine_eps(d) for d in plan.dtypes)
+    return (f"h = {'/'.join(hs)}·max(1,|θ|)"
+            + (f" (from the loss's measured noise, {plan.noise:.1e} relative)" if noisy else ""))
+
+
+def with_noise(plan: Plan, relative_noise: float) -> Plan:
+    """The plan once the loss's relative noise per evaluation is measured."""
+    plan = dataclasses.replace(plan, noise=float(relative_noise))
+    return dataclasses.replace(plan, step_rule=step_rule(plan))
 
 
 def sample_entries(sp: Split, samples: int, seed: int) -> list[np.ndarray]:
@@ -136,11 +170,8 @@ def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None 
     """
     dt = plan.dtypes[k]
     x = plan.leaf_values(sp, k)[plan.entries[k]].astype(dt)
-    if plan.eps is None:
-        power = STEP_POWER[method or plan.method]
-        h = machine_eps(dt) ** power * np.maximum(1.0, np.abs(x))
-    else:
-        h = np.full(x.shape, plan.eps)
+    h = nominal_step(plan, k, method) * (np.maximum(1.0, np.abs(x)) if plan.eps is None else 1.0)
+    h = np.broadcast_to(h, x.shape)
     h = (scale * h).astype(dt)
     with np.errstate(over="ignore"):
         hp = ((x + h) - x).astype(np.float64)
@@ -148,7 +179,7 @@ def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None 
     return hp, hm
 
 
-def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES
+def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES, widen: int = 0
                  ) -> list[tuple[int, np.ndarray]]:
     """Points at which to measure the loss's noise: (flat index, 9 steps) for up to
     MAX_NOISE_PROBES leaves, the largest first.
@@ -159,6 +190,10 @@ def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES
     ~t**3, sit far below rounding noise ~u. The points step toward zero and stay above |x|/2
     (t <= |x|/16), so every x - j·t is a multiple of ulp(x) in the same or a lower binade:
     exactly representable. Rounding the points would otherwise add noise of its own.
+
+    `widen` multiplies the spacing by 2**(8 widen): for a loss that rounds its inputs to a
+    coarser dtype than the check's (float32 inside a float64 check), points closer than that
+    dtype's resolution all give the same value, and only a wider spacing sees its noise.
     """
     def weight(k: int) -> int:  # the largest leaves first; empty leaves last
         return -max(len(plan.entries[k]), 1) * (sp.offsets[k + 1] > sp.offsets[k])
@@ -174,7 +209,7 @@ def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES
         x = plan.leaf_values(sp, k)[e].astype(plan.dtypes[k])
         j = int(np.argmax(np.abs(x)))
         xj = float(x[j])
-        target = machine_eps(plan.dtypes[k]) ** 0.5 * max(1.0, abs(xj))
+        target = machine_eps(plan.dtypes[k]) ** 0.5 * max(1.0, abs(xj)) * 2.0 ** (8 * widen)
         if xj != 0:
             target = min(target, abs(xj) / 16)
         t = 2.0 ** math.floor(math.log2(target))

@@ -7,11 +7,13 @@ import html
 
 import numpy as np
 
-from jgc._src.report import VERDICTS, Report, fmt_num, fmt_path
+from jgc._src.report import VERDICTS, Report, fmt_path, leaf_cells
 
-COLOURS = {"ok": "#1a7f37", "kink": "#9a6700", "mismatch": "#cf222e", "skipped": "#6e7781"}
+COLOURS = {"ok": "#1a7f37", "kink": "#9a6700", "mismatch": "#cf222e", "unresolved": "#9a6700",
+           "skipped": "#6e7781"}
 VERDICT_COLOURS = {"ok": "#1a7f37", "wrong_gradient": "#cf222e", "disagreement": "#cf222e",
-                   "suspect_numerics": "#9a6700", "randomness": "#9a6700"}
+                   "suspect_numerics": "#9a6700", "randomness": "#9a6700",
+                   "unresolved": "#9a6700"}
 # The classic single-number thresholds (CS231n): below 1e-7 fine in float64, above 1e-2 almost
 # surely a bug. Drawn for orientation: jgc itself judges each entry against its error bar.
 THRESHOLDS = ((1e-7, "1e-7: fine (float64)"), (1e-2, "1e-2: almost surely a bug"))
@@ -20,13 +22,11 @@ THRESHOLDS = ((1e-7, "1e-7: fine (float64)"), (1e-2, "1e-2: almost surely a bug"
 def to_html(r: Report) -> str:
     e = html.escape
     colour = VERDICT_COLOURS[r.verdict]
-    bad = len(r.bad_leaves)
     head = (f'<div style="font-family:sans-serif">'
             f'<div><span style="background:{colour};color:white;padding:2px 8px;'
             f'border-radius:4px;font-weight:bold">{e(VERDICTS[r.verdict])}</span> '
             f'<b>jgc {e(r.noun)} check</b>: '
-            f'{bad} of {sum(1 for x in r.leaves if x.status != "skipped")} checked leaves '
-            f'mismatch</div>'
+            f'{e(r.summary)}</div>'
             f'<div style="color:#57606a;font-size:90%">checking {e(r.checked_source)} · '
             f'{e(r.precision)} · {e(r.method)} · {e(r.step)} · mode {e(r.mode)} · '
             f'{r.n_evaluations} evaluations · {r.seconds:.2f} s</div>')
@@ -35,25 +35,14 @@ def to_html(r: Report) -> str:
             r.checked_source] + ([r.autodiff_name] if show_ad else []) + ["status"]
     rows = []
     for leaf in r.leaves:
-        c = COLOURS[leaf.status]
-        status = leaf.status.upper() if leaf.status == "mismatch" else leaf.status
-        if leaf.n_mismatch:
-            status += f" ({leaf.n_mismatch}/{leaf.n_checked})"
-        elif leaf.n_kink:
-            status += f" ({leaf.n_kink} at kinks)"
-        elif leaf.status == "skipped":
-            status += f" ({leaf.reason})"
-        shape = "-" if leaf.dtype is None else f"{leaf.dtype}{list(leaf.shape)}"
-        cells = [fmt_path(leaf.path), shape, str(leaf.n_checked),
-                 "-" if leaf.status == "skipped" else f"{leaf.max_rel_error:.1e}",
-                 "-" if leaf.worst_index is None else str(leaf.worst_index),
-                 fmt_num(leaf.numerical), fmt_num(leaf.checked)]
-        if show_ad:
-            cells.append(fmt_num(leaf.autodiff))
+        cells = leaf_cells(leaf)
+        status = cells.pop()
+        if not show_ad:
+            del cells[7]
         tds = "".join(f'<td style="padding:2px 8px;font-family:monospace">{e(v)}</td>'
                       for v in cells)
-        rows.append(f'<tr>{tds}<td style="padding:2px 8px;color:{c};font-weight:bold">'
-                    f'{e(status)}</td></tr>')
+        rows.append(f'<tr>{tds}<td style="padding:2px 8px;color:{COLOURS[leaf.status]};'
+                    f'font-weight:bold">{e(status)}</td></tr>')
     ths = "".join(f'<th style="padding:2px 8px;text-align:left">{e(c)}</th>' for c in cols)
     table = (f'<table style="border-collapse:collapse;margin:6px 0"><tr>{ths}</tr>'
              f'{"".join(rows)}</table>')

@@ -16,6 +16,7 @@ VERDICTS = {
     "suspect_numerics": "SUSPECT NUMERICS",
     "disagreement": "MISMATCH",
     "randomness": "RANDOM LOSS",
+    "unresolved": "UNRESOLVED",
 }
 
 
@@ -28,14 +29,17 @@ class LeafReport:
       shape: the leaf's shape.
       dtype: the leaf's dtype name (None for a non-array leaf).
       n_checked: how many entries were checked (0 for skipped leaves).
-      status: "ok" | "kink" | "mismatch" | "skipped".
+      status: "ok" | "kink" | "mismatch" | "unresolved" | "skipped". "unresolved": finite
+        differences could not tell this leaf's gradient from one 2x too large, its negative or
+        zero (`resolution` >= 100%), so nothing was verified.
       max_rel_error: the largest element-wise relative error over the checked entries.
       worst_index: a tuple index into the leaf (the worst mismatch, else the largest error).
       numerical, checked, autodiff: the three values at worst_index (autodiff is jax.grad; None
         where jax.grad is unavailable or is itself the gradient being checked).
       n_mismatch, n_kink: how many checked entries are mismatches, and sit on kinks.
-      pattern, factor: None or "scale" | "sign" | "transpose" | "regularization" | "zero"; the
-        factor (checked / numerical) for scale and sign, the coefficient for regularization.
+      pattern, factor: None or "scale" | "sign" | "transpose" | "regularization" | "zero" |
+        "nonfinite"; the factor (checked / numerical) for scale and sign, the coefficient for
+        regularization.
       autodiff_status: how jax.grad compares with the numerical derivative on this leaf.
       reason: why the leaf was skipped.
       worst: up to five (index, numerical, checked, autodiff) rows, worst first.
@@ -43,6 +47,12 @@ class LeafReport:
         detect (a scale error of the whole leaf; for single entries, at the best-resolved one).
       directions: random directions tested (mode "directional"); n_checked then counts the
         entries checked one by one (a sample, and the suspects group testing left).
+      n_nonfinite: checked entries that are NaN or Inf (always mismatches).
+      autodiff_disagrees: jax.grad and the checked gradient differ beyond the error bar
+        somewhere in this leaf (said in the diagnosis when the leaf is unresolved).
+      zero: the gradient is zero, verified in absolute terms: zero to rounding on the scale of
+        the whole gradient, and finite differences consistent with zero (a parameter the loss
+        does not depend on). Its resolution is then None: a zero has no relative error.
       rel_errors: the element-wise relative errors, shaped like the leaf (NaN where an entry
         was not checked); what report.plot() draws. Not part of to_dict().
     """
@@ -66,11 +76,15 @@ class LeafReport:
     worst: tuple[tuple[Any, ...], ...] = ()
     resolution: float | None = None
     directions: int = 0
+    n_nonfinite: int = 0
+    autodiff_disagrees: bool = False
+    zero: bool = False
     rel_errors: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
-        return self.status != "mismatch"
+        """Verified (ok, or a kink whose value lies between the one-sided slopes) or skipped."""
+        return self.status not in ("mismatch", "unresolved")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -124,6 +138,19 @@ class Report:
     @property
     def bad_leaves(self) -> tuple[LeafReport, ...]:
         return tuple(leaf for leaf in self.leaves if leaf.status == "mismatch")
+
+    @property
+    def unresolved_leaves(self) -> tuple[LeafReport, ...]:
+        return tuple(leaf for leaf in self.leaves if leaf.status == "unresolved")
+
+    @property
+    def summary(self) -> str:
+        """'1 of 4 checked leaves mismatch', 'all 4 checked leaves agree', ..."""
+        n = sum(1 for leaf in self.leaves if leaf.status != "skipped")
+        parts = [f"{len(group)} of {n} checked leaves {word}"
+                 for group, word in ((self.bad_leaves, "mismatch"),
+                                     (self.unresolved_leaves, "unresolved")) if group]
+        return ", ".join(parts) if parts else f"all {n} checked leaves agree"
 
     def leaf(self, path: str) -> LeafReport:
         """The LeafReport for a path, e.g. report.leaf("['W1']")."""
@@ -197,10 +224,7 @@ _COLUMNS = ("leaf", "shape", "checked", "max rel err", "worst index", "numerical
 def format_report(r: Report) -> str:
     """The text view: a header, one row per leaf, the classic number, then the diagnosis."""
     headline = VERDICTS[r.verdict]
-    n_bad = len(r.bad_leaves)
-    n_leaves = sum(1 for leaf in r.leaves if leaf.status != "skipped")
-    summary = (f"{n_bad} of {n_leaves} checked leaves mismatch" if n_bad
-               else f"all {n_leaves} checked leaves agree")
+    summary = r.summary
     lines = [
         f"jgc {'gradient' if r.noun == 'gradient' else r.noun} check: {headline} ({summary})",
         f"checking: {r.checked_source} | precision: {r.precision} | method: {r.method} "
@@ -220,22 +244,7 @@ def format_report(r: Report) -> str:
         del cols[7]
     rows = []
     for leaf in r.leaves:
-        if leaf.status == "skipped":
-            row = [fmt_path(leaf.path), _shape(leaf), "0", "-", "-", "-", "-", "-",
-                   f"skipped ({leaf.reason})"]
-        else:
-            status = leaf.status.upper() if leaf.status == "mismatch" else leaf.status
-            if leaf.n_mismatch:
-                status += f" ({leaf.n_mismatch}/{leaf.n_checked})"
-            elif leaf.status == "mismatch":
-                status += " (as a whole)"
-            elif leaf.n_kink:
-                status += f" ({leaf.n_kink} at kinks)"
-            checked = str(leaf.n_checked) + (f"+{leaf.directions}dir" if leaf.directions else "")
-            row = [fmt_path(leaf.path), _shape(leaf), checked,
-                   f"{leaf.max_rel_error:.1e}",
-                   "-" if leaf.worst_index is None else str(leaf.worst_index),
-                   fmt_num(leaf.numerical), fmt_num(leaf.checked), fmt_num(leaf.autodiff), status]
+        row = leaf_cells(leaf)
         if not show_jax:
             del row[7]
         rows.append(row)
@@ -248,6 +257,42 @@ def format_report(r: Report) -> str:
     lines.append(r.diagnosis)
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def leaf_status(leaf: LeafReport) -> str:
+    """The status cell, the same in the text and HTML views: MISMATCH (3/12), ok, ..."""
+    if leaf.status == "skipped":
+        return f"skipped ({leaf.reason})"
+    text = leaf.status.upper() if leaf.status in ("mismatch", "unresolved") else leaf.status
+    if leaf.n_mismatch:
+        text += f" ({leaf.n_mismatch}/{leaf.n_checked})"
+    elif leaf.status == "mismatch":
+        text += " (as a whole)"
+    elif leaf.status == "unresolved":
+        text += f" (resolution {pct(leaf.resolution)})"
+    elif leaf.n_kink:
+        text += f" ({leaf.n_kink} at kinks)"
+    return text
+
+
+def leaf_cells(leaf: LeafReport) -> list[str]:
+    """One leaf's row, the same in the text and HTML views: leaf, shape, checked, max rel err,
+    worst index, numerical, checked gradient, jax.grad, status."""
+    if leaf.status == "skipped":
+        return [fmt_path(leaf.path), _shape(leaf), "0", "-", "-", "-", "-", "-",
+                leaf_status(leaf)]
+    checked = str(leaf.n_checked) + (f"+{leaf.directions}dir" if leaf.directions else "")
+    return [fmt_path(leaf.path), _shape(leaf), checked, f"{leaf.max_rel_error:.1e}",
+            "-" if leaf.worst_index is None else str(leaf.worst_index),
+            fmt_num(leaf.numerical), fmt_num(leaf.checked), fmt_num(leaf.autodiff),
+            leaf_status(leaf)]
+
+
+def pct(x: float | None) -> str:
+    """A relative size as a percentage; 100% or more (or unknown) as '≥100%'."""
+    if x is None or not np.isfinite(x) or x >= 1:
+        return "≥100%"
+    return f"{100 * x:.2g}%"
 
 
 def _shape(leaf: LeafReport) -> str:

@@ -1,0 +1,151 @@
+"""Compiled programs that are reused only for a provably identical function.
+
+A check must evaluate the loss *as it is at call time*. Keying compiled code on the function
+object (as `jax.jit` with a static argument does) reuses a stale trace when the loss reads a global
+or a closed-over array that has changed since. jgc therefore traces the user's function on every
+check (cheap next to compiling) and reuses a compiled program only when the new trace is
+structurally identical to the one it was compiled from:
+
+  * the jaxpr's text (every primitive, shape, dtype, literal value and printable parameter; JAX
+    prints literals with full round-trip precision), and
+  * every parameter object the text cannot show (custom_jvp/custom_vjp rules, callbacks, meshes),
+    compared with their own equality: JAX's `WrappedFun` compares the wrapped Python function by
+    identity, so a redefined rule is a different program, and
+  * the shapes, dtypes and shardings of the inputs, and the devices.
+
+Constants that the trace captured (closed-over arrays) are passed to the compiled program as
+runtime arguments, so new values in the same shapes reuse the program and are never stale.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.extend.core
+import numpy as np
+
+CACHE_SIZE = 64  # compiled programs kept; each holds an XLA executable (and its rules alive)
+_ATOMS = (int, float, bool, str, bytes, type(None), np.dtype, np.generic)
+
+
+def _param_objects(value, out: list) -> bool:
+    """Appends the parts of a jaxpr parameter that its printed text may not identify.
+
+    Returns False when a part can be neither printed faithfully nor compared (unhashable):
+    such a jaxpr is never reused.
+    """
+    if isinstance(value, _ATOMS):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_param_objects(v, out) for v in value)
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return _collect(value.jaxpr, out)
+    if isinstance(value, jax.extend.core.Jaxpr):
+        return _collect(value, out)
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    out.append(value)
+    return True
+
+
+def _collect(jaxpr, out: list) -> bool:
+    for eqn in jaxpr.eqns:
+        for value in eqn.params.values():
+            if not _param_objects(value, out):
+                return False
+    return True
+
+
+def jaxpr_key(closed) -> Hashable | None:
+    """A key equal for two traces exactly when they are the same program; None: never reuse."""
+    objects: list = []
+    if not _collect(closed.jaxpr, objects):
+        return None
+    consts = tuple(_aval_key(c) for c in closed.consts)
+    return (str(closed.jaxpr), tuple(objects), consts)
+
+
+def _aval_key(x) -> Hashable:
+    return (np.shape(x), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype),
+            getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """A user function traced once: its closed jaxpr, output tree and structural key."""
+
+    closed: Any  # jax.extend.core.ClosedJaxpr
+    out_tree: Any
+    key: Hashable | None
+
+    @property
+    def consts(self) -> list:
+        return list(self.closed.consts)
+
+    def evaluate(self, consts, *args):
+        """Evaluates the traced function (inside a program being traced); flat outputs."""
+        return jax.core.eval_jaxpr(self.closed.jaxpr, consts, *args)
+
+
+def trace(fn: Callable, *example_args) -> Traced:
+    """Traces fn(*example_args) (arrays or ShapeDtypeStructs) into a closed jaxpr."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+    _, out_tree = jax.tree_util.tree_flatten(shapes)
+    return Traced(closed, out_tree, jaxpr_key(closed))
+
+
+class _Cache:
+    """A small LRU of compiled executables, shared by every check in the process."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.compiles = 0  # programs compiled so far (tests count these)
+
+    def get(self, key):
+        with self.lock:
+            if key is None or key not in self.entries:
+                return None
+            self.entries.move_to_end(key)
+            return self.entries[key]
+
+    def put(self, key, value) -> None:
+        with self.lock:
+            self.compiles += 1
+            if key is None:
+                return
+            self.entries[key] = value
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
+CACHE = _Cache(CACHE_SIZE)
+
+
+def compiled(name: str, build: Callable[[], Callable], static: Hashable,
+             traced: tuple[Traced, ...], args: tuple) -> Callable:
+    """The compiled program `build()` for these arguments, from the cache when provably equal.
+
+    `build()` returns a function of `args` (a flat tuple of arrays) that evaluates the traced
+    user functions in `traced`; `static` is everything else that shapes the program (jgc's own
+    choices: chunk sizes, which leaf is batched). A traced function whose key is None (a
+    parameter that cannot be compared) makes the program single-use.
+    """
+    keys = tuple(t.key for t in traced)
+    key = None
+    if all(k is not None for k in keys):
+        key = (name, static, keys, tuple(_aval_key(a) for a in jax.tree_util.tree_leaves(args)),
+               tuple(d.id for d in jax.devices()))
+    program = CACHE.get(key)
+    if program is None:
+        program = jax.jit(build()).lower(*args).compile()
+        CACHE.put(key, program)
+    return program

@@ -1,0 +1,199 @@
+"""Every function a user has is checked or clearly refused (issue: "Every function a user has
+is checked or clearly refused")."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(4, 3))
+X = RNG.normal(size=(5, 4))
+
+
+def tanh_loss(p, X):
+    return jnp.sum(jnp.tanh(X @ p) ** 2)
+
+
+def tanh_grad(p, X):
+    t = np.tanh(X @ p)
+    return X.T @ (2 * t * (1 - t ** 2))
+
+
+# -- (value, aux) losses -------------------------------------------------------------------------
+
+def aux_loss(p, X):
+    return tanh_loss(p, X), {"accuracy": 0.5, "h": jnp.tanh(X @ p)}
+
+
+def test_loss_with_aux_needs_has_aux_and_says_so():
+    with pytest.raises(jgc.InputError, match="pass has_aux=True"):
+        jgc.check_grad(aux_loss, W, X)
+    with pytest.raises(jgc.InputError, match="has_aux=True: loss must return a pair"):
+        jgc.check_grad(tanh_loss, W, X, has_aux=True)
+
+
+def test_loss_with_aux_is_checked():
+    assert jgc.check_grad(aux_loss, W, X, has_aux=True).ok
+    assert jgc.check_grad(aux_loss, W, X, has_aux=True, grad=tanh_grad).ok
+    # the gradient jax.grad(has_aux=True) returns: (grad, aux)
+    assert jgc.check_grad(aux_loss, W, X, has_aux=True,
+                          grad=jax.grad(aux_loss, has_aux=True)).ok
+    r = jgc.check_grad(aux_loss, W, X, has_aux=True, grad=lambda p, X: 2 * tanh_grad(p, X))
+    assert not r.ok and r.leaves[0].factor == pytest.approx(2.0)
+    np.testing.assert_allclose(jgc.numerical_grad(aux_loss, W, X, has_aux=True),
+                               tanh_grad(W, X), rtol=1e-7)
+    numpy_aux = lambda p, X: (np.sum(np.tanh(X @ p) ** 2), "aux")
+    assert jgc.check_grad(numpy_aux, W, X, has_aux=True, grad=tanh_grad).ok
+
+
+# -- callbacks, odd callables, transformations ----------------------------------------------------
+
+def callback_loss(p, X):
+    shape = jax.ShapeDtypeStruct((5, 3), p.dtype)
+    y = jax.pure_callback(lambda z: np.tanh(np.asarray(z)), shape, X @ p)
+    return jnp.sum(y ** 2)
+
+
+def test_pure_callback_loss_is_evaluated_one_at_a_time():
+    r = jgc.check_grad(callback_loss, W, X, grad=tanh_grad)
+    assert r.ok, str(r)
+    notes = " ".join(r.notes)
+    assert "cannot be vmapped" in notes and "one at a time" in notes
+    assert "jax.grad is not available as a third opinion" in notes
+    bad = jgc.check_grad(callback_loss, W, X, grad=lambda p, X: -tanh_grad(p, X))
+    assert bad.leaves[0].pattern == "sign"
+
+
+def test_pure_callback_loss_with_grad_none_says_what_to_do():
+    with pytest.raises(jgc.InputError, match="calls jax.pure_callback, which JAX cannot "
+                                             "differentiate.*Pass your hand-written gradient"):
+        jgc.check_grad(callback_loss, W, X)
+
+
+@dataclasses.dataclass
+class DataclassLoss:
+    """A callable dataclass: unhashable (eq=True sets __hash__ to None)."""
+
+    weights: np.ndarray
+
+    def __call__(self, p, X):
+        return tanh_loss(p, X) * jnp.sum(self.weights)
+
+
+class ModuleLoss(eqx.Module):
+    scale: jax.Array
+
+    def __call__(self, p, X):
+        return tanh_loss(p, X) * self.scale
+
+
+def test_unhashable_callables_as_loss_and_gradient():
+    loss = DataclassLoss(np.array([0.5, 0.25]))
+    with pytest.raises(TypeError):
+        hash(loss)
+    assert jgc.check_grad(loss, W, X).ok
+    grad = DataclassLoss(np.array([0.5, 0.25]))
+    grad.__class__ = type("G", (DataclassLoss,),
+                          {"__call__": lambda self, p, X: 0.75 * tanh_grad(p, X)})
+    assert jgc.check_grad(loss, W, X, grad=grad).ok
+    assert jgc.check_grad(ModuleLoss(jnp.asarray(2.0)), W, X).ok
+
+
+@pytest.mark.parametrize("transform", [jax.jit, jax.grad, jax.vmap])
+def test_check_inside_a_transformation_is_refused(transform):
+    def inner(w):
+        return jgc.check_grad(lambda p: jnp.sum(p ** 2), w).global_rel_error
+
+    arg = W if transform is not jax.vmap else W[None]
+    with pytest.raises(jgc.InputError, match="outside jax.jit, jax.grad, jax.vmap"):
+        transform(inner)(arg)
+
+
+def test_zero_size_params_are_refused_by_name():
+    with pytest.raises(jgc.InputError, match=r"every floating-point leaf is empty \(\['a'\] "
+                                             r"\(shape \(0, 3\)\), \['b'\] \(shape \(0,\)\)\)"):
+        jgc.check_grad(lambda p: jnp.sum(p["a"]), {"a": np.zeros((0, 3)), "b": np.zeros(0)})
+
+
+def test_deleted_array_is_refused_by_name():
+    w = jnp.asarray(W)
+    w.delete()
+    with pytest.raises(jgc.InputError, match=r"params\['w'\] is a deleted JAX array"):
+        jgc.check_grad(lambda p, X: jnp.sum(p["w"]), {"w": w}, X)
+    x = jnp.asarray(X)
+    x.delete()
+    with pytest.raises(jgc.InputError, match=r"args\[0\] is a deleted JAX array"):
+        jgc.check_grad(tanh_loss, W, x)
+
+
+# -- the user's gradient is called once -----------------------------------------------------------
+
+def test_numpy_gradient_of_numpy_loss_runs_exactly_once():
+    calls = []
+
+    def grad(p, X):
+        calls.append(1)
+        return tanh_grad(p, X)
+
+    r = jgc.check_grad(lambda p, X: np.sum(np.tanh(X @ p) ** 2), W, X, grad=grad)
+    assert r.ok and len(calls) == 1
+
+
+def test_jax_gradient_runs_once_and_numpy_gradient_of_jax_loss_says_why_twice():
+    calls = []
+
+    def jax_grad(p, X):
+        calls.append(1)
+        return jax.grad(tanh_loss)(p, X)
+
+    assert jgc.check_grad(tanh_loss, W, X, grad=jax_grad).ok and len(calls) == 1
+    calls.clear()
+
+    def numpy_grad(p, X):
+        calls.append(1)
+        return tanh_grad(p, X)
+
+    r = jgc.check_grad(tanh_loss, W, X, grad=numpy_grad)
+    assert r.ok and len(calls) == 2
+    assert any("it ran twice: JAX's tracer ran it first and stopped at" in n for n in r.notes)
+
+
+# -- jax.grad that cannot be taken ------------------------------------------------------------
+
+@jax.custom_vjp
+def broken(x):
+    return jnp.sin(x)
+
+
+def broken_fwd(x):
+    return jnp.sin(x), x
+
+
+def broken_bwd(x, g):
+    return (g * jnp.cos(x) * [1.0, 2.0][5],)  # IndexError: the rule under test crashes
+
+
+broken.defvjp(broken_fwd, broken_bwd)
+
+
+def test_crashing_custom_vjp_backward_is_named_and_chained():
+    with pytest.raises(jgc.InputError) as info:
+        jgc.check_grad(lambda p, X: jnp.sum(broken(X @ p)), W, X)
+    text = str(info.value)
+    assert "the backward rule `broken_bwd` of a jax.custom_vjp function raised IndexError" in text
+    assert "test_functions.py" in text and ".." not in text
+    assert isinstance(info.value.__cause__, IndexError)  # the failing line stays visible
+
+
+def test_numerical_grad_refuses_complex_step_on_non_analytic_loss():
+    for loss in (lambda p: jnp.sum(jnp.abs(p)), lambda p: jnp.sum(p.real ** 2)):
+        with pytest.raises(jgc.InputError, match="needs a complex-analytic loss"):
+            jgc.numerical_grad(loss, W, method="complex")
+    g = jgc.numerical_grad(lambda p: jnp.sum(jnp.sin(p)), W, method="complex")
+    np.testing.assert_allclose(g, np.cos(W), rtol=1e-13)

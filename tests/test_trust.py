@@ -1,0 +1,206 @@
+"""Trust: ok means verified, a mismatch means wrong. Each case here was once a false alarm or a
+silent pass on a real input (issue: "Trust: no false alarm and no silent pass")."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jgc
+from jgc._src import programs
+
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(4, 3))
+X = RNG.normal(size=(5, 4))
+
+
+def tanh_loss(p, X):
+    return jnp.sum(jnp.tanh(X @ p) ** 2)
+
+
+def tanh_grad(p, X):
+    t = np.tanh(X @ p)
+    return X.T @ (2 * t * (1 - t ** 2))
+
+
+# -- one check, one precision, whatever thread runs it -----------------------------------------
+
+def test_x64_false_inside_enable_x64_context_runs_in_one_precision():
+    """jax.grad and the user's gradient run on worker threads, which do not see the caller's
+    thread-local x64 context: they must still run in the check's precision."""
+    with jax.enable_x64(True):
+        r = jgc.check_grad(tanh_loss, W, X, x64=False)
+        r_hand = jgc.check_grad(tanh_loss, W, X, x64=False,
+                                grad=lambda p, X: jax.grad(tanh_loss)(p, X))
+    assert r.ok and r_hand.ok, str(r)
+    assert r.precision == "float64" and r.leaves[0].max_rel_error < 1e-6
+
+
+# -- the loss as it is at call time -------------------------------------------------------------
+
+def test_a_changed_global_is_seen_by_the_next_check():
+    """The loss reads a global; the compiled program of the first check must not be reused
+    once it has changed: that gave a false alarm on the new correct gradient and passed the
+    old, now wrong, one."""
+    ns = {"LAM": 0.0}
+    loss = lambda p, X: tanh_loss(p, X) + ns["LAM"] * jnp.sum(p ** 2)
+    grad = lambda p, X: tanh_grad(p, X) + 2 * ns["LAM"] * p
+    assert jgc.check_grad(loss, W, X, grad=grad).ok
+    old = tanh_grad(W, X)
+    ns["LAM"] = 1.0
+    assert jgc.check_grad(loss, W, X, grad=grad).ok
+    r = jgc.check_grad(loss, W, X, grad=old)
+    assert not r.ok and r.leaves[0].pattern == "regularization"
+    np.testing.assert_allclose(jgc.numerical_grad(loss, W, X), grad(W, X), rtol=1e-7)
+
+
+def test_a_closed_over_array_changed_in_place_is_seen():
+    data = X.copy()
+    loss = lambda p: tanh_loss(p, data)
+    g1 = jgc.numerical_grad(loss, W)
+    data *= 2.0
+    g2 = jgc.numerical_grad(loss, W)
+    np.testing.assert_allclose(g2, tanh_grad(W, data), rtol=1e-7)
+    assert not np.allclose(g1, g2)
+
+
+def test_a_redefined_custom_vjp_rule_is_seen():
+    def make(factor):
+        @jax.custom_vjp
+        def f(x):
+            return jnp.sin(x)
+
+        f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (factor * g * jnp.cos(x),))
+        return f
+
+    rules = {"f": make(1.0)}
+    loss = lambda p, X: jnp.sum(rules["f"](X @ p))
+    assert jgc.check_grad(loss, W, X).ok
+    rules["f"] = make(2.0)
+    r = jgc.check_grad(loss, W, X)
+    assert not r.ok and r.leaves[0].factor == pytest.approx(2.0, rel=1e-6)
+
+
+def test_second_check_of_an_unchanged_loss_compiles_nothing_and_first_does():
+    """A positive control first: a new loss compiles (so the counter can see compilations)."""
+    ns = {"c": 0.123456789}
+    loss = lambda p, X: tanh_loss(p, X) * ns["c"]
+    before = programs.CACHE.compiles
+    jgc.check_grad(loss, W, X, grad=lambda p, X: ns["c"] * tanh_grad(p, X))
+    first = programs.CACHE.compiles - before
+    assert first >= 2  # the loss batch and jax.grad, at least
+    before = programs.CACHE.compiles
+    r = jgc.check_grad(loss, W * 0.5, X * 2, grad=lambda p, X: ns["c"] * tanh_grad(p, X))
+    assert r.ok and programs.CACHE.compiles == before
+    ns["c"] = 0.5  # a changed constant is a new program
+    jgc.check_grad(loss, W, X, grad=lambda p, X: ns["c"] * tanh_grad(p, X))
+    assert programs.CACHE.compiles > before
+
+
+def test_trace_time_randomness_is_not_mistaken_for_a_function():
+    """np.random inside a traced loss is drawn once per trace: the check must still evaluate
+    one function, so a correct gradient of *that* draw is not blamed."""
+    def loss(p, X):
+        noise = np.random.default_rng().normal(size=3) * 1e-3
+        return tanh_loss(p, X) + jnp.sum(p[0] * noise)
+
+    r = jgc.check_grad(loss, W, X)
+    assert r.verdict in ("ok", "randomness"), str(r)
+
+
+# -- non-finite values, empty checks, unresolvable leaves ---------------------------------------
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_one_non_finite_entry_is_a_mismatch(bad):
+    g = tanh_grad(W, X)
+    g[1, 2] = bad
+    r = jgc.check_grad(tanh_loss, W, X, grad=g)
+    leaf = r.leaves[0]
+    assert not r.ok and leaf.status == "mismatch" and leaf.n_mismatch == 1
+    assert leaf.pattern == "nonfinite" and leaf.n_nonfinite == 1 and leaf.worst_index == (1, 2)
+    assert "has 1 non-finite entry (NaN or Inf), first at (1, 2)" in r.diagnosis
+    with pytest.raises(AssertionError, match="gradient check failed"):
+        jgc.assert_grad(tanh_loss, W, X, grad=g)
+
+
+def test_an_all_inf_gradient_is_a_mismatch_everywhere():
+    r = jgc.check_grad(tanh_loss, W, X, grad=np.full_like(W, np.inf))
+    assert not r.ok and r.leaves[0].n_mismatch == W.size and r.global_rel_error == np.inf
+
+
+def test_non_finite_jax_grad_is_a_mismatch():
+    """The classic NaN gradient of jnp.where: the untaken sqrt branch at a negative input
+    has a NaN derivative, and 0 * NaN is NaN. The loss itself is finite and smooth there."""
+    loss = lambda p: jnp.sum(jnp.where(p > 0, jnp.sqrt(p), 0.0))
+    r = jgc.check_grad(loss, np.array([-1.0, 1.0, 4.0]))
+    leaf = r.leaves[0]
+    assert not r.ok and leaf.n_mismatch == 1 and leaf.worst_index == (0,)
+    assert "jax.grad of <params> has 1 non-finite entry (NaN or Inf), first at (0,)" in r.diagnosis
+
+
+@pytest.mark.parametrize("samples", [0, -3, 2.5, True])
+def test_sample_mode_with_no_samples_is_refused(samples):
+    with pytest.raises(jgc.InputError, match="samples=.*must be a positive integer"):
+        jgc.check_grad(tanh_loss, W, X, mode="sample", samples=samples)
+
+
+def test_leaf_below_the_loss_rounding_is_unresolved_not_ok():
+    """1 + 1e-14 sum(w): the gradient is far below the loss's rounding, so a gradient 10x too
+    large cannot be told apart. Before, it was reported ok."""
+    w = np.ones(5)
+    loss = lambda w: 1 + 1e-14 * jnp.sum(w)
+    r = jgc.check_grad(loss, w, grad=lambda w: 10e-14 * np.ones(5))
+    assert not r.ok and r.verdict == "unresolved"
+    assert r.leaves[0].status == "unresolved" and r.leaves[0].resolution >= 1
+    assert "UNRESOLVED (1 of 1 checked leaves unresolved)" in str(r)
+    assert "disagree in <params>, beyond their rounding" in r.diagnosis
+    with pytest.raises(AssertionError, match="unresolved"):
+        jgc.assert_grad(loss, w, grad=lambda w: 10e-14 * np.ones(5))
+    assert jgc.check_grad(loss, w).verdict == "unresolved"  # jax.grad cannot be verified either
+
+
+def test_float32_loss_inside_float64_check_catches_a_2x_bug():
+    """The loss computes in float32 while the check promotes params to float64: the error bars
+    follow the loss's measured noise, and a 2x bug is caught."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=5)
+    loss = lambda w: jnp.sum(jnp.tanh(w.astype(jnp.float32)) ** 2).astype(jnp.float64)
+    true = lambda w: 2 * np.tanh(w) * (1 - np.tanh(w) ** 2)
+    r = jgc.check_grad(loss, w, grad=lambda w: 2 * true(w))
+    assert not r.ok and r.leaves[0].pattern == "scale"
+    assert r.leaves[0].factor == pytest.approx(2.0, rel=0.02)
+    assert jgc.check_grad(loss, w, grad=true).ok
+
+
+def test_zero_gradient_is_verified_in_absolute_terms():
+    """A bias in front of a normalisation has zero gradient up to rounding, and an unused
+    parameter exactly zero: both are verified, not unresolved."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+
+    def loss(p, X, Y):
+        z = X @ p["W"] + p["b"]
+        z = (z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-5)  # removes b entirely
+        return jnp.mean((z @ p["V"] - Y) ** 2) + 0.0 * jnp.sum(p["unused"])
+
+    p = {"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4), "V": rng.normal(size=(4, 2)),
+         "unused": np.ones(3)}
+    r = jgc.check_grad(loss, p, X, Y)
+    assert r.ok, str(r)
+    assert r.leaf("['b']").zero and r.leaf("['unused']").zero
+    assert not r.leaf("['W']").zero
+
+
+# -- the default on ordinary data -----------------------------------------------------------
+
+def test_float32_batches_are_promoted_with_params_under_x64():
+    conv = eqx.nn.Conv2d(1, 2, 3, key=jax.random.PRNGKey(0))
+    params, static = eqx.partition(conv, eqx.is_inexact_array)
+    Xc = np.random.default_rng(0).normal(size=(1, 6, 6)).astype(np.float32)
+    loss = lambda p, X: jnp.sum(eqx.combine(p, static)(X) ** 2)
+    r = jgc.check_grad(loss, params, Xc)
+    assert r.ok and r.precision == "float64 (x64)", str(r)
+    assert any("args[0] (float32)" in n and "promoted to float64" in n for n in r.notes)
+    assert Xc.dtype == np.float32  # the user's array is untouched
+    assert jgc.check_grad(loss, params, Xc, x64=False).ok
