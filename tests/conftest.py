@@ -15,3 +15,18 @@ def snapshot(tree):
     """Byte-exact copies of every array leaf, to prove that nothing was mutated."""
     return [(np.asarray(x).dtype, np.asarray(x).shape, np.asarray(x).tobytes())
             for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")]
+
+
+# A small smooth problem with a known gradient, shared by the trust and function tests.
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(4, 3))
+X = RNG.normal(size=(5, 4))
+
+
+def tanh_loss(p, X):
+    return jax.numpy.sum(jax.numpy.tanh(X @ p) ** 2)
+
+
+def tanh_grad(p, X):
+    t = np.tanh(X @ p)
+    return X.T @ (2 * t * (1 - t ** 2))

@@ -8,22 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import W, X, tanh_grad, tanh_loss
 
 import jgc
-
-RNG = np.random.default_rng(0)
-W = RNG.normal(size=(4, 3))
-X = RNG.normal(size=(5, 4))
-
-
-def tanh_loss(p, X):
-    return jnp.sum(jnp.tanh(X @ p) ** 2)
-
-
-def tanh_grad(p, X):
-    t = np.tanh(X @ p)
-    return X.T @ (2 * t * (1 - t ** 2))
-
 
 # -- (value, aux) losses -------------------------------------------------------------------------
 
