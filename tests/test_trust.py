@@ -9,6 +9,7 @@ import pytest
 from conftest import W, X, tanh_grad, tanh_loss
 
 import jgc
+from jgc._src import estimate as es
 from jgc._src import programs
 
 # -- one check, one precision, whatever thread runs it -----------------------------------------
@@ -191,3 +192,61 @@ def test_float32_batches_are_promoted_with_params_under_x64():
     assert any("args[0] (float32)" in n and "promoted to float64" in n for n in r.notes)
     assert Xc.dtype == np.float32  # the user's array is untouched
     assert jgc.check_grad(loss, params, Xc, x64=False).ok
+
+
+# -- kinks: ties, and noise measured across a kink ------------------------------------------------
+
+def _tied_relu_net(seed):
+    """Integer inputs and weights, zero biases: many hidden units sit exactly at z = 0, and along
+    one coordinate some turn on to the right and others to the left."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(-2, 3, size=(8, 3)).astype(float)
+    p = {"W1": rng.integers(-2, 3, size=(3, 4)).astype(float), "b1": np.zeros(4),
+         "W2": rng.normal(size=(4, 2)), "b2": np.zeros(2)}
+    return p, X, rng.normal(size=(8, 2))
+
+
+def relu_loss(p, X, Y):
+    h = jax.nn.relu(X @ p["W1"] + p["b1"])
+    return 0.5 * jnp.mean((h @ p["W2"] + p["b2"] - Y) ** 2)
+
+
+def relu_grad(p, X, Y, mask_at_zero=0.0, scale_w1=1.0):
+    z = X @ p["W1"] + p["b1"]
+    h = np.maximum(z, 0)
+    r = (h @ p["W2"] + p["b2"] - Y) / Y.size
+    dz = (r @ p["W2"].T) * np.where(z == 0, mask_at_zero, z > 0)
+    return {"W1": scale_w1 * X.T @ dz, "b1": dz.sum(0), "W2": h.T @ r, "b2": r.sum(0)}
+
+
+def test_relu_ties_are_kinks_not_failures_of_jax_grad():
+    """jax.grad's relu'(0) = 0 lies outside both one-sided slopes at such a tie: before, jax.grad
+    was blamed on 9 of 40 such networks."""
+    p, X, Y = _tied_relu_net(46)
+    r = jgc.check_grad(relu_loss, p, X, Y)
+    assert r.ok, str(r)
+    w1 = r.leaf("['W1']")
+    assert w1.status == "kink" and w1.n_tie >= 1
+    assert "sits at a tie: several elements" in r.diagnosis
+    assert r.step == "h = 6.1e-06·max(1,|θ|)"  # the noise probe at b1 = 0 is not fooled
+
+
+@pytest.mark.parametrize("seed", [5, 46, 51])
+def test_relu_ties_with_either_convention_pass_and_bugs_are_caught(seed):
+    p, X, Y = _tied_relu_net(seed)
+    for at_zero in (0.0, 1.0):  # relu'(0) = 0 (as jax) or 1 (a mask z >= 0)
+        r = jgc.check_grad(relu_loss, p, X, Y,
+                           grad=lambda p, X, Y: relu_grad(p, X, Y, mask_at_zero=at_zero))
+        assert r.ok, str(r)
+    r = jgc.check_grad(relu_loss, p, X, Y, grad=lambda p, X, Y: relu_grad(p, X, Y, scale_w1=2))
+    assert [leaf.path for leaf in r.bad_leaves] == ["['W1']"]
+
+
+def test_ecnoise_rejects_a_kink_among_its_points():
+    t = 2.0 ** -24
+    x = t * np.arange(-4, 5)
+    assert es.kinked(np.maximum(x, 0) + 1.0, 2.2e-16)
+    assert es.ecnoise(np.maximum(x, 0) + 1.0, 2.2e-16) is None
+    noisy = 1.0 + 0.3 * x + np.random.default_rng(0).normal(size=9) * 1e-12
+    assert not es.kinked(noisy, 2.2e-16)
+    assert es.ecnoise(noisy, 2.2e-16) == pytest.approx(1e-12, rel=0.6)

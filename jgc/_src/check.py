@@ -88,22 +88,26 @@ def _measure_noise(ev: Evaluator, sp: Split, plan: pl.Plan) -> float | None:
 
     The largest of the per-leaf ECnoise estimates: the noise a perturbation sees depends on how
     much computation the perturbed entry feeds, and the largest is the safe choice. A probe
-    whose nine values are all equal (the loss rounds its inputs more coarsely than the probe's
-    spacing) is repeated at a wider spacing, up to MAX_WIDEN times.
+    whose nine values are all equal, or step once (the loss rounds its inputs more coarsely
+    than the probe's spacing), is repeated at a wider spacing, up to MAX_WIDEN times.
     """
     limit = pl.DIRECTIONAL_NOISE_PROBES if plan.mode == "directional" else pl.MAX_NOISE_PROBES
-    sigmas, flat = [], None
+    eps = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
+    sigmas, again = [], None
     for widen in range(MAX_WIDEN + 1):
         probes = pl.noise_probes(plan, sp, limit, widen)
-        if flat is not None:  # only the probes that saw no variation, if wider now
-            probes = [(i, st) for (i, st), (_, old) in zip(probes, flat) if old is not None
+        if again is not None:  # only the probes to repeat, if they are wider now
+            probes = [(i, st) for (i, st), old in zip(probes, again) if old is not None
                       and np.max(np.abs(st)) > np.max(np.abs(old))]
         if not probes:
             break
         values = _probe_values(ev, sp, plan, probes)
-        sigmas += [x for x in map(es.ecnoise, values) if x is not None]
-        flat = [(i, st if np.ptp(v) == 0 else None) for (i, st), v in zip(probes, values)]
-        if all(old is None for _, old in flat):
+        sigmas += [x for x in (es.ecnoise(v, eps) for v in values) if x is not None]
+        # Flat (no variation at all) or a single stair (kinked): inputs rounded more coarsely
+        # than the spacing, or a true kink, which a wider spacing leaves kinked.
+        again = [st if np.ptp(v) == 0 or es.kinked(v, eps) else None
+                 for (_, st), v in zip(probes, values)]
+        if all(old is None for old in again):
             break
     return max(sigmas) if sigmas else None
 
@@ -146,18 +150,28 @@ def _probe_values(ev: Evaluator, sp: Split, plan: pl.Plan, probes) -> list[np.nd
                     len(probes))
 
 
+def _coordinates(ev: Evaluator, sp: Split, plan: pl.Plan, index: np.ndarray):
+    """The probes of a coordinate check, for es.derivative: entry index[j] moved by its exact
+    steps, both sides in one batch."""
+    def evaluate(s: int, where: np.ndarray):
+        # The fine stencils look closer than the central step, whatever the method's own step.
+        hp, hm = _all_steps(sp, plan, es.SCALES[s], "central" if s >= es.FINE else None)
+        hp, hm, idx = hp[where], hm[where], index[where]
+        values = ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]))
+        k = len(idx)
+        _check_finite(sp, idx, values, k)
+        return values[:k], values[k:], hp, hm, None
+
+    return evaluate
+
+
 def _stencil(ev: Evaluator, sp: Split, plan: pl.Plan, d: es.Differences, s: int,
              where: np.ndarray, index: np.ndarray) -> es.Differences:
     """Evaluates stencil s (step multiplier SCALES[s]) at the entries `where`, in one batch."""
     if not where.any():
         return d
-    # The fine stencils look closer than the central step, whatever the method's own step.
-    hp, hm = _all_steps(sp, plan, es.SCALES[s], "central" if s >= es.FINE else None)
-    hp, hm, idx = hp[where], hm[where], index[where]
-    values = ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]))
-    k = len(idx)
-    _check_finite(sp, idx, values, k)
-    return es.with_stencil(d, s, where, values[:k], values[k:], hp, hm)
+    fp, fm, hp, hm, _ = _coordinates(ev, sp, plan, index)(s, where)
+    return es.with_stencil(d, s, where, fp, fm, hp, hm)
 
 
 def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: str,
@@ -270,41 +284,22 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
 
     index = _global_indices(sp, plan)
     m = len(index)
+    # Reduced precision and Richardson take the 2h stencil everywhere: the leaf-level test and
+    # the extrapolation need it. Refinement (h/4, h/8) only where the user fixed neither the
+    # step nor the tolerance: their choice stands.
+    full = method == "richardson" or (not float64 and method != "complex")
     if method == "complex":
-        full = False
         model = _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
-    else:
-        # The first stencil for every planned entry.
-        everywhere = np.ones(m, bool)
-        d = es.differences(f0, m, sigma, u, float64, f_scale)
-        d = _stencil(ev, sp, plan, d, 0, everywhere, index)
-
-        # The second stencil, at 2h: everywhere in reduced precision and for Richardson (the
-        # leaf-level test and the extrapolation need it), else only where a gradient disagrees.
-        full = method == "richardson" or not float64
-        if full:
-            second = everywhere
-        else:
-            second = es.suspects(d, g, rtol, atol, g_round)
-            if g_ad is not None:
-                second |= es.suspects(d, g_ad, rtol, atol, ad_round)
-        d = _stencil(ev, sp, plan, d, 1, second, index)
-        if method == "richardson":
-            d = _stencil(ev, sp, plan, d, 2, everywhere, index)
-        model = es.error_model(d, method)
-    cmp = es.compare(g, model, rtol, atol, g_round)
-    cmp_ad = None if g_ad is None else es.compare(g_ad, model, rtol, atol, ad_round)
-    # Entries still in doubt: look closer, at h/4 and h/8 (see estimate.error_model). Not when
-    # the user fixed the step (eps) or the tolerance (rtol/atol): their choice stands.
-    doubt = cmp.status == es.MISMATCH
-    if cmp_ad is not None:
-        doubt |= cmp_ad.status == es.MISMATCH
-    if doubt.any() and eps is None and rtol is None and atol is None and method != "complex":
-        d = _stencil(ev, sp, plan, d, es.FINE, doubt, index)
-        d = _stencil(ev, sp, plan, d, es.FINER, doubt, index)
-        model = es.error_model(d, method)
         cmp = es.compare(g, model, rtol, atol, g_round)
         cmp_ad = None if g_ad is None else es.compare(g_ad, model, rtol, atol, ad_round)
+    else:
+        schedule = es.Schedule(method, everywhere=full,
+                               refine=eps is None and rtol is None and atol is None,
+                               rtol=rtol, atol=atol)
+        found = es.derivative(_coordinates(ev, sp, plan, index),
+                              es.differences(f0, m, sigma, u, float64, f_scale), g, g_round,
+                              g_ad, ad_round, schedule=schedule, checked_is_autodiff=grad is None)
+        model, cmp, cmp_ad = found.model, found.cmp, found.cmp_ad
     tol = es.tolerance(model.error + g_round, model.value, rtol, atol)
     agree = None if g_ad is None else np.abs(g - g_ad) <= tol + es.TOL_FACTOR * ad_round
     leaf_test = full and sigma is not None and rtol is None and atol is None

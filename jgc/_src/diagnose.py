@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from jgc._src.estimate import KINK, MISMATCH, TOL_FACTOR, Comparison
+from jgc._src.estimate import KINK, MISMATCH, TIE, TOL_FACTOR, Comparison
 from jgc._src.estimate import chi2 as es_chi2
 from jgc._src.estimate import resolution as es_resolution
 from jgc._src.report import LeafReport as LeafReport
@@ -157,7 +157,8 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     if n == 0:
         return LeafReport(spec.path, spec.shape, spec.dtype, 0, "ok")
     n_mis = int(np.sum(cmp.status == MISMATCH))
-    n_kink = int(np.sum(cmp.status == KINK))
+    n_tie = int(np.sum(cmp.status == TIE))
+    n_kink = int(np.sum(cmp.status == KINK)) + n_tie
     nonfinite = ~np.isfinite(x.checked)
     as_whole = n_mis == 0 and x.collective is not None and x.collective.significant
     resolution = _resolution(x)
@@ -184,7 +185,7 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     if x.autodiff_cmp is not None:
         ad_whole = x.autodiff_collective is not None and x.autodiff_collective.significant
         ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) or ad_whole else
-                     "kink" if np.any(x.autodiff_cmp.status == KINK) else "ok")
+                     "kink" if np.any(np.isin(x.autodiff_cmp.status, (KINK, TIE))) else "ok")
     top = rows[0] if rows else (None, None, None, None)
     rel = np.full(spec.size, np.nan)  # per entry, NaN where not checked (for plots)
     rel[x.entries] = cmp.rel_error
@@ -195,7 +196,7 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
         n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,
-        autodiff_status=ad_status, worst=rows, n_nonfinite=int(nonfinite.sum()),
+        autodiff_status=ad_status, worst=rows, n_nonfinite=int(nonfinite.sum()), n_tie=n_tie,
         autodiff_disagrees=_autodiff_disagrees(x))
 
 
@@ -480,12 +481,25 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
             f"than {pct(worst.resolution)} of {worst.path or '<params>'} could go unseen. "
             + _resolution_advice(float64, method))
     for leaf in kinks:
-        lines.append(
-            f"{leaf.n_kink} entr{'y' if leaf.n_kink == 1 else 'ies'} of {leaf.path or '<params>'} "
-            f"sit{'s' if leaf.n_kink == 1 else ''} on a kink (a relu at 0, a max-pool tie, "
-            "|x| at 0): the loss is not "
-            "differentiable there and the one-sided slopes differ. The checked value lies "
-            "between them, so that is expected, not a failure.")
+        n = leaf.n_kink - leaf.n_tie
+        if n:
+            lines.append(
+                f"{n} entr{'y' if n == 1 else 'ies'} of {leaf.path or '<params>'} "
+                f"sit{'s' if n == 1 else ''} on a kink (a relu at 0, a max-pool tie, "
+                "|x| at 0): the loss is not differentiable there and the one-sided slopes "
+                "differ. The checked value lies between them, so that is expected, not a "
+                "failure.")
+        if leaf.n_tie:
+            t = leaf.n_tie
+            lines.append(
+                f"{t} entr{'y' if t == 1 else 'ies'} of {leaf.path or '<params>'} "
+                f"sit{'s' if t == 1 else ''} at a tie: several elements (relu units, "
+                "max-pool inputs) are exactly at their kinks along "
+                f"{'this coordinate' if t == 1 else 'these coordinates'}, some turning on "
+                "to the right and others to the left, so the derivative is undefined and a "
+                "convention (jax.grad's relu'(0) = 0, or a mask z >= 0) can lie outside both "
+                "one-sided slopes. Not a failure; to verify these entries, check at a point "
+                "without ties (random, non-integer inputs and biases).")
     return verdict, "\n".join(lines)
 
 

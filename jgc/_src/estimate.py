@@ -43,12 +43,14 @@ TOL_FACTOR = 3.0
 # sigma becomes the per-evaluation bound NOISE_SIGMAS * sigma.
 NOISE_SIGMAS = 6.0
 
-OK, KINK, MISMATCH = 0, 1, 2
+# Entry statuses. TIE: a kink where the checked value lies outside the one-sided slopes, as a
+# tie convention can when several elements sit at their kinks at once (see `compare`).
+OK, KINK, MISMATCH, TIE = 0, 1, 2, 3
 
 
 # -- the loss's noise level ------------------------------------------------------------------
 
-def ecnoise(fvals: np.ndarray) -> float | None:
+def ecnoise(fvals: np.ndarray, eps: float = 0.0) -> float | None:
     """Noise level (standard deviation) of f from values at equally spaced points.
 
     Moré & Wild, "Estimating computational noise", SIAM J. Sci. Comput. 33 (2011). The k-th
@@ -56,8 +58,11 @@ def ecnoise(fvals: np.ndarray) -> float | None:
     do not: for independent noise of variance sigma**2, E[(Δ^k f)^2] = C(2k, k) sigma**2. Level k
     is accepted when its differences change sign (noise, not a smooth trend) and its estimate
     agrees within a factor of 4 with the next two levels. Returns None when no level qualifies
-    (the points were too far apart, or the noise is below f's resolution).
+    (the points were too far apart, or the noise is below f's resolution), or when the values
+    have a kink among them (see `kinked`; `eps`: the values' unit roundoff).
     """
+    if kinked(np.asarray(fvals, np.float64), eps):
+        return None
     table = np.asarray(fvals, np.float64)
     sigmas, signs_mixed = [], []
     for k in range(1, len(table)):
@@ -70,6 +75,31 @@ def ecnoise(fvals: np.ndarray) -> float | None:
         if signs_mixed[k] and min(window) > 0 and max(window) <= 4 * min(window):
             return sigmas[k]
     return None
+
+
+# A second difference this many times larger than the others (and than the values' rounding)
+# is a kink, not noise: for noise every second difference has standard deviation sqrt(6) sigma,
+# and the largest of a handful exceeds the typical one by 3-4x at most.
+SPIKE = 10.0
+
+
+def kinked(values: np.ndarray, eps: float) -> bool:
+    """Whether equally spaced values straddle a kink (a relu unit switching among them).
+
+    ECnoise assumes a smooth function: a kink puts a single spike into the second differences,
+    whose differences then look like noise at every level and can read as noise millions of
+    times the real one. Noise spreads over every difference instead. A loss that rounds its
+    inputs more coarsely than the spacing (float32 inside a float64 check) is a staircase,
+    whose single stair looks the same: a wider spacing turns its stairs into noise.
+    """
+    d2 = np.abs(np.diff(values, 2))
+    if d2.size < 4:
+        return False
+    j = int(np.argmax(d2))
+    rest = np.delete(d2, [i for i in (j - 1, j, j + 1) if 0 <= i < d2.size])
+    floor = eps * float(np.max(np.abs(values)))
+    typical = max(float(np.sqrt(np.mean(rest ** 2))) if rest.size else 0.0, floor)
+    return bool(d2[j] > SPIKE * typical) if typical > 0 else bool(d2[j] > 0)
 
 
 def noise_bound(sigma: float | None, f_size, u: float, float64: bool):
@@ -108,11 +138,15 @@ class Stencil:
     def done(self) -> np.ndarray:
         return ~np.isnan(self.central)
 
-    def filled(self, where, f0, fp, fm, hp, hm, delta) -> Stencil:
-        """`delta`: the error bound of one loss value, per entry."""
+    def filled(self, where, f0, fp, fm, hp, hm, delta, shift=None) -> Stencil:
+        """`delta`: the error bound of one loss value, per entry. `shift`: (central, forward,
+        backward) offsets subtracted from the quotients (see `with_stencil`)."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            values = ((fp - fm) / (hp + hm), (fp - f0) / hp, (f0 - fm) / hm,
-                      2 * delta / (hp + hm), hp + hm)
+            values = [(fp - fm) / (hp + hm), (fp - f0) / hp, (f0 - fm) / hm,
+                      2 * delta / (hp + hm), hp + hm]
+            if shift is not None:
+                for i, offset in enumerate(shift):
+                    values[i] = values[i] - offset
         arrays = [a.copy() for a in (self.central, self.forward, self.backward, self.noise,
                                      self.width)]
         for a, v in zip(arrays, values):
@@ -152,16 +186,22 @@ def differences(f0: float, m: int, sigma: float | None, u: float, float64: bool,
     return Differences(f0, sigma, u, float64, f_scale, tuple(Stencil.empty(m) for _ in SCALES))
 
 
-def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm, f0=None
-                 ) -> Differences:
+def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm, f0=None,
+                 shift=None) -> Differences:
     """Fills stencil s at `where`. `f0`: the unperturbed value per entry, when the entries are
-    the outputs of a vector function (check_jvp); by default the loss's d.f0."""
+    the outputs of a vector function (check_jvp); by default the loss's d.f0.
+
+    `shift` (central, forward, backward) is subtracted from the difference quotients: for a
+    probe along a direction, whose displacement at each scale is exact but not exactly the
+    scale times the displacement at h, it is how much the checked directional change differs
+    from its value at h, so that every stencil compares with one checked value.
+    """
     f0 = d.f0 if f0 is None else f0
     size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.broadcast_to(np.abs(f0), fp.shape),
                               np.full(len(fp), d.f_scale)])
     delta = noise_bound(d.sigma, size, d.u, d.float64)
     stencils = list(d.stencils)
-    stencils[s] = stencils[s].filled(where, f0, fp, fm, hp, hm, delta)
+    stencils[s] = stencils[s].filled(where, f0, fp, fm, hp, hm, delta, shift)
     return dataclasses.replace(d, stencils=tuple(stencils))
 
 
@@ -178,6 +218,14 @@ class ErrorModel:
     high: np.ndarray
     reference: np.ndarray  # Richardson R_1 where both h and 2h exist, else NaN.
     reference_sd: np.ndarray  # Standard deviation of `reference` from the measured noise.
+    # bool: a kink confirmed at the finest steps (the jump between the one-sided slopes stays as
+    # they shrink), where a tie convention may lie outside the slopes (see `compare`).
+    tie: np.ndarray | None = None
+    # The one-sided derivatives extrapolated to zero step from the finest stencils, and their
+    # uncertainty (extrapolation and noise); NaN where not refined.
+    left: np.ndarray | None = None
+    right: np.ndarray | None = None
+    side_error: np.ndarray | None = None
 
 
 def richardson(d: Differences, s: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +294,27 @@ def error_model(d: Differences, method: str = "central") -> ErrorModel:
     with np.errstate(invalid="ignore"):
         low = np.where(extend, np.fmin(low, np.min(slopes_fine, axis=0) - widen_fine), low)
         high = np.where(extend, np.fmax(high, np.max(slopes_fine, axis=0) + widen_fine), high)
-    return ErrorModel(value, error, kink, low, high, reference, sd)
+    # One-sided derivatives at the finest steps: 2 F(h/8) - F(h/4) removes the curvature term
+    # (as above for h, 2h); what it removed, plus noise, bounds its error.
+    right_d = 2 * finer.forward - fine.forward
+    left_d = 2 * finer.backward - fine.backward
+    with np.errstate(invalid="ignore"):
+        side = (np.abs(right_d - finer.forward) + np.abs(left_d - finer.backward)
+                + TOL_FACTOR * 5 * finer.noise)
+    return ErrorModel(value, error, kink, low, high, reference, sd, _persistent_jump(fine, finer),
+                      left_d, right_d, side)
+
+
+def _persistent_jump(fine: Stencil, finer: Stencil) -> np.ndarray:
+    """Where the loss has a true kink at x: the jump between the one-sided slopes, J(s) =
+    F(s) - B(s), is significant at h/8 and about the same at h/4. On a smooth loss J(s) = s f''
+    halves with the step; at a kink it tends to the jump in slope. Only then can a tie
+    convention lie outside the slopes without a bug (a fixed step too large for a fast-varying
+    loss also looks non-smooth, but its J shrinks with the step)."""
+    j4, j8 = fine.forward - fine.backward, finer.forward - finer.backward
+    with np.errstate(invalid="ignore"):
+        significant = np.abs(j8) > TOL_FACTOR * 4 * finer.noise  # one-sided: ~2x central noise
+        return finer.done & significant & (np.abs(j4 - j8) <= np.abs(j8) / 2)
 
 
 def _fits_quadratic(stencils: list[Stencil]) -> np.ndarray:
@@ -315,25 +383,143 @@ class Comparison:
 
 
 def compare(values: np.ndarray, m: ErrorModel, rtol=None, atol=None,
-            value_error: np.ndarray | float = 0.0) -> Comparison:
+            value_error: np.ndarray | float = 0.0, tie: np.ndarray | bool = False
+            ) -> Comparison:
     """Classifies each entry of `values` against the numerical derivative.
 
     `value_error` is the rounding error of `values` themselves (see `rounding`), added to the
     numerical derivative's error bar. Relative error is |g - D| / max(|g|, |D|, tol): the
     classic element-wise relative error, except that values below the error bar are not divided
     by (that would report noise as a 100% error).
+
+    At a kink a value between the one-sided slopes is a valid one-sided derivative (KINK). A
+    value outside them is a MISMATCH, unless `tie` allows it there (TIE): when several elements
+    sit exactly at their kinks along one coordinate (relu units with integer inputs and zero
+    biases), some turn on to the right and others to the left, and a convention such as
+    jax.grad's relu'(0) = 0 can lie outside both slopes. The derivative is undefined there; a
+    tie is not a failure.
     """
     tol = tolerance(m.error + value_error, m.value, rtol, atol)
     diff = np.abs(values - m.value)
     with np.errstate(invalid="ignore"):
         bad = ~(diff <= tol) | ~np.isfinite(values)  # NaN and Inf are always mismatches.
         at_kink = bad & m.kink & (values >= m.low) & (values <= m.high)
+        confirmed = m.tie if m.tie is not None else False
+        at_tie = bad & m.kink & ~at_kink & np.isfinite(values) & tie & confirmed
     status = np.where(bad, MISMATCH, OK)
     status[at_kink] = KINK
+    status[at_tie] = TIE
     with np.errstate(divide="ignore", invalid="ignore"):
         denom = np.maximum.reduce([np.abs(values), np.abs(m.value), tol])
         rel = np.where(diff == 0, 0.0, diff / denom)
     return Comparison(status, diff, rel)
+
+
+# -- the stencil schedule -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which stencils a derivative gets.
+
+    Attributes:
+      method: "central" (h, then 2h where needed) or "richardson" (h, 2h and 4h everywhere).
+      everywhere: the 2h stencil at every probe, not only at suspects (reduced precision: the
+        leaf-level test needs it).
+      refine: h/4 and h/8 where a gradient still disagrees (not when the user fixed the step
+        or the tolerance: their choice stands).
+      rtol, atol: the user's tolerance, overriding the error model.
+    """
+
+    method: str = "central"
+    everywhere: bool = False
+    refine: bool = True
+    rtol: float | None = None
+    atol: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Derivative:
+    """The numerical derivative at a set of probes, and the gradients compared with it."""
+
+    d: Differences
+    model: ErrorModel
+    cmp: Comparison  # the checked gradient
+    cmp_ad: Comparison | None  # jax's own, when it is a separate opinion
+
+
+def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
+               autodiff: np.ndarray | None = None, autodiff_error=0.0, *,
+               schedule: Schedule = Schedule(), checked_is_autodiff: bool = False
+               ) -> Derivative:
+    """The numerical derivative at every probe, by one stencil schedule for every kind of
+    probe (an entry of a leaf, a direction, an output element along a tangent).
+
+    `evaluate(s, where)` returns (fp, fm, hp, hm, shift) for stencil s (step multiplier
+    SCALES[s]) at the probes selected by the bool mask `where`: the values on both sides, the
+    exact steps taken, and the shift (or None) of `with_stencil`.
+
+    Schedule: stencil h everywhere; 2h where a gradient disagrees beyond rounding (everywhere
+    with `schedule.everywhere` or Richardson); 4h for Richardson; then h/4 and h/8 where a
+    gradient is still outside its error bar (see error_model).
+    """
+    m = len(checked)
+    everywhere = np.ones(m, bool)
+
+    def fill(d, s, where):
+        if not where.any():
+            return d
+        fp, fm, hp, hm, shift = evaluate(s, where)
+        return with_stencil(d, s, where, fp, fm, hp, hm, shift=shift)
+
+    def judge(d):
+        model = error_model(d, schedule.method)
+        cmp_ad = None
+        if autodiff is not None:
+            cmp_ad = compare(autodiff, model, schedule.rtol, schedule.atol, autodiff_error,
+                             tie=True)
+        tie = checked_is_autodiff or (autodiff is not None and _tie_convention(
+            checked, autodiff, model, tolerance(model.error + checked_error, model.value,
+                                                schedule.rtol, schedule.atol)))
+        cmp = compare(checked, model, schedule.rtol, schedule.atol, checked_error, tie=tie)
+        return Derivative(d, model, cmp, cmp_ad)
+
+    d = fill(d, 0, everywhere)
+    if schedule.everywhere or schedule.method == "richardson":
+        second = everywhere
+    else:
+        second = suspects(d, checked, schedule.rtol, schedule.atol, checked_error)
+        if autodiff is not None:
+            second |= suspects(d, autodiff, schedule.rtol, schedule.atol, autodiff_error)
+    d = fill(d, 1, second)
+    if schedule.method == "richardson":
+        d = fill(d, 2, everywhere)
+    out = judge(d)
+    doubt = out.cmp.status == MISMATCH
+    if out.cmp_ad is not None:
+        doubt |= out.cmp_ad.status == MISMATCH
+    if schedule.refine and doubt.any():
+        d = fill(fill(d, FINE, doubt), FINER, doubt)
+        out = judge(d)
+    return out
+
+
+def _tie_convention(checked, autodiff, model: ErrorModel, tol) -> np.ndarray:
+    """Where the checked value is one a tie convention could give, knowing jax.grad's.
+
+    At a tie the one-sided slopes are L = b + A and R = b + B, where b leaves every tied
+    element off and A, B sum the elements that turn on to the left and to the right; jax.grad
+    gives b (relu'(0) = 0), a mask z >= 0 gives b + A + B = L + R - b. Conventions lie between
+    those: the checked value is accepted inside the hull of L, R, jax.grad and L + R - jax.grad
+    (L and R extrapolated to zero step at the finest stencils), and nowhere else.
+    """
+    if model.left is None:
+        return np.zeros(len(checked), bool)
+    mirror = model.left + model.right - autodiff
+    with np.errstate(invalid="ignore"):
+        slack = tol + model.side_error
+        lo = np.fmin(np.fmin(model.low, autodiff), mirror) - slack
+        hi = np.fmax(np.fmax(model.high, autodiff), mirror) + slack
+        return (checked >= lo) & (checked <= hi)
 
 
 # -- many small errors: the leaf-level test --------------------------------------------------

@@ -187,7 +187,8 @@ def _report_outputs(out_tree, source: str, checked: list[np.ndarray],
 
 
 def _slice_model(m: es.ErrorModel, sl: slice) -> es.ErrorModel:
-    return es.ErrorModel(*(getattr(m, f.name)[sl] for f in dataclasses.fields(m)))
+    return es.ErrorModel(*(None if getattr(m, f.name) is None else getattr(m, f.name)[sl]
+                           for f in dataclasses.fields(m)))
 
 
 def _setup(primals_tree, x64):

@@ -213,7 +213,8 @@ def noise_probes(plan: Plan, sp: Split, limit: int = MAX_NOISE_PROBES, widen: in
         if xj != 0:
             target = min(target, abs(xj) / 16)
         t = 2.0 ** math.floor(math.log2(target))
-        steps = (-math.copysign(1.0, xj) * t * np.arange(9) if xj != 0
-                 else t * np.arange(-4, 5, dtype=np.float64))
+        # One-sided, toward zero (or up from zero): a kink exactly at x (a relu at 0, a zero
+        # bias) is then an end point, not a spike in the middle of the table.
+        steps = (-math.copysign(1.0, xj) if xj != 0 else 1.0) * t * np.arange(9.0)
         probes.append((sp.offsets[k] + int(e[j]), steps))
     return probes

@@ -48,6 +48,9 @@ class LeafReport:
       directions: random directions tested (mode "directional"); n_checked then counts the
         entries checked one by one (a sample, and the suspects group testing left).
       n_nonfinite: checked entries that are NaN or Inf (always mismatches).
+      n_tie: of the kink entries, those at a tie: several elements at their kinks at once,
+        where the checked value is a convention outside the one-sided slopes (counted in
+        n_kink too).
       autodiff_disagrees: jax.grad and the checked gradient differ beyond the error bar
         somewhere in this leaf (said in the diagnosis when the leaf is unresolved).
       zero: the gradient is zero, verified in absolute terms: zero to rounding on the scale of
@@ -77,6 +80,7 @@ class LeafReport:
     resolution: float | None = None
     directions: int = 0
     n_nonfinite: int = 0
+    n_tie: int = 0
     autodiff_disagrees: bool = False
     zero: bool = False
     rel_errors: np.ndarray | None = dataclasses.field(default=None, repr=False)
