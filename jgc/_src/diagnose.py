@@ -160,8 +160,17 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     n_tie = int(np.sum(cmp.status == TIE))
     n_kink = int(np.sum(cmp.status == KINK)) + n_tie
     nonfinite = ~np.isfinite(x.checked)
-    as_whole = n_mis == 0 and x.collective is not None and x.collective.significant
-    resolution = _resolution(x)
+    # A leaf-level excess is a bug only when a systematic pattern explains it (a factor, a
+    # term proportional to the parameters): many small real errors are systematic, while kinks
+    # crossed by the steps (a conv bias feeding hundreds of relu units, at a float32 step)
+    # leave residuals of random sign, 30 standard deviations on a correct Flax CNN.
+    fit = (None, None)
+    if n_mis == 0 and x.collective is not None and x.collective.significant:
+        fit = x.collective.fit(x.checked, x.theta)
+    as_whole = fit[0] is not None
+    unexplained = n_mis == 0 and not as_whole and x.collective is not None \
+        and x.collective.significant
+    resolution = _resolution(x, leaf_level=not unexplained)
     zero = x.zero_bound is not None and _verified_zero(x)
     if n_mis or as_whole:
         status = "mismatch"
@@ -178,7 +187,7 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         pattern, factor = find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape,
                                        full, smooth)
     elif as_whole:
-        pattern, factor = x.collective.fit(x.checked, x.theta)
+        pattern, factor = fit
     else:
         pattern, factor = None, None
     ad_status = None
@@ -197,6 +206,7 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
         n_mismatch=n_mis, n_kink=n_kink, pattern=pattern, factor=factor,
         autodiff_status=ad_status, worst=rows, n_nonfinite=int(nonfinite.sum()), n_tie=n_tie,
+        unexplained_excess=unexplained,
         autodiff_disagrees=_autodiff_disagrees(x))
 
 
@@ -222,11 +232,11 @@ def _worst_rows(x: LeafData, n_mis: int, as_whole: bool) -> tuple:
                  for j in order[:N_WORST])
 
 
-def _resolution(x: LeafData) -> float:
+def _resolution(x: LeafData, leaf_level: bool = True) -> float:
     """The smallest relative error of the whole leaf the check would detect: from the leaf-level
-    test in reduced precision, else at the best-resolved entry (its error bar relative to the
-    numerical derivative)."""
-    if x.collective is not None:
+    test in reduced precision (unless its excess showed it cannot be trusted here), else at the
+    best-resolved entry (its error bar relative to the numerical derivative)."""
+    if x.collective is not None and leaf_level:
         return x.collective.resolution()
     finite = np.isfinite(x.checked)
     if not finite.any():
@@ -468,6 +478,15 @@ def diagnose(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source
                 "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
                 "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
                 "exactly at a switch for these parameters.")
+    rough = [leaf for leaf in leaves if leaf.unexplained_excess and leaf.status != "mismatch"]
+    if rough:
+        lines.append(
+            f"Taken together, the residuals of {_paths(rough)} exceed the loss's noise, but in "
+            "no systematic pattern (no constant factor, no term proportional to the "
+            "parameters): the steps crossed kinks (relu units switching within h), which "
+            "biases finite differences at random. That is not a gradient bug; every entry "
+            "passed against its own error bar, and the resolution is what single entries "
+            "give.")
     if unresolved:
         lines += _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff,
                                    float64, method)

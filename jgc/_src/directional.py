@@ -1,22 +1,23 @@
 """mode="directional": random directions per leaf, then group testing to find wrong entries.
 
 A full check costs two loss evaluations per parameter. Directional mode costs a few per leaf.
-For a random sign vector v over a leaf (scaled per entry like the coordinate step), the loss
-moved by exact steps d+ = fl(x + t w) - x and d- = x - fl(x - t w) (w_i = v_i max(1, |x_i|))
-changes by
+A direction is a probe like any entry, judged by the same stencil schedule and error model
+(estimate.derivative): for a random sign vector v over a leaf, scaled per entry like the
+coordinate step (v_i = ±h max(1, |x_i|)), the loss along it, phi(t) = f(x + t v), is differenced
+at t = ±1 and ±2, and where a gradient disagrees also at ±1/4 and ±1/8. The checked value is the
+directional derivative g . v. So kinks crossed along the direction (a relu unit switching within
+the stencil, which in a large network is likely) are recognised exactly as for single entries:
+by the jump between the one-sided slopes, a finer step that clears them, or the slopes' range.
 
-    f(x + d+) - f(x - d-) = g_true . (d+ + d-) + T t**3 + noise,
+The steps are exact in the leaf's dtype (the device adds mult * v with mult a power of two), but
+the displacement fl(x + s v) - x is not exactly s times the one at s = 1; each stencil is
+therefore shifted by how much the checked change g . displacement / s differs from g . v, so that
+every stencil compares with one checked value (estimate.with_stencil).
 
-so r(t) = f(x + d+) - f(x - d-) - g . (d+ + d-) holds the bug's projection B = (g_true - g) . d
-(linear in t) and the third-order term T (cubic in t). From t = h and 2h, B = (8 r(h) - r(2h))/6
-with the cubic term removed. Its rounding error is at most 3 delta (delta: one loss value's
-bound), plus the checked gradient's own rounding over the direction. A wrong entry i moves B by
-|g_i - g_true,i| |d_i|, whatever its sign: a single wrong entry cannot hide from a sign vector.
-
-Group testing. When a leaf fails, its entries are split in halves and each half is tested the
-same way (4 evaluations); failing halves are split again, down to GROUP_LEAF entries, which are
-checked one by one with the same coordinate error model as mode="full". Finding one wrong entry
-among n costs about 8 log2(n / GROUP_LEAF) + 4 GROUP_LEAF evaluations instead of 2n.
+Group testing. When a direction fails (a mismatch outside every kink allowance), its entries are
+split in halves and each half is tested the same way; failing halves are split again, down to
+GROUP_LEAF entries, which are checked one by one with the coordinate error model. Finding one
+wrong entry among n costs about 8 log2(n / GROUP_LEAF) + 4 GROUP_LEAF evaluations instead of 2n.
 
 Directions are seeded by (seed, crc32(path), j): adding a leaf changes no other leaf's.
 """
@@ -33,43 +34,7 @@ from jgc._src import plan as pl
 
 N_DIRECTIONS = 2
 GROUP_LEAF = 8  # entries checked one by one at the bottom of group testing
-MAX_FOUND = 8  # stop localising after this many wrong entries in one leaf
-
-
-@dataclasses.dataclass(frozen=True)
-class DirectionTest:
-    """One directional test: the Richardson-combined discrepancy and what it may be."""
-
-    numerical: float  # (8 Δf(h) - Δf(2h)) / 6: the loss change along the direction
-    checked: float  # g . (d+ + d-)
-    autodiff: float | None
-    tol: float  # allowed |numerical - checked|
-    norm: float  # ||d+ + d-||: divides the above into directional derivatives
-
-    @property
-    def ok(self) -> bool:
-        return abs(self.numerical - self.checked) <= self.tol
-
-    @property
-    def autodiff_ok(self) -> bool | None:
-        return None if self.autodiff is None else abs(self.numerical - self.autodiff) <= self.tol
-
-
-@dataclasses.dataclass
-class LeafOutcome:
-    """What directional mode found in one leaf."""
-
-    tests: list[DirectionTest]
-    candidates: np.ndarray  # local entry indices checked one by one after group testing
-
-    @property
-    def ok(self) -> bool:
-        return all(t.ok for t in self.tests)
-
-    @property
-    def autodiff_ok(self) -> bool | None:
-        flags = [t.autodiff_ok for t in self.tests]
-        return None if any(f is None for f in flags) else all(flags)
+MAX_FOUND = 8  # stop localising after this many wrong ranges in one leaf
 
 
 def direction(seed: int, path: str, j: int, size: int) -> np.ndarray:
@@ -77,77 +42,140 @@ def direction(seed: int, path: str, j: int, size: int) -> np.ndarray:
     return rng.choice(np.array([-1.0, 1.0]), size=size)
 
 
+@dataclasses.dataclass(frozen=True)
+class DirectionResult:
+    """Directional tests of one leaf: per direction, the values and the status."""
+
+    numerical: np.ndarray  # the directional derivative along v (per unit of t), measured
+    checked: np.ndarray  # g . v
+    autodiff: np.ndarray | None  # jax.grad . v
+    status: np.ndarray  # es.OK / KINK / TIE / MISMATCH
+    autodiff_status: np.ndarray | None
+    tol: np.ndarray  # the allowed |checked - numerical|
+    norm: np.ndarray  # ||v||: divides the above into derivatives along unit vectors
+
+
+@dataclasses.dataclass
+class LeafOutcome:
+    """What directional mode found in one leaf."""
+
+    tests: DirectionResult | None
+    candidates: np.ndarray  # local entry indices checked one by one after group testing
+
+    @property
+    def n(self) -> int:
+        return 0 if self.tests is None else len(self.tests.status)
+
+    @property
+    def failed(self) -> np.ndarray:
+        return np.zeros(0, bool) if self.tests is None else self.tests.status == es.MISMATCH
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed.any()
+
+    @property
+    def autodiff_ok(self) -> bool | None:
+        if self.tests is None or self.tests.autodiff_status is None:
+            return None
+        return not bool(np.any(self.tests.autodiff_status == es.MISMATCH))
+
+
+def _dots(g: np.ndarray, vectors, lo, hi) -> np.ndarray:
+    """g . vectors[j] over entries lo[j]..hi[j]-1, for each j, in float64."""
+    return np.array([g[a:b] @ v[a:b] for v, a, b in zip(vectors, lo, hi)])
+
+
+class _Probes:
+    """Probes along step vectors `rows` of leaf k: probe j is rows[vid[j]] restricted to
+    entries lo[j]..hi[j]-1, with g . rows[vid[j]] as its checked value."""
+
+    def __init__(self, run: Directional, k: int, rows: np.ndarray, on_device, vid, lo, hi, g):
+        self.run, self.k, self.rows, self.on_device, self.g = run, k, rows, on_device, g
+        self.vid, self.lo, self.hi = (np.asarray(a, np.int64) for a in (vid, lo, hi))
+        self.x = run.plan.leaf_values(run.sp, k).astype(run.plan.dtypes[k])
+        self.checked = self.dot(g)
+
+    def dot(self, g: np.ndarray) -> np.ndarray:
+        return _dots(g, self.rows[self.vid], self.lo, self.hi)
+
+    def evaluate(self, s: int, where: np.ndarray):
+        """es.derivative's callback: stencil s at the probes `where`, both sides in one batch."""
+        scale = es.SCALES[s]
+        vid, lo, hi = self.vid[where], self.lo[where], self.hi[where]
+        n = len(vid)
+        f = self.run.ev.along(self.k, self.on_device, np.concatenate([vid, vid]),
+                              np.concatenate([np.full(n, scale), np.full(n, -scale)]),
+                              np.concatenate([lo, lo]), np.concatenate([hi, hi]))
+        # The exact displacements the device takes: fl(x +- scale v) - x, in the leaf's dtype.
+        steps = [(scale * self.rows[v]).astype(self.x.dtype) for v in vid]
+        with np.errstate(over="ignore"):
+            plus = [((self.x + st) - self.x).astype(np.float64) for st in steps]
+            minus = [(self.x - (self.x - st)).astype(np.float64) for st in steps]
+        cp, cm = _dots(self.g, plus, lo, hi) / scale, _dots(self.g, minus, lo, hi) / scale
+        c = self.checked[where]
+        width = np.full(n, scale)
+        return f[:n], f[n:], width, width, ((cp + cm) / 2 - c, cp - c, cm - c)
+
+
 class Directional:
     """Runs directional tests and group testing on one check's evaluator."""
 
     def __init__(self, ev, sp, plan: pl.Plan, f0: float, sigma: float | None, u: float,
-                 float64: bool, f_scale: float, seed: int):
+                 float64: bool, f_scale: float, seed: int, schedule: es.Schedule):
         self.ev, self.sp, self.plan = ev, sp, plan
         self.f0, self.sigma, self.u, self.float64, self.f_scale = f0, sigma, u, float64, f_scale
         self.seed = seed
-
-    def tests(self, k: int, vectors: np.ndarray, on_device, specs, g, g_round, g_ad
-              ) -> list[DirectionTest]:
-        """Directional tests of leaf k, evaluated in one batch (4 evaluations each).
-
-        `vectors` holds step vectors (rows, in the leaf's dtype; `on_device` is their device
-        copy); each spec (v1, v2, lo, hi) tests the steps vectors[v1] (h) and vectors[v2] (2h)
-        restricted to entries lo..hi-1.
-        """
-        dt = self.plan.dtypes[k]
-        x = self.plan.leaf_values(self.sp, k).astype(dt)
-        vid, mult, lo, hi, pieces = [], [], [], [], []
-        for v1, v2, a, b in specs:
-            for v, c in ((v1, 1.0), (v1, -1.0), (v2, 1.0), (v2, -1.0)):
-                vid.append(v), mult.append(c), lo.append(a), hi.append(b)
-            xr = x[a:b]
-            with np.errstate(over="ignore"):  # the exact steps the device takes: fl(x ± s) - x
-                s1 = ((xr + vectors[v1][a:b]) - (xr - vectors[v1][a:b])).astype(np.float64)
-                s2 = ((xr + vectors[v2][a:b]) - (xr - vectors[v2][a:b])).astype(np.float64)
-            pieces.append((a, b, s1, s2))
-        f = self.ev.along(k, on_device, vid, mult, lo, hi).reshape(len(specs), 4)
-        out = []
-        for (a, b, s1, s2), (fp1, fm1, fp2, fm2) in zip(pieces, f):
-            numerical = (8 * (fp1 - fm1) - (fp2 - fm2)) / 6
-            size = max(abs(fp1), abs(fm1), abs(fp2), abs(fm2), abs(self.f0), self.f_scale)
-            delta = float(es.noise_bound(self.sigma, size, self.u, self.float64))
-            # (8 r1 - r2) / 6 carries 8/6 of r1's and 1/6 of r2's errors: 3 delta from the four
-            # loss values, and the checked gradient's rounding over both directions.
-            grad_err = (8 * np.abs(s1) @ g_round[a:b] + np.abs(s2) @ g_round[a:b]) / 6
-            tol = es.TOL_FACTOR * (3 * delta + grad_err)
-            out.append(DirectionTest(numerical, float(g[a:b] @ s1), None if g_ad is None
-                                     else float(g_ad[a:b] @ s1), tol, float(np.linalg.norm(s1))))
-        return out
-
-    def _h(self, k: int) -> float:
-        return pl.nominal_step(self.plan, k, "central")
+        # Every direction gets the 2h stencil (two extra evaluations), so that a kink crossed
+        # along it is seen whatever the gradient says.
+        self.schedule = dataclasses.replace(schedule, method="central", everywhere=True)
 
     def weights(self, k: int, j: int) -> np.ndarray:
         spec = self.sp.checked_specs()[k]
         x = self.plan.leaf_values(self.sp, k)
         return direction(self.seed, spec.path, j, spec.size) * np.maximum(1.0, np.abs(x))
 
+    def test(self, probes: _Probes, g, g_round, g_ad) -> DirectionResult:
+        """The probes judged by the coordinate error model (estimate.derivative)."""
+        checked = probes.checked
+        # The checked gradient's own rounding along the direction. Its entries' rounding errors
+        # are independent, so they add in quadrature; each bound (estimate.rounding) is ~16
+        # ulps, so the quadrature sum of the bounds is itself ~16 standard deviations. (Adding
+        # the bounds would grow like n, not sqrt(n): 900x too wide for a leaf of 800k entries.)
+        checked_err = np.array([np.linalg.norm(probes.rows[v][a:b] * g_round[a:b])
+                                for v, a, b in zip(probes.vid, probes.lo, probes.hi)])
+        autodiff = None if g_ad is None else probes.dot(g_ad)
+        d = es.differences(self.f0, len(checked), self.sigma, self.u, self.float64,
+                           self.f_scale)
+        found = es.derivative(probes.evaluate, d, checked, checked_err, autodiff, checked_err,
+                              schedule=self.schedule)
+        tol = es.tolerance(found.model.error + checked_err, found.model.value,
+                           self.schedule.rtol, self.schedule.atol)
+        norm = np.array([np.linalg.norm(probes.rows[v][a:b])
+                         for v, a, b in zip(probes.vid, probes.lo, probes.hi)])
+        return DirectionResult(found.model.value, checked, autodiff, found.cmp.status,
+                               None if found.cmp_ad is None else found.cmp_ad.status, tol, norm)
+
     def run_leaf(self, k: int, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None,
                  n_directions: int = N_DIRECTIONS) -> LeafOutcome:
         """The directional tests of leaf k and, where one fails, group testing."""
         size = self.sp.checked_specs()[k].size
         if size == 0:
-            return LeafOutcome([], np.zeros(0, np.int64))
-        dt, h = self.plan.dtypes[k], self._h(k)
-        vectors = np.stack([(t * self.weights(k, j)).astype(dt)
-                            for j in range(n_directions) for t in (h, 2 * h)])
-        on_device = self.ev.vectors(vectors)
-        specs = [(2 * j, 2 * j + 1, 0, size) for j in range(n_directions)]
-        tests = self.tests(k, vectors, on_device, specs, g, g_round, g_ad)
-        failing = [j for j, t in enumerate(tests) if not t.ok]
+            return LeafOutcome(None, np.zeros(0, np.int64))
+        dt, h = self.plan.dtypes[k], pl.nominal_step(self.plan, k, "central")
+        rows = np.stack([(h * self.weights(k, j)).astype(dt) for j in range(n_directions)])
+        on_device = self.ev.vectors(rows)
+        every = np.arange(n_directions)
+        probes = _Probes(self, k, rows, on_device, every, np.zeros(n_directions),
+                         np.full(n_directions, size), g)
+        tests = self.test(probes, g, g_round, g_ad)
+        failing = np.flatnonzero(tests.status == es.MISMATCH)
         candidates = np.zeros(0, np.int64)
-        if failing:
-            j = failing[0]
-            candidates = self._localize(k, vectors, on_device, (2 * j, 2 * j + 1), size, g,
-                                        g_round)
+        if failing.size:
+            candidates = self._localize(k, rows, on_device, int(failing[0]), size, g, g_round)
         return LeafOutcome(tests, candidates)
 
-    def _localize(self, k, vectors, on_device, pair, size, g, g_round) -> np.ndarray:
+    def _localize(self, k, rows, on_device, v, size, g, g_round) -> np.ndarray:
         """Halves the range of entries until groups of GROUP_LEAF; returns the entries left in
         doubt (contiguous halves: each test is a range of the same direction)."""
         frontier, found = [(0, size)], []
@@ -157,9 +185,10 @@ class Directional:
                       for h in ((a, (a + b) // 2), ((a + b) // 2, b))]
             if not halves:
                 break
-            specs = [(*pair, a, b) for a, b in halves]
-            tests = self.tests(k, vectors, on_device, specs, g, g_round, None)
-            frontier = [r for r, t in zip(halves, tests) if not t.ok][:MAX_FOUND]
+            lo, hi = (np.array(x) for x in zip(*halves))
+            probes = _Probes(self, k, rows, on_device, np.full(len(halves), v), lo, hi, g)
+            tests = self.test(probes, g, g_round, None)
+            frontier = [r for r, s in zip(halves, tests.status) if s == es.MISMATCH][:MAX_FOUND]
         if not found:
             return np.zeros(0, np.int64)
         return np.concatenate([np.arange(a, b) for a, b in found])
@@ -170,32 +199,41 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None):
 
     Returns (report, agrees): `agrees` says whether the checked gradient agrees with jax.grad
     along the failing directions (None when that is not known), for the three-way triage.
+    A failing direction whose wrong entries group testing could not isolate leaves the leaf a
+    mismatch "as a whole": the report then shows the directional derivatives, never entries
+    that agree.
     """
-    tests = outcome.tests
-    report = dataclasses.replace(report, directions=len(tests))
-    if not tests:
+    t = outcome.tests
+    report = dataclasses.replace(report, directions=outcome.n)
+    if t is None:
         return report, None
-    worst = max(tests, key=lambda t: abs(t.numerical - t.checked) / max(t.tol, 1e-300))
-    rel = abs(worst.numerical - worst.checked) / max(abs(worst.numerical), abs(worst.checked),
-                                                     worst.tol)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.abs(t.numerical - t.checked) / np.maximum.reduce(
+            [np.abs(t.numerical), np.abs(t.checked), t.tol])
     ad_status = report.autodiff_status
     if outcome.autodiff_ok is False:
         ad_status = "mismatch"
-    changes = dict(max_rel_error=max(report.max_rel_error, rel), autodiff_status=ad_status)
+    n_kink = int(np.sum(np.isin(t.status, (es.KINK, es.TIE))))
+    changes = dict(max_rel_error=max(report.max_rel_error, float(np.nanmax(rel))),
+                   autodiff_status=ad_status, direction_kinks=n_kink)
+    if n_kink and report.status == "ok":
+        changes["status"] = "kink"
     agrees = None
-    if not outcome.ok:
+    failed = outcome.failed
+    if failed.any():
         changes["status"] = "mismatch"
-        failing = [t for t in tests if not t.ok]
-        if g_ad is not None:
-            agrees = all(abs(t.checked - t.autodiff) <= t.tol for t in failing)
+        if t.autodiff is not None:
+            agrees = bool(np.all(np.abs(t.checked - t.autodiff)[failed] <= t.tol[failed]))
         if report.n_mismatch == 0:  # not localised: show the directional derivatives
-            changes.update(numerical=worst.numerical / worst.norm,
-                           checked=worst.checked / worst.norm,
-                           autodiff=None if worst.autodiff is None
-                           else worst.autodiff / worst.norm, worst_index=None)
+            j = int(np.argmax(np.where(failed, rel, -1)))
+            changes.update(numerical=t.numerical[j] / t.norm[j],
+                           checked=t.checked[j] / t.norm[j],
+                           autodiff=None if t.autodiff is None
+                           else t.autodiff[j] / t.norm[j], worst_index=None, worst=())
             # A constant factor shows as the same ratio checked/numerical in every direction.
-            ratios = [t.checked / t.numerical for t in tests if t.numerical != 0]
-            if len(ratios) == len(tests) and np.ptp(ratios) <= 1e-3 * abs(np.mean(ratios)):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = t.checked / t.numerical
+            if np.all(np.isfinite(ratios)) and np.ptp(ratios) <= 1e-3 * abs(np.mean(ratios)):
                 a = float(np.mean(ratios))
                 changes.update(pattern="sign" if abs(a + 1) < 1e-3 else "scale",
                                factor=-1.0 if abs(a + 1) < 1e-3 else a)

@@ -83,14 +83,23 @@ def ecnoise(fvals: np.ndarray, eps: float = 0.0) -> float | None:
 SPIKE = 10.0
 
 
+def staircase(values: np.ndarray) -> bool:
+    """Whether equally spaced values are a staircase: constant, or flat runs with isolated jumps
+    (exact zero first differences between them). That is a loss rounding its inputs more
+    coarsely than the spacing (float32 inside a float64 check); a wider spacing turns its
+    stairs into noise. A kink is a change of slope instead, with consecutive nonzero
+    differences, and a wider spacing would only cross more kinks."""
+    moved = np.diff(values) != 0
+    return bool(not moved.all() and not np.any(moved[1:] & moved[:-1]))
+
+
 def kinked(values: np.ndarray, eps: float) -> bool:
     """Whether equally spaced values straddle a kink (a relu unit switching among them).
 
     ECnoise assumes a smooth function: a kink puts a single spike into the second differences,
     whose differences then look like noise at every level and can read as noise millions of
-    times the real one. Noise spreads over every difference instead. A loss that rounds its
-    inputs more coarsely than the spacing (float32 inside a float64 check) is a staircase,
-    whose single stair looks the same: a wider spacing turns its stairs into noise.
+    times the real one. Noise spreads over every difference instead. A quantisation staircase
+    with a single stair looks the same (see `staircase`).
     """
     d2 = np.abs(np.diff(values, 2))
     if d2.size < 4:
@@ -174,11 +183,17 @@ class Differences:
         return self.stencils[0].noise
 
 
-# Step multipliers of the stencils: h, then 2h (truncation, kinks), 4h (Richardson), and h/4,
-# h/8 for entries still in doubt (a kink inside the h stencil but farther than h/4 from x); the
-# last two are relative to the central step u**(1/3), also under Richardson.
-SCALES = (1.0, 2.0, 4.0, 0.25, 0.125)
-FINE, FINER = 3, 4
+# Step multipliers of the stencils: h, then 2h (truncation, kinks), 4h (Richardson), then pairs
+# of finer steps for probes still in doubt (a kink crossed by the h stencil but not by a finer
+# one): h/4 and h/8, h/32 and h/64, h/256 and h/512. The finer ones are relative to the central
+# step u**(1/3), also under Richardson.
+SCALES = (1.0, 2.0, 4.0, 1 / 4, 1 / 8, 1 / 32, 1 / 64, 1 / 256, 1 / 512)
+LEVELS = ((3, 4), (5, 6), (7, 8))  # refinement pairs (a, a / 2), finer and finer
+FINE, FINER = LEVELS[0]
+# How many refinement levels a probe in doubt may take. In float64 the rounding error of
+# D(h/512) is still ~1e-8 of the derivative; in reduced precision it grows 512x from ~1e-4, so
+# two levels (h/64) are the useful limit.
+MAX_LEVELS = {True: 3, False: 2}
 
 
 def differences(f0: float, m: int, sigma: float | None, u: float, float64: bool,
@@ -234,105 +249,125 @@ def richardson(d: Differences, s: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (4 * a.central - b.central) / 3, (4 * a.noise + b.noise) / 3
 
 
+def _jump_statistic(a: Stencil, b: Stencil) -> tuple[np.ndarray, np.ndarray]:
+    """J(a) - 2 J(b) for a stencil pair with steps a = 2b, and its standard deviation.
+
+    J(s) = F(s) - B(s) is s f'' + O(s**3) where the loss is smooth, so J(a) - 2 J(b) vanishes to
+    O(a**3); a kink between x and x +- a makes it jump. The statistic is
+    (f(x+a) + f(x-a) - 4 f(x+b) - 4 f(x-b) + 6 f(x)) / a: with each value's noise of standard
+    deviation delta / NOISE_SIGMAS (delta: its bound), its standard deviation is
+    sqrt(1 + 1 + 16 + 16 + 36) / 2 = 4.18 times delta / (NOISE_SIGMAS b) = 0.70 b.noise.
+    """
+    stat = (a.forward - a.backward) - 2 * (b.forward - b.backward)
+    return stat, math.sqrt(70) / 2 / NOISE_SIGMAS * b.noise
+
+
+def _level(a: Stencil, b: Stencil, coarse_first: bool):
+    """One pair of stencils as an estimate: value, error, smooth, done, one-sided range, and
+    the extrapolated one-sided derivatives.
+
+    `coarse_first`: the pair is (h, 2h): the value is D(h), whose truncation is
+    |D(2h) - D(h)| / 3. Otherwise (a, a/2): the value is D(a), less noisy than D(a/2), whose
+    truncation is |D(a) - D(a/2)| * 4/3 (D(a) - D(a/2) is 3x the truncation of D(a/2), a quarter
+    of D(a)'s).
+    """
+    small, large = (a, b) if coarse_first else (b, a)
+    value = a.central
+    with np.errstate(invalid="ignore"):
+        truncation = np.abs(b.central - a.central) * (1 / 3 if coarse_first else 4 / 3)
+        stat, sd = _jump_statistic(large, small)
+        smooth = ~(np.abs(stat) > NOISE_SIGMAS * sd)  # NaN (not computed): smooth
+    # The one-sided derivatives: F(s) = f'+ + s f''/2 + O(s^2), so 2 F(small) - F(large) removes
+    # the curvature term (likewise for B). A checked value at a kink is one of f'- and f'+ (or
+    # between them, e.g. jax's 0.5 at a relu tie); each extrapolation carries 5x noise.
+    right = 2 * small.forward - large.forward
+    left = 2 * small.backward - large.backward
+    slopes = np.stack([left, right, small.forward, small.backward, large.forward,
+                       large.backward])
+    widen = TOL_FACTOR * 5 * small.noise
+    with np.errstate(invalid="ignore"):
+        side = np.abs(right - small.forward) + np.abs(left - small.backward) + widen
+        return dict(value=value, error=a.noise + truncation, smooth=smooth, done=small.done,
+                    low=np.min(slopes, axis=0) - widen, high=np.max(slopes, axis=0) + widen,
+                    left=left, right=right, side=side,
+                    persistent=_persistent_jump(large, small))
+
+
 def error_model(d: Differences, method: str = "central") -> ErrorModel:
-    s1, s2, s4, fine, finer = d.stencils
-    refined = s2.done
+    """Per probe: the numerical derivative, its error bar, and whether the loss has a kink.
+
+    The coarse level (h and, where computed, 2h) gives the estimate; each refinement level is a
+    pair of finer steps. Where a probe was refined, the estimate comes from its finest level
+    whose stencils are smooth (no jump between the one-sided slopes beyond noise), extended to
+    coarser levels as long as they are smooth too and agree with it within both error bars: so
+    a kink that the h stencil crossed but a finer one clears is excluded, and the most precise
+    consistent level is used. A probe is at a kink when even its finest level is not smooth:
+    then any value between the one-sided slopes at that level is a valid one-sided derivative.
+    """
+    s1, s2, s4 = d.stencils[:3]
+    coarse = _level(s1, s2, coarse_first=True)
     ref_truncation = 0.0  # Truncation of the Richardson reference: O(h**4), negligible at
     if method == "richardson":  # h = u**(1/3), but not at Richardson's own larger step.
         value, noise = richardson(d, 0)
         r2, _ = richardson(d, 1)
-        truncation = np.where(s4.done, np.abs(value - r2) / 15, 0.0)
-        ref_truncation = truncation
-    else:
-        value, noise = s1.central, s1.noise
-        truncation = np.where(refined, np.abs(s2.central - s1.central) / 3, 0.0)
-    # J(2h) - 2 J(h) = (f(x+2h) + f(x-2h) - 4 f(x+h) - 4 f(x-h) + 6 f(x)) / 2h. With each value's
-    # noise of standard deviation delta / NOISE_SIGMAS (delta: its bound), the statistic's
-    # standard deviation is sqrt(1 + 1 + 16 + 16 + 36) / 2 = 4.18 times delta / (6 h), i.e.
-    # 0.70 times s1.noise (= delta / h); a kink is a value beyond NOISE_SIGMAS of those.
-    kink_sd = math.sqrt(70) / 2 / NOISE_SIGMAS * s1.noise
-    with np.errstate(invalid="ignore"):
-        kink = refined & (np.abs((s2.forward - s2.backward) - 2 * (s1.forward - s1.backward))
-                          > NOISE_SIGMAS * kink_sd)
-    # The one-sided derivatives themselves: F(h) = f'+ + h f''/2 + O(h^2), so 2 F(h) - F(2h)
-    # removes the curvature term (likewise for B). A checked value at a kink is one of f'- and
-    # f'+ (or between them, e.g. jax's 0.5 at a relu tie); each extrapolation carries 5x noise.
-    right = 2 * s1.forward - s2.forward
-    left = 2 * s1.backward - s2.backward
-    slopes = np.stack([left, right, s1.forward, s1.backward, s2.forward, s2.backward])
-    widen = TOL_FACTOR * 5 * s1.noise
-    with np.errstate(invalid="ignore"):
-        low = np.where(refined, np.min(slopes, axis=0), np.nan) - widen
-        high = np.where(refined, np.max(slopes, axis=0), np.nan) + widen
-    error = noise + truncation
+        ref_truncation = np.where(s4.done, np.abs(value - r2) / 15, 0.0)
+        coarse.update(value=value, error=noise + ref_truncation)
+    coarse["done"] = np.ones(len(s1.central), bool)
+    coarse["smooth"] = coarse["smooth"] | ~s2.done  # without 2h there is no statistic
+    levels = [coarse] + [_level(d.stencils[a], d.stencils[b], coarse_first=False)
+                         for a, b in LEVELS]
+    finest = np.zeros(len(s1.central), int)
+    for i, level in enumerate(levels[1:], 1):
+        finest = np.where(level["done"], i, finest)
+    pick = lambda key, at: np.choose(at, [lv[key] for lv in levels])  # noqa: E731
+    kink = ~pick("smooth", finest)
+    # From the finest level, walk to coarser ones while they are smooth and consistent: the
+    # coarser value is less noisy. Its error bar is not adopted: agreeing within a finer
+    # level's error bar does not show that the coarser level is unbiased below it (a kink at
+    # 2/3 of its step biases D by a sixth of the jump while its jump statistic vanishes, and
+    # many small kinks crossed at once look like curvature), so the error stays at least the
+    # finer level's, and the discrepancy seen on the way.
+    best = finest.copy()
+    value, error = pick("value", best), pick("error", best)
+    walking = ~kink
+    for i in range(len(levels) - 2, -1, -1):
+        lv = levels[i]
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(lv["value"] - value)
+            agree = gap <= TOL_FACTOR * (lv["error"] + error)
+        step = walking & (best == i + 1) & lv["smooth"] & agree
+        best = np.where(step, i, best)
+        value = np.where(step, lv["value"], value)
+        error = np.where(step, np.fmax(np.fmax(lv["error"], gap), error), error)
+        walking &= step | (best != i + 1)
+    # The kink range at the finest level; where that is the coarse level, as before.
+    low, high = pick("low", finest), pick("high", finest)
+    low = np.where(kink, low, np.nan)
+    high = np.where(kink, high, np.nan)
     reference, _ = richardson(d, 0)
     sigma = d.sigma if d.sigma is not None else np.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = sigma * np.sqrt(2 * (4 / 3 / s1.width) ** 2 + 2 * (1 / 3 / s2.width) ** 2)
         sd = np.sqrt(sd ** 2 + ref_truncation ** 2)
-    # Entries re-evaluated at h/4 and h/8: if the fine estimate disagrees with the coarse one
-    # beyond both error bars, the coarse stencils straddled a kink that the slope test could not
-    # see (its signal vanishes for a kink at ~2h/3 from x, and in float32 it is weak). The fine
-    # stencil, clear of the kink, is then the estimate; its truncation is |D(h/4) - D(h/8)|
-    # times 4/3 (D(h/4) - D(h/8) is 3x the truncation of D(h/8), a quarter of D(h/4)'s).
-    with np.errstate(invalid="ignore"):
-        fine_error = fine.noise + np.abs(fine.central - finer.central) * 4 / 3
-        straddled = fine.done & (np.abs(fine.central - value) > TOL_FACTOR * (error + fine_error))
-    value = np.where(straddled, fine.central, value)
-    error = np.where(straddled, fine_error, error)
-    # A smooth loss has D(s) = f' + c s**2 (+ O(s**4)) at every step s. Fitted to the four
-    # central differences at h/8, h/4, h and 2h, a residual beyond TOL_FACTOR times a stencil's
-    # noise means the loss is not smooth within the stencils (a kink closer than h/8 that no
-    # finer step could resolve above noise): the kink rule then applies, over every one-sided
-    # slope measured.
-    nonsmooth = fine.done & ~_fits_quadratic([s1, s2, fine, finer])
-    kink = kink | straddled | nonsmooth
-    slopes_fine = np.stack([fine.forward, fine.backward, finer.forward, finer.backward,
-                            s1.forward, s1.backward, s2.forward, s2.backward])
-    widen_fine = TOL_FACTOR * 2 * finer.noise  # one-sided slopes carry ~2x central noise
-    extend = straddled | nonsmooth
-    with np.errstate(invalid="ignore"):
-        low = np.where(extend, np.fmin(low, np.min(slopes_fine, axis=0) - widen_fine), low)
-        high = np.where(extend, np.fmax(high, np.max(slopes_fine, axis=0) + widen_fine), high)
-    # One-sided derivatives at the finest steps: 2 F(h/8) - F(h/4) removes the curvature term
-    # (as above for h, 2h); what it removed, plus noise, bounds its error.
-    right_d = 2 * finer.forward - fine.forward
-    left_d = 2 * finer.backward - fine.backward
-    with np.errstate(invalid="ignore"):
-        side = (np.abs(right_d - finer.forward) + np.abs(left_d - finer.backward)
-                + TOL_FACTOR * 5 * finer.noise)
-    return ErrorModel(value, error, kink, low, high, reference, sd, _persistent_jump(fine, finer),
-                      left_d, right_d, side)
+    refined = finest > 0
+    nan = np.full(len(value), np.nan)
+    return ErrorModel(value, error, kink, low, high, reference, sd,
+                      refined & pick("persistent", finest),
+                      np.where(refined, pick("left", finest), nan),
+                      np.where(refined, pick("right", finest), nan),
+                      np.where(refined, pick("side", finest), nan))
 
 
-def _persistent_jump(fine: Stencil, finer: Stencil) -> np.ndarray:
+def _persistent_jump(large: Stencil, small: Stencil) -> np.ndarray:
     """Where the loss has a true kink at x: the jump between the one-sided slopes, J(s) =
-    F(s) - B(s), is significant at h/8 and about the same at h/4. On a smooth loss J(s) = s f''
-    halves with the step; at a kink it tends to the jump in slope. Only then can a tie
-    convention lie outside the slopes without a bug (a fixed step too large for a fast-varying
-    loss also looks non-smooth, but its J shrinks with the step)."""
-    j4, j8 = fine.forward - fine.backward, finer.forward - finer.backward
+    F(s) - B(s), is significant at the smaller step and about the same at the larger. On a
+    smooth loss J(s) = s f'' halves with the step; at a kink it tends to the jump in slope.
+    Only then can a tie convention lie outside the slopes without a bug (a fixed step too large
+    for a fast-varying loss also looks non-smooth, but its J shrinks with the step)."""
+    j_large, j_small = large.forward - large.backward, small.forward - small.backward
     with np.errstate(invalid="ignore"):
-        significant = np.abs(j8) > TOL_FACTOR * 4 * finer.noise  # one-sided: ~2x central noise
-        return finer.done & significant & (np.abs(j4 - j8) <= np.abs(j8) / 2)
-
-
-def _fits_quadratic(stencils: list[Stencil]) -> np.ndarray:
-    """Per entry: do the central differences fit a + c·w**2 (w: stencil width) within noise?
-
-    Weighted least squares with weights 1/noise**2, solved in closed form for each entry.
-    """
-    D = np.stack([s.central for s in stencils])
-    w2 = np.stack([s.width for s in stencils]) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        wt = 1 / np.stack([s.noise for s in stencils]) ** 2
-        s0, s1, s2 = wt.sum(0), (wt * w2).sum(0), (wt * w2 ** 2).sum(0)
-        t0, t1 = (wt * D).sum(0), (wt * w2 * D).sum(0)
-        det = s0 * s2 - s1 ** 2
-        a = (s2 * t0 - s1 * t1) / det
-        c = (s0 * t1 - s1 * t0) / det
-        resid = np.abs(D - (a + c * w2)) * np.sqrt(wt)
-        return np.all(resid <= TOL_FACTOR, axis=0)
+        significant = np.abs(j_small) > TOL_FACTOR * 4 * small.noise  # one-sided: ~2x noise
+        return small.done & significant & (np.abs(j_large - j_small) <= np.abs(j_small) / 2)
 
 
 def suspects(d: Differences, values: np.ndarray, rtol=None, atol=None,
@@ -425,8 +460,8 @@ class Schedule:
       method: "central" (h, then 2h where needed) or "richardson" (h, 2h and 4h everywhere).
       everywhere: the 2h stencil at every probe, not only at suspects (reduced precision: the
         leaf-level test needs it).
-      refine: h/4 and h/8 where a gradient still disagrees (not when the user fixed the step
-        or the tolerance: their choice stands).
+      refine: finer steps where a gradient is still not clean (not when the user fixed the
+        step or the tolerance: their choice stands).
       rtol, atol: the user's tolerance, overriding the error model.
     """
 
@@ -446,6 +481,13 @@ class Derivative:
     cmp: Comparison  # the checked gradient
     cmp_ad: Comparison | None  # jax's own, when it is a separate opinion
 
+    def unclear(self) -> np.ndarray:
+        """Probes where a gradient is not plainly OK (a mismatch, a kink or a tie)."""
+        out = self.cmp.status != OK
+        if self.cmp_ad is not None:
+            out |= self.cmp_ad.status != OK
+        return out
+
 
 def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
                autodiff: np.ndarray | None = None, autodiff_error=0.0, *,
@@ -459,8 +501,8 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
     exact steps taken, and the shift (or None) of `with_stencil`.
 
     Schedule: stencil h everywhere; 2h where a gradient disagrees beyond rounding (everywhere
-    with `schedule.everywhere` or Richardson); 4h for Richardson; then h/4 and h/8 where a
-    gradient is still outside its error bar (see error_model).
+    with `schedule.everywhere` or Richardson); 4h for Richardson; then the refinement levels
+    (h/4 and h/8, h/32 and h/64, ...) where a gradient is still not clean (see error_model).
     """
     m = len(checked)
     everywhere = np.ones(m, bool)
@@ -494,12 +536,18 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
     if schedule.method == "richardson":
         d = fill(d, 2, everywhere)
     out = judge(d)
-    doubt = out.cmp.status == MISMATCH
-    if out.cmp_ad is not None:
-        doubt |= out.cmp_ad.status == MISMATCH
-    if schedule.refine and doubt.any():
-        d = fill(fill(d, FINE, doubt), FINER, doubt)
+    if not schedule.refine:
+        return out
+    # Refine, level by level, every probe that is not clean: a mismatch, or a kink (the
+    # stencils may merely have crossed one that a finer step clears, and a value between wide
+    # slopes is no verification). A probe that becomes clean stops.
+    doubt = out.unclear()
+    for a, b in LEVELS[:MAX_LEVELS[d.float64]]:
+        if not doubt.any():
+            break
+        d = fill(fill(d, a, doubt), b, doubt)
         out = judge(d)
+        doubt &= out.unclear()
     return out
 
 

@@ -93,7 +93,7 @@ def directional_differences(F: _Flat, theta, dtypes, sp, direction, u, float64):
     """
     h = _power_of_two_step(theta, u)
     rows, spans = [theta], []
-    for scale in es.SCALES:
+    for scale in es.SCALES[:es.FINER + 1]:  # h, 2h, 4h and the first refinement level
         p, m = _exact_steps(theta, dtypes, sp, direction, h * scale)
         rows += [theta + p, theta - m]
         spans.append((p, m))
@@ -110,7 +110,7 @@ def directional_differences(F: _Flat, theta, dtypes, sp, direction, u, float64):
     m = f0.size
     d = es.differences(0.0, m, sigma, u, float64)
     everywhere = np.ones(m, bool)
-    for s, scale in enumerate(es.SCALES):
+    for s, scale in enumerate(es.SCALES[:es.FINER + 1]):
         fp, fm = values[1 + 2 * s], values[2 + 2 * s]
         # Per element: F's value at x plays f0's role (the one-sided slopes and |f|). The step
         # is h·scale exactly, so D estimates J (d+ + d-) / 2h: the effective tangent.

@@ -48,6 +48,12 @@ class LeafReport:
       directions: random directions tested (mode "directional"); n_checked then counts the
         entries checked one by one (a sample, and the suspects group testing left).
       n_nonfinite: checked entries that are NaN or Inf (always mismatches).
+      unexplained_excess: the leaf-level test (reduced precision) found residuals beyond noise
+        that no systematic pattern explains: kinks crossed by the steps, not a gradient bug;
+        its resolution is then only what single entries give.
+      direction_kinks: random directions (mode "directional") along which the loss has kinks
+        that the finest step could not clear; the checked value lay between the one-sided
+        slopes there.
       n_tie: of the kink entries, those at a tie: several elements at their kinks at once,
         where the checked value is a convention outside the one-sided slopes (counted in
         n_kink too).
@@ -81,6 +87,8 @@ class LeafReport:
     directions: int = 0
     n_nonfinite: int = 0
     n_tie: int = 0
+    direction_kinks: int = 0
+    unexplained_excess: bool = False
     autodiff_disagrees: bool = False
     zero: bool = False
     rel_errors: np.ndarray | None = dataclasses.field(default=None, repr=False)
