@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -94,13 +95,29 @@ def test_directions_are_seeded_by_path():
 
 
 def test_auto_switches_to_directional_when_full_is_costly(monkeypatch):
-    ex = mlp("tanh")
+    """With no time to spare, a model whose full check costs more than directional mode's gets
+    directional mode: decided from the first stencil's measured throughput."""
+    ex = mlp("tanh", width=400)  # n = 161,203: a full check costs more than directions
     monkeypatch.setattr(plan, "AUTO_SECONDS", 0.0)
     r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["W1_transposed"].grad)
     assert r.mode == "directional" and not r.ok
-    assert any(n.startswith("auto: a full check would take about") for n in r.notes)
+    assert any(n.startswith("auto: a full check would take about") and "ms each, after "
+               "compilation" in n for n in r.notes)
     monkeypatch.setattr(plan, "AUTO_SECONDS", 1e9)
-    assert jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad).mode == "full"
+    small = mlp("tanh")
+    assert jgc.check_grad(small.loss, small.params, *small.args, grad=small.grad).mode == "full"
+
+
+def test_auto_picks_full_for_a_cheap_check_every_time():
+    """A 2,080-parameter network whose full check takes a fraction of a second: auto once
+    predicted minutes from one padded batch timed as one evaluation, and chose differently
+    from run to run."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(32, 64))
+    loss = lambda p, X: jnp.mean(jnp.tanh(X @ p["W"] + p["b"]) ** 2)
+    p = {"W": rng.normal(size=(64, 32)) / 8, "b": rng.normal(size=32) / 4}
+    modes = {jgc.check_grad(loss, p, X).mode for _ in range(3)}
+    assert modes == {"full"}
 
 
 def test_memory_budget_sizes_chunks_and_refuses_what_cannot_fit():
@@ -142,9 +159,9 @@ def test_no_n_by_n_array():
     ev_chunk = []
     orig = evaluate.Evaluator._chunks
 
-    def spy(self, kind, build, static, batched, extra, arrays):
+    def spy(self, kind, build, static, batched, extra, arrays, deadline=None):
         ev_chunk.append(self.chunk_size(len(arrays[0]), batched))
-        return orig(self, kind, build, static, batched, extra, arrays)
+        return orig(self, kind, build, static, batched, extra, arrays, deadline)
 
     evaluate.Evaluator._chunks = spy
     try:

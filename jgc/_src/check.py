@@ -16,7 +16,7 @@ from jgc._src import diagnose as dg
 from jgc._src import directional as dr
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.evaluate import Evaluator
+from jgc._src.evaluate import Deadline, Evaluator, TooSlow
 from jgc._src.inputs import in_precision, precision, promote_args, refuse_unusable
 from jgc._src.progress import Progress, enabled
 from jgc._src.report import LeafReport, Report
@@ -147,14 +147,16 @@ def _probe_values(ev: Evaluator, sp: Split, plan: pl.Plan, probes) -> list[np.nd
                     len(probes))
 
 
-def _coordinates(ev: Evaluator, sp: Split, plan: pl.Plan, index: np.ndarray):
+def _coordinates(ev: Evaluator, sp: Split, plan: pl.Plan, index: np.ndarray,
+                 deadline: Deadline | None = None):
     """The probes of a coordinate check, for es.derivative: entry index[j] moved by its exact
-    steps, both sides in one batch."""
+    steps, both sides in one batch. A `deadline` times the first stencil (mode="auto")."""
     def evaluate(s: int, where: np.ndarray):
         # The fine stencils look closer than the central step, whatever the method's own step.
         hp, hm = _all_steps(sp, plan, es.SCALES[s], "central" if s >= es.FINE else None)
         hp, hm, idx = hp[where], hm[where], index[where]
-        values = ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]))
+        values = ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]),
+                              deadline=deadline if s == 0 else None)
         k = len(idx)
         _check_finite(sp, idx, values, k)
         return values[:k], values[k:], hp, hm, None
@@ -186,6 +188,13 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         if v is not None and not (np.isfinite(v) and v >= 0):
             raise InputError(f"{name}={v!r}: expected a non-negative number, or None to use the "
                              "error model.")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+            memory_budget, (int, float, np.integer, np.floating))
+            or not np.isfinite(memory_budget) or memory_budget < 1):
+        raise InputError(f"memory_budget={memory_budget!r}: expected a positive number of bytes "
+                         "for one batch of perturbed evaluations (e.g. 2**30 for 1 GiB), or None "
+                         "for the default (a quarter of the available memory, 256 MiB to "
+                         "1 GiB).")
     refuse_unusable(params=params, args=args, grad=grad)
     sp = _split_checked(params)
     plan = pl.make_plan(sp, mode=mode, x64=x64, eps=eps, samples=samples, seed=seed,
@@ -227,9 +236,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         raise InputError(f"the loss is {f0} at params (before any perturbation). "
                          f"{_where_not_finite(params, args)}jgc needs a finite loss to compare "
                          "gradients.")
-    t_eval = time.perf_counter()
     f0_again = ev.at()
-    t_eval = time.perf_counter() - t_eval  # one evaluation, compiled: the cost model's unit
 
     # The gradients being compared.
     if grad is None:
@@ -248,18 +255,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         return _randomness_report(sp, plan, ev, f0, f0_again, source, start, notes)
     ad_leaves = None if (autodiff is None or grad is None) else _flat_to_leaves(sp, autodiff)
 
-    # mode="auto": a full check if it is cheap, else random directions plus a sample.
-    if plan.mode == "auto":
-        estimate = 2 * sp.n * t_eval
-        if estimate <= pl.AUTO_SECONDS or not ev.traceable:
-            plan = dataclasses.replace(plan, mode="full")
-        else:
-            plan = dataclasses.replace(plan, mode="directional",
-                                       entries=tuple(pl.sample_entries(sp, samples, seed)))
-            notes.append(f"auto: a full check would take about {_duration(estimate)} "
-                         f"({2 * sp.n:,} evaluations), so jgc tested random directions in every "
-                         f"leaf, located any wrong entry by group testing, and checked a sample "
-                         f"of up to {samples} entries per leaf; mode='full' checks every entry")
+    if plan.mode == "auto" and not ev.traceable:
+        plan = dataclasses.replace(plan, mode="full")  # host loops: no faster mode exists
 
     # Rounding unit: the coarser of the parameters' and the loss's dtype (a loss may cast to f32).
     u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
@@ -276,27 +273,36 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     schedule = es.Schedule(method, everywhere=full,
                            refine=eps is None and rtol is None and atol is None,
                            rtol=rtol, atol=atol)
+    context = dict(ev=ev, sp=sp, f0=f0, sigma=sigma, u=u, float64=float64, f_scale=f_scale,
+                   seed=seed, schedule=schedule, checked_leaves=checked_leaves,
+                   ad_leaves=ad_leaves, checked_is_autodiff=grad is None)
+    found, slow = None, None
+    if plan.mode == "auto":
+        # A full check, unless its first stencil, timed as it runs, predicts too long a one.
+        factor = 3.0 if method == "richardson" else 2.0 if full else 1.25
+        deadline = Deadline(pl.AUTO_SECONDS, factor, len(sp.checked))
+        try:
+            found = _coordinate_phase(plan, deadline=deadline, **context)
+            plan = dataclasses.replace(plan, mode="full")
+        except TooSlow as e:
+            slow = (e, deadline)
+            plan = dataclasses.replace(plan, mode="directional",
+                                       entries=tuple(pl.sample_entries(sp, samples, seed)))
+            notes.append(f"auto: a full check would take about {_duration(e.predicted)} "
+                         f"({factor * sp.n * 2:,.0f} evaluations at the measured "
+                         f"{deadline.rate * 1e3:.2g} ms each, after compilation), so jgc tested "
+                         "random directions in every leaf, located any wrong entry by group "
+                         f"testing, and checked a sample of up to {samples} entries per leaf; "
+                         "mode='full' checks every entry")
     outcomes: dict[int, dr.LeafOutcome] = {}
     if plan.mode == "directional":
         plan, outcomes = _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed,
                                             checked_leaves, ad_leaves, schedule)
-
-    g = _restricted(sp, plan, checked_leaves)
-    g_round = _gradient_rounding(plan, checked_leaves)
-    g_ad = None if ad_leaves is None else _restricted(sp, plan, ad_leaves)
-    ad_round = 0.0 if g_ad is None else _gradient_rounding(plan, ad_leaves)
-
-    index = _global_indices(sp, plan)
-    m = len(index)
-    if method == "complex":
-        model = _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
-        cmp = es.compare(g, model, rtol, atol, g_round)
-        cmp_ad = None if g_ad is None else es.compare(g_ad, model, rtol, atol, ad_round)
-    else:
-        found = es.derivative(_coordinates(ev, sp, plan, index),
-                              es.differences(f0, m, sigma, u, float64, f_scale), g, g_round,
-                              g_ad, ad_round, schedule=schedule, checked_is_autodiff=grad is None)
-        model, cmp, cmp_ad = found.model, found.cmp, found.cmp_ad
+    if found is None:
+        found = _coordinate_phase(plan, **context)
+    model, cmp, cmp_ad = found.model, found.cmp, found.cmp_ad
+    g, g_round, g_ad, ad_round = found.g, found.g_round, found.g_ad, found.ad_round
+    m = len(g)
     tol = es.tolerance(model.error + g_round, model.value, rtol, atol)
     agree = None if g_ad is None else np.abs(g - g_ad) <= tol + es.TOL_FACTOR * ad_round
     leaf_test = full and sigma is not None and rtol is None and atol is None
@@ -350,9 +356,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
                      f"seed={seed}); use mode='full' to check every entry")
     if plan.mode == "directional":
         notes.append(f"directional: {dr.N_DIRECTIONS} random directions per leaf (seeded by "
-                     f"its path, seed={seed}); a full check would cost {2 * sp.n:,} "
-                     f"evaluations, about {_duration(2 * sp.n * t_eval)} at the measured "
-                     f"{t_eval * 1e3:.2g} ms per evaluation")
+                     f"its path, seed={seed}); a full check would cost at least {2 * sp.n:,} "
+                     "evaluations")
     with np.errstate(invalid="ignore", divide="ignore"):
         num = np.linalg.norm(g - model.value)
         den = np.linalg.norm(g) + np.linalg.norm(model.value)
@@ -510,6 +515,41 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Coordinates:
+    """The coordinate phase's results: the gradients at the planned entries and their model."""
+
+    model: es.ErrorModel
+    cmp: es.Comparison
+    cmp_ad: es.Comparison | None
+    g: np.ndarray
+    g_round: np.ndarray
+    g_ad: np.ndarray | None
+    ad_round: np.ndarray | float
+
+
+def _coordinate_phase(plan, *, ev, sp, f0, sigma, u, float64, f_scale, seed, schedule,
+                      checked_leaves, ad_leaves, checked_is_autodiff, deadline=None
+                      ) -> _Coordinates:
+    """Every planned entry, one by one: the stencil schedule (or the complex step)."""
+    g = _restricted(sp, plan, checked_leaves)
+    g_round = _gradient_rounding(plan, checked_leaves)
+    g_ad = None if ad_leaves is None else _restricted(sp, plan, ad_leaves)
+    ad_round = 0.0 if g_ad is None else _gradient_rounding(plan, ad_leaves)
+    index = _global_indices(sp, plan)
+    if plan.method == "complex":
+        model = _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
+        cmp = es.compare(g, model, schedule.rtol, schedule.atol, g_round)
+        cmp_ad = (None if g_ad is None
+                  else es.compare(g_ad, model, schedule.rtol, schedule.atol, ad_round))
+        return _Coordinates(model, cmp, cmp_ad, g, g_round, g_ad, ad_round)
+    found = es.derivative(_coordinates(ev, sp, plan, index, deadline),
+                          es.differences(f0, len(index), sigma, u, float64, f_scale), g,
+                          g_round, g_ad, ad_round, schedule=schedule,
+                          checked_is_autodiff=checked_is_autodiff)
+    return _Coordinates(found.model, found.cmp, found.cmp_ad, g, g_round, g_ad, ad_round)
 
 
 def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
+from jgc._src.plan import METHODS, MODES
 from jgc._src.version import __version__
 
 DEMO_BUG = "b1_4_over_m"
@@ -51,17 +53,38 @@ class UsageError(Exception):
 
 
 def _load(path: str) -> dict:
+    """Runs the user's file. Anything that ends the import early is a usage error (exit 2):
+    an exception, sys.exit with any status (a 0 there would read as "all gradients fine"),
+    or Ctrl-C (exit 130, without a traceback). Its prints go to stderr (see `_user_output`)."""
     import runpy
 
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory. Pass a Python file that defines `loss` and "
+                         "`params` (and optionally `args` and `grad`).")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file. Pass a Python file that defines `loss` and "
                          "`params` (and optionally `args` and `grad`).")
     try:
-        return runpy.run_path(path, run_name="__jgc_check__")
+        with _user_output():
+            return runpy.run_path(path, run_name="__jgc_check__")
     except SyntaxError as e:
         raise UsageError(f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except SystemExit as e:
+        raise UsageError(f"{path} called sys.exit({e.code!r}) while being imported, so nothing "
+                         "was checked. Guard script code with `if __name__ == '__main__':` "
+                         "(jgc imports the file under another name).") from e
+    except KeyboardInterrupt:
+        raise
     except Exception as e:
         raise UsageError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def _user_output():
+    """The user's own output (prints at import, jax.debug.print in the loss) goes to stderr, so
+    that stdout holds only jgc's report: a JSON document with --json."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _get(ns: dict, name: str, what: str, path: str, required: bool = True):
@@ -94,8 +117,10 @@ def check(args) -> int:
         raise UsageError(f"{args.file}: `{args.args}` must be a tuple of the loss's extra "
                          f"arguments, e.g. args = (X, y); got a {type(extra).__name__}.")
     try:
-        report = jgc.check_grad(loss, params, *extra, grad=grad, x64=args.x64, mode=args.mode,
-                                eps=args.eps, method=args.method)
+        with _user_output():
+            report = jgc.check_grad(loss, params, *extra, grad=grad, x64=args.x64,
+                                    mode=args.mode, eps=args.eps, method=args.method,
+                                    has_aux=args.has_aux)
     except jgc.InputError as e:
         raise UsageError(str(e)) from e
     print(report.to_json(indent=2) if args.json else report)
@@ -127,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
                    help="check in float64 (default) or at the parameters' precision")
-    c.add_argument("--mode", default="auto", choices=["auto", "full", "sample", "directional"])
-    c.add_argument("--method", default="central", choices=["central", "richardson"])
+    c.add_argument("--mode", default="auto", choices=list(MODES))
+    c.add_argument("--method", default="central", choices=list(METHODS))
+    c.add_argument("--has-aux", action="store_true",
+                   help="the loss returns (value, aux), as for jax.value_and_grad(has_aux=True)")
     c.add_argument("--eps", type=float, default=None, help="fixed step (default: automatic)")
     c.add_argument("--debug", action="store_true", help="show full tracebacks")
     c.set_defaults(func=check)
@@ -146,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print("jgc: interrupted", file=sys.stderr)
+        return 130
     except UsageError as e:
         if getattr(args, "debug", False):
             raise

@@ -128,7 +128,9 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
     if dd > 0:
         a = float(g @ d) / dd
         if _explains(g - a * d, disc, (1 + abs(a)) * tol):
-            if abs(a + 1) < 1e-3:
+            # A sign flip when -d itself explains the discrepancy within the error bars (a
+            # fitted -0.9988 in float32 is a sign flip, not a factor).
+            if a < 0 and _explains(g + d, disc, 2 * tol):
                 return "sign", -1.0
             return "scale", a
     if (full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1
@@ -192,7 +194,8 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
         pattern, factor = None, None
     ad_status = None
     if x.autodiff_cmp is not None:
-        ad_whole = x.autodiff_collective is not None and x.autodiff_collective.significant
+        ad_whole = (x.autodiff_collective is not None and x.autodiff_collective.significant
+                    and x.autodiff_collective.fit(x.autodiff, x.theta)[0] is not None)
         ad_status = ("mismatch" if np.any(x.autodiff_cmp.status == MISMATCH) or ad_whole else
                      "kink" if np.any(np.isin(x.autodiff_cmp.status, (KINK, TIE))) else "ok")
     top = rows[0] if rows else (None, None, None, None)
@@ -283,29 +286,45 @@ def _near(a: float, b: float, rel: float = 2e-3) -> bool:
     return abs(a - b) <= rel * abs(b)
 
 
+# A factor within this of 1 is a small relative error, not "1x too large": it is worded as a
+# percentage (a 1.002 factor is 0.2% too large, not "a constant 1 where 1 was meant").
+NEAR_ONE = 0.02
+# Beyond this a factor is printed in scientific notation and no integer cause is guessed.
+HUGE = 1e6
+
+
 def describe_factor(a: float, batch: int | None) -> str:
-    """'4× too large: ...' with the likely cause of a constant factor."""
+    """'4× too large: ...' with the likely cause of a constant factor (any finite factor)."""
+    m = abs(a)
     if a < 0:
-        size = f"has the wrong sign and is {abs(a):.3g}× the right magnitude"
+        size = f"has the wrong sign and is {m:.3g}× the right magnitude"
+    elif abs(a - 1) <= NEAR_ONE:
+        side = "large" if a > 1 else "small"
+        return (f"is {abs(a - 1) * 100:.2g}% too {side} (a factor {a:.4g}): a small relative "
+                "error, such as a constant slightly off (a regularisation or epsilon term, a "
+                "learning-rate-like scale) or a term computed at a slightly different point")
+    elif m < 1 / HUGE:
+        size = f"is {a:.3g}× the right value (almost zero)"
     elif a >= 1:
-        size = (f"is {round(a)}× too large" if _near(a, round(a)) else f"is {a:.3g}× too large")
+        size = (f"is {round(a)}× too large" if a < HUGE and _near(a, round(a))
+                else f"is {a:.3g}× too large")
     else:
-        inv = 1 / a if a else np.inf
-        size = (f"is {round(inv)}× too small" if _near(inv, round(inv))
+        inv = 1 / a
+        size = (f"is {round(inv)}× too small" if inv < HUGE and _near(inv, round(inv))
                 else f"is {a:.3g}× the right value (too small)")
     causes = []
     if batch and batch > 1:
-        if _near(abs(a), batch):
+        if _near(m, batch):
             causes.append(f"a 1/m averaging factor is missing (m = {batch}, the batch size)")
-        elif _near(abs(a), 1 / batch):
+        elif _near(m, 1 / batch):
             causes.append(f"it is divided by the batch size m = {batch} once too often")
     if not causes:
-        if _near(abs(a), 2):
+        if _near(m, 2):
             causes.append("a factor 2 counted twice (e.g. d(x²)/dx = 2x with the 2 applied "
                           "again, or a term added twice)")
-        elif _near(abs(a), 0.5):
+        elif _near(m, 0.5):
             causes.append("a factor 2 is missing (e.g. d(x²)/dx taken as x)")
-        elif a > 1 and _near(a, round(a)):
+        elif 1 < a < HUGE and _near(a, round(a)):
             causes.append(f"a constant {round(a)} where 1 was meant (e.g. {round(a)}./m "
                           "instead of 1./m, or a term counted several times)")
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -288,6 +289,57 @@ def activation_bytes(jaxpr) -> int:
     return total
 
 
+class TooSlow(Exception):
+    """A full check would take too long (mode="auto"): `predicted` seconds."""
+
+    def __init__(self, predicted: float, directional: float):
+        super().__init__(f"predicted {predicted:.1f} s")
+        self.predicted, self.directional = predicted, directional
+
+
+@dataclasses.dataclass
+class Deadline:
+    """mode="auto": predicts a full check's time from the measured throughput of the programs
+    it actually runs (after compilation), while its first stencil runs, largest leaves first.
+
+    After each chunk the prediction is: factor x (execution so far + the evaluations still to
+    do at the highest per-evaluation cost seen so far) + compilation so far + the leaf programs
+    still to compile at the mean compile time seen so far. `factor` scales the first stencil to
+    the whole check (2h everywhere in reduced precision, Richardson's 4h). TooSlow is raised
+    when the prediction exceeds both `seconds` and what directional mode would cost (per leaf:
+    a compile and about DIRECTIONAL_EVALS evaluations): a full check that is cheaper than the
+    alternative is always run.
+    """
+
+    seconds: float
+    factor: float
+    n_leaves: int
+    total: int = 0  # evaluations of the first stencil
+    done: int = 0
+    execution: float = 0.0
+    compiling: float = 0.0
+    compiled: int = 0  # programs compiled so far in this pass
+    groups_left: int = 0
+    rate: float = 0.0  # the highest seconds per evaluation seen so far
+
+    def observe(self, evals: int, padded: int, seconds: float) -> None:
+        """A chunk of `evals` evaluations (`padded` with the padding) ran in `seconds`."""
+        self.done += evals
+        self.execution += seconds
+        self.rate = max(self.rate, seconds / max(padded, 1))
+        mean_compile = self.compiling / max(self.compiled, 1)
+        predicted = (self.factor * (self.execution + (self.total - self.done) * self.rate)
+                     + self.compiling + self.groups_left * mean_compile)
+        directional = self.n_leaves * (mean_compile + DIRECTIONAL_EVALS * self.rate)
+        if predicted > max(self.seconds, directional):
+            raise TooSlow(predicted, directional)
+
+
+# Evaluations directional mode spends per leaf: 2 directions x (4 + up to 8 refining) and the
+# noise probes, plus a sample of 16 entries x 2 to 4 (auto mode's sample).
+DIRECTIONAL_EVALS = 60
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e)
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -323,7 +375,8 @@ class Evaluator:
         self.mutated: list[str] = []
         self.grad_note: str | None = None
         self.out_dtype = np.dtype(np.float64)  # The loss's output dtype, once seen.
-        self.memory_budget = memory_budget or default_memory_budget()
+        self.memory_budget = (default_memory_budget() if memory_budget is None
+                              else int(memory_budget))
         self.progress = progress
         self.segments = tuple((a, b, str(dt)) for (_, a, b, _, _), dt in
                               zip(self.layout.checked, self.dtypes))
@@ -453,8 +506,13 @@ class Evaluator:
         return float(arr.reshape(()))
 
     # -- batches ------------------------------------------------------------------------------
-    def perturbed(self, index: np.ndarray, step: np.ndarray) -> np.ndarray:
-        """Loss at theta + step[j] * e_{index[j]}, for each j; returns float64 values."""
+    def perturbed(self, index: np.ndarray, step: np.ndarray, deadline: Deadline | None = None
+                  ) -> np.ndarray:
+        """Loss at theta + step[j] * e_{index[j]}, for each j; returns float64 values.
+
+        With a `deadline` (mode="auto"), leaves are evaluated largest first and TooSlow is
+        raised as soon as a full check is predicted to take too long.
+        """
         index = np.asarray(index, np.int64)
         m = len(index)
         if m == 0:
@@ -469,16 +527,21 @@ class Evaluator:
                                        f"{self.sp.locate(index[j])} {step[j]:+.3g}")
             return out
         out = np.empty(m)
+        if deadline is not None:
+            deadline.total += m
         if not self.per_leaf:
             out[:] = self._batches("losses_at", _program_losses_at, None, self.sp.n, (),
-                                   index, step)
+                                   index, step, deadline=deadline)
             return out
         leaf_of = np.searchsorted(self.sp.offsets, index, side="right") - 1
-        for k in np.unique(leaf_of):
+        leaves = sorted(np.unique(leaf_of), key=lambda k: -self._leaf_size(k))
+        for done, k in enumerate(leaves):
             sel = leaf_of == k
+            if deadline is not None:
+                deadline.groups_left = len(leaves) - done - 1
             out[sel] = self._batches("losses_at", _program_losses_at, int(k),
                                      self._leaf_size(k), (), index[sel] - self.sp.offsets[k],
-                                     step[sel])
+                                     step[sel], deadline=deadline)
         return out
 
     def vectors(self, vectors: np.ndarray):
@@ -547,7 +610,8 @@ class Evaluator:
     def _leaf_size(self, k: int) -> int:
         return self.sp.offsets[k + 1] - self.sp.offsets[k]
 
-    def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays) -> np.ndarray:
+    def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays,
+                 deadline: Deadline | None = None) -> np.ndarray:
         """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
 
         A loss that cannot be vmapped (the first compilation fails) is run again one
@@ -556,15 +620,16 @@ class Evaluator:
         self.n_evaluations += len(arrays[0])
         static = self._static(kind, leaf, batched > SMALL_BATCHED)
         try:
-            return self._chunks(kind, build, static, batched, extra, arrays)
+            return self._chunks(kind, build, static, batched, extra, arrays, deadline)
         except InputError:
             raise
         except _Unbatchable as e:
             self.batched, self.batch_error = False, _first_line(e.__cause__)
             static = self._static(kind, leaf, False)
-            return self._chunks(kind, build, static, batched, extra, arrays)
+            return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
-    def _chunks(self, kind, build, static, batched, extra, arrays) -> np.ndarray:
+    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None
+                ) -> np.ndarray:
         m = len(arrays[0])
         per_device = self.chunk_size(m, batched)
         devices = len(self.devices) if self.batched else 1
@@ -584,6 +649,7 @@ class Evaluator:
                 parts = [jax.device_put(p, self._sharding) for p in parts]
             rows = (*extra, *parts)
             if program is None:
+                started = time.perf_counter()
                 try:
                     program = self._program(kind, build, self.traced, static, rows)
                 except InputError:
@@ -592,7 +658,13 @@ class Evaluator:
                     if not self.batched:
                         raise
                     raise _Unbatchable() from e
+                if deadline is not None:
+                    deadline.compiling += time.perf_counter() - started
+                    deadline.compiled += 1
+            started = time.perf_counter()
             out.append(np.asarray(program(self.consts, self.theta, self.dyn, *rows)).ravel())
+            if deadline is not None:
+                deadline.observe(min(chunk, m - s), chunk, time.perf_counter() - started)
             if bar is not None:
                 bar.update(min(chunk, m - s))
         if bar is not None:

@@ -23,6 +23,9 @@ class InputError(ValueError):
     """A user input that jgc cannot check, with a message that names it and suggests a fix."""
 
 
+InputError.__module__ = "jgc"  # tracebacks show jgc.InputError, the public name
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
     """One leaf of `params`: where it is, what it is, and whether it is checked."""
