@@ -276,7 +276,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     context = dict(ev=ev, sp=sp, f0=f0, sigma=sigma, u=u, float64=float64, f_scale=f_scale,
                    seed=seed, schedule=schedule, checked_leaves=checked_leaves,
                    ad_leaves=ad_leaves, checked_is_autodiff=grad is None)
-    found, slow = None, None
+    found = None
     if plan.mode == "auto":
         # A full check, unless its first stencil, timed as it runs, predicts too long a one.
         factor = 3.0 if method == "richardson" else 2.0 if full else 1.25
@@ -285,7 +285,6 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
             found = _coordinate_phase(plan, deadline=deadline, **context)
             plan = dataclasses.replace(plan, mode="full")
         except TooSlow as e:
-            slow = (e, deadline)
             plan = dataclasses.replace(plan, mode="directional",
                                        entries=tuple(pl.sample_entries(sp, samples, seed)))
             notes.append(f"auto: a full check would take about {_duration(e.predicted)} "
