@@ -255,6 +255,9 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
         return _randomness_report(sp, plan, ev, f0, f0_again, source, start, notes)
     ad_leaves = None if (autodiff is None or grad is None) else _flat_to_leaves(sp, autodiff)
 
+    if plan.mode == "sample":
+        plan = dataclasses.replace(plan, entries=tuple(
+            pl.sample_entries(sp, samples, seed, checked_leaves)))
     if plan.mode == "auto" and not ev.traceable:
         plan = dataclasses.replace(plan, mode="full")  # host loops: no faster mode exists
 
@@ -285,8 +288,8 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
             found = _coordinate_phase(plan, deadline=deadline, **context)
             plan = dataclasses.replace(plan, mode="full")
         except TooSlow as e:
-            plan = dataclasses.replace(plan, mode="directional",
-                                       entries=tuple(pl.sample_entries(sp, samples, seed)))
+            plan = dataclasses.replace(plan, mode="directional", entries=tuple(
+                pl.sample_entries(sp, samples, seed, checked_leaves)))
             notes.append(f"auto: a full check would take about {_duration(e.predicted)} "
                          f"({factor * sp.n * 2:,.0f} evaluations at the measured "
                          f"{deadline.rate * 1e3:.2g} ms each, after compilation), so jgc tested "
@@ -295,14 +298,21 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
                          "mode='full' checks every entry")
     outcomes: dict[int, dr.LeafOutcome] = {}
     if plan.mode == "directional":
-        plan, outcomes = _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed,
-                                            checked_leaves, ad_leaves, schedule)
+        plan, outcomes, escalated = _directional_phase(
+            ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves, ad_leaves,
+            schedule, samples)
+        if escalated:
+            notes.append(f"directional: random directions resolve {', '.join(escalated[:5])}"
+                         f"{', ...' if len(escalated) > 5 else ''} no better than "
+                         f"{dg.COARSE:.0%}, so jgc also checked up to {samples} of "
+                         f"{'its' if len(escalated) == 1 else 'their'} entries one by one")
     if found is None:
         found = _coordinate_phase(plan, **context)
     model, cmp, cmp_ad = found.model, found.cmp, found.cmp_ad
     g, g_round, g_ad, ad_round = found.g, found.g_round, found.g_ad, found.ad_round
     m = len(g)
     tol = es.tolerance(model.error + g_round, model.value, rtol, atol)
+    accept = es.acceptance(model, tol, g_round, rtol, atol)
     agree = None if g_ad is None else np.abs(g - g_ad) <= tol + es.TOL_FACTOR * ad_round
     leaf_test = full and sigma is not None and rtol is None and atol is None
 
@@ -328,12 +338,14 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
             autodiff_collective=(_collective(model, g_ad, ad_round, sl)
                                  if leaf_test and g_ad is not None else None),
             zero_bound=zero_bound, autodiff_zero_bound=ad_zero_bound,
-            pair_rounding=(g_round + ad_round)[sl] if g_ad is not None else 0.0)
+            pair_rounding=(g_round + ad_round)[sl] if g_ad is not None else 0.0,
+            accept_width=accept[sl])
         report = dg.leaf_report(dat, full=plan.mode == "full")
         agrees[spec.path] = dg.agrees_with_autodiff(dat)
         if k in outcomes:
             report, agree_dir = dr.merge(report, outcomes[k], checked_leaves[k],
-                                         None if ad_leaves is None else ad_leaves[k])
+                                         None if ad_leaves is None else ad_leaves[k],
+                                         judge_resolution=zero_bound is not None)
             agrees[spec.path] = agrees[spec.path] if agree_dir is None else agree_dir
         leaves.append(report)
     batch = _batch_size(args)
@@ -552,17 +564,23 @@ def _coordinate_phase(plan, *, ev, sp, f0, sigma, u, float64, f_scale, seed, sch
 
 
 def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves,
-                       ad_leaves, schedule):
+                       ad_leaves, schedule, samples):
     """Directions per leaf; the entries group testing leaves in doubt join the plan, to be
-    checked one by one with the coordinate error model."""
+    checked one by one with the coordinate error model. A leaf whose directions resolve no
+    better than COARSE (float32 noise against a small directional derivative) also gets a
+    sample of entries checked one by one: directions alone would leave it unverified."""
     run = dr.Directional(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, schedule)
-    outcomes, entries = {}, list(plan.entries)
+    outcomes, entries, escalated = {}, list(plan.entries), []
+    extra = pl.sample_entries(sp, samples, seed, checked_leaves)
     for k in range(len(sp.checked)):
         g = np.asarray(checked_leaves[k], np.float64).ravel()
         g_ad = None if ad_leaves is None else np.asarray(ad_leaves[k], np.float64).ravel()
         outcomes[k] = run.run_leaf(k, g, leaf_rounding(checked_leaves[k]), g_ad)
         entries[k] = np.union1d(entries[k], outcomes[k].candidates).astype(np.int64)
-    return dataclasses.replace(plan, entries=tuple(entries)), outcomes
+        if outcomes[k].resolution > dg.COARSE and len(entries[k]) < len(extra[k]):
+            entries[k] = np.union1d(entries[k], extra[k]).astype(np.int64)
+            escalated.append(sp.checked_specs()[k].path or "<params>")
+    return dataclasses.replace(plan, entries=tuple(entries)), outcomes, escalated
 
 
 def complex_step(ev, sp, plan, f0, sigma, u, float64, f_scale, seed) -> np.ndarray:
@@ -619,7 +637,7 @@ def _complex_step_model(ev, sp, plan, f0, sigma, u, float64, f_scale, seed) -> e
     error = es.rounding(value, u, scale)
     nan = np.full(len(value), np.nan)
     return es.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
-                         error / es.NOISE_SIGMAS)
+                         error / es.NOISE_SIGMAS, np.ones(len(value), bool))
 
 
 def _method_name(method: str, full: bool) -> str:
@@ -639,10 +657,12 @@ def _collective(model: es.ErrorModel, g: np.ndarray, g_round: np.ndarray, sl: sl
     Against the Richardson reference (truncation O(h**4), negligible for a smooth loss), each
     residual's standard deviation comes from the measured noise and the gradient's own rounding
     (its bound is NOISE_SIGMAS standard deviations). Kinks are left out: their reference is not
-    a derivative. (Kinks crossed but not flagged leave residuals too; the diagnosis calls an
-    excess a bug only when a systematic pattern explains it, see diagnose.leaf_report.)
+    a derivative; so are entries whose refined estimate left the coarse one (their reference is
+    biased by a kink the coarse stencils crossed). Kinks crossed but not flagged leave residuals
+    too: the diagnosis calls an excess in a leaf of MIN_FIT entries or more a bug only when a
+    systematic pattern explains it (diagnose.Collective.fit).
     """
-    keep = ~model.kink[sl]
+    keep = ~model.kink[sl] & model.coarse[sl]
     ref, g = model.reference[sl][keep], g[sl][keep]
     sd = np.sqrt(model.reference_sd[sl][keep] ** 2
                  + (np.broadcast_to(g_round, model.kink.shape)[sl][keep] / es.NOISE_SIGMAS) ** 2)

@@ -30,6 +30,8 @@ from jgc._src.report import pct
 from jgc._src.tree import LeafSpec
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
+MIN_FIT = 3  # entries a leaf-level pattern needs
+ZERO_FACTOR = 0.05  # a fitted factor below this, with the gradient within its error bars: zero
 COARSE = 0.01  # A leaf whose resolution is coarser than 1% gets a note: such bugs can hide.
 # A leaf is "unresolved" when the check could not tell its gradient from one 2x too large, its
 # negative or zero: each differs from the right one by 100% (or more) of its size.
@@ -62,15 +64,22 @@ class Collective:
         return es_resolution(self.reference, self.sd, self.threshold, bias=len(self.where))
 
     def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
-        """A one-parameter pattern whose residual is consistent with noise, if any."""
+        """A one-parameter pattern that explains the excess, if any: its residual is consistent
+        with noise, and it removes at least half of the excess over noise (a real systematic
+        error lies along the pattern; biases from crossed kinks point anywhere). Below MIN_FIT
+        entries one parameter fits whatever they hold, so the factor is just reported (the
+        entries come from the coarse stencils alone, see check._collective)."""
         ref, th = self.reference, theta[self.where]
         g = g[self.where]
+        excess = self.chi2 - len(self.where)
         for name, basis, offset in (("scale", ref, 0.0), ("regularization", th, ref)):
             bb = float(basis @ basis)
             if bb == 0:
                 continue
             c = float((g - offset) @ basis) / bb
-            if es_chi2(g - offset - c * basis, self.sd) <= self.threshold:
+            after = es_chi2(g - offset - c * basis, self.sd)
+            if len(self.where) < MIN_FIT or (after <= self.threshold
+                                             and self.chi2 - after >= excess / 2):
                 return name, c
         return None, None
 
@@ -100,6 +109,10 @@ class LeafData:
     # Per entry: the rounding bounds of the checked gradient and jax.grad added, for comparing
     # the two with each other at their own precision (no finite differences involved).
     pair_rounding: np.ndarray | float = 0.0
+    # Per entry: how far from the numerical derivative a value may lie and still pass (the
+    # tolerance, a finer stencil's support, or at a kink half the one-sided slopes' range),
+    # for the resolution; None: the tolerance.
+    accept_width: np.ndarray | None = None
 
 
 def _explains(residual, discrepancy, tol) -> bool:
@@ -122,9 +135,12 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
     disc = g - d
     if not np.any(np.abs(disc) > tol):
         return None, None
-    if np.all(np.abs(g) <= tol) and np.any(np.abs(d) > tol):
-        return "zero", 0.0
     dd = float(d @ d)
+    # Zero: the gradient is zero, or so close that the best factor is (a g/4 is within a float32
+    # error bar of zero but is a factor, not a missing gradient).
+    if np.all(np.abs(g) <= tol) and np.any(np.abs(d) > tol) and (
+            not np.any(g) or dd == 0 or abs(float(g @ d) / dd) < ZERO_FACTOR):
+        return "zero", 0.0
     if dd > 0:
         a = float(g @ d) / dd
         if _explains(g - a * d, disc, (1 + abs(a)) * tol):
@@ -184,9 +200,14 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     if nonfinite.any():
         pattern, factor = "nonfinite", None
     elif n_mis:
-        # Fit patterns on smooth entries only: at a kink the central difference is no derivative.
+        # Fit patterns on smooth entries only: at a kink the central difference is no
+        # derivative. Where every entry is at a kink, jax.grad (when it passed there) stands in.
         smooth = None if x.kink is None else ~x.kink
-        pattern, factor = find_pattern(x.checked, x.numerical, x.theta, x.tol, spec.shape,
+        reference = x.numerical
+        if smooth is not None and not smooth.any() and x.autodiff is not None \
+                and x.autodiff_cmp is not None and not np.any(x.autodiff_cmp.status == MISMATCH):
+            reference, smooth = x.autodiff, None
+        pattern, factor = find_pattern(x.checked, reference, x.theta, x.tol, spec.shape,
                                        full, smooth)
     elif as_whole:
         pattern, factor = fit
@@ -236,17 +257,21 @@ def _worst_rows(x: LeafData, n_mis: int, as_whole: bool) -> tuple:
 
 
 def _resolution(x: LeafData, leaf_level: bool = True) -> float:
-    """The smallest relative error of the whole leaf the check would detect: from the leaf-level
-    test in reduced precision (unless its excess showed it cannot be trusted here), else at the
-    best-resolved entry (its error bar relative to the numerical derivative)."""
-    if x.collective is not None and leaf_level:
-        return x.collective.resolution()
+    """The smallest relative error of the whole leaf the check would detect: the better of the
+    leaf-level test in reduced precision (where it has entries, and unless its excess showed it
+    cannot be trusted here) and the best-resolved single entry (its error bar, or at a kink the
+    half-width of the one-sided slopes' range, or a finer stencil's wider error bar that can
+    pass it, relative to the numerical derivative)."""
     finite = np.isfinite(x.checked)
     if not finite.any():
         return 0.0  # every entry is non-finite: a mismatch whatever the resolution
+    width = x.tol if x.accept_width is None else x.accept_width
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = x.tol[finite] / np.abs(x.numerical[finite])
-    return float(np.nanmin(ratio)) if np.isfinite(ratio).any() else math.inf
+        ratio = width[finite] / np.abs(x.numerical[finite])
+    single = float(np.nanmin(ratio)) if np.isfinite(ratio).any() else math.inf
+    if x.collective is not None and leaf_level and len(x.collective.where):
+        return min(single, x.collective.resolution())
+    return single
 
 
 def _verified_zero(x: LeafData) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.diagnose import find_pattern
+from jgc._src.diagnose import UNRESOLVED, find_pattern
 
 N_DIRECTIONS = 2
 GROUP_LEAF = 8  # entries checked one by one at the bottom of group testing
@@ -59,6 +59,7 @@ class DirectionResult:
     # localised and its entries judged one by one; the verdict uses `status`.
     strict: np.ndarray
     tol: np.ndarray  # the allowed |checked - numerical|
+    accept: np.ndarray  # how far a value may lie and still pass (see estimate.acceptance)
     norm: np.ndarray  # ||v||: divides the above into derivatives along unit vectors
 
 
@@ -68,6 +69,16 @@ class LeafOutcome:
 
     tests: DirectionResult | None
     candidates: np.ndarray  # local entry indices checked one by one after group testing
+
+    @property
+    def resolution(self) -> float:
+        """The smallest relative error the directions resolve (acceptance width over the
+        measured directional derivative, at the best direction)."""
+        if self.tests is None:
+            return np.inf
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = self.tests.accept / np.abs(self.tests.numerical)
+        return float(np.nanmin(r)) if np.isfinite(r).any() else np.inf
 
     @property
     def n(self) -> int:
@@ -164,9 +175,11 @@ class Directional:
         with np.errstate(invalid="ignore"):
             strict[(strict == es.OK) & ~(np.abs(checked - found.model.value) <= tol)] = \
                 es.MISMATCH
+        accept = es.acceptance(found.model, tol, checked_err, self.schedule.rtol,
+                               self.schedule.atol)
         return DirectionResult(found.model.value, checked, autodiff, found.cmp.status,
                                None if found.cmp_ad is None else found.cmp_ad.status, strict,
-                               tol, norm)
+                               tol, accept, norm)
 
     def run_leaf(self, k: int, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None,
                  n_directions: int = N_DIRECTIONS) -> LeafOutcome:
@@ -206,7 +219,8 @@ class Directional:
         return np.concatenate([np.arange(a, b) for a, b in found])
 
 
-def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None):
+def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None,
+          judge_resolution: bool = True):
     """Folds a leaf's directional outcome into its (coordinate) LeafReport.
 
     Returns (report, agrees): `agrees` says whether the checked gradient agrees with jax.grad
@@ -226,9 +240,17 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None):
     if outcome.autodiff_ok is False:
         ad_status = "mismatch"
     n_kink = int(np.sum(np.isin(t.status, (es.KINK, es.TIE))))
+    # The leaf's resolution: the better of its entries' and its directions' (the acceptance
+    # width relative to the measured directional derivative). Directions that cannot tell a
+    # 100% error verify nothing: a leaf checked by them alone is then unresolved.
+    dir_res = outcome.resolution
+    resolution = min(np.inf if report.resolution is None else report.resolution, dir_res)
     changes = dict(max_rel_error=max(report.max_rel_error, float(np.nanmax(rel))),
-                   autodiff_status=ad_status, direction_kinks=n_kink)
-    if n_kink and report.status == "ok":
+                   autodiff_status=ad_status, direction_kinks=n_kink, resolution=resolution)
+    if report.status in ("ok", "kink") and not report.zero and resolution >= UNRESOLVED \
+            and judge_resolution:
+        changes["status"] = "unresolved"
+    elif n_kink and report.status == "ok":
         changes["status"] = "kink"
     agrees = None
     failed = outcome.failed
@@ -243,8 +265,13 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None):
                            autodiff=None if t.autodiff is None
                            else t.autodiff[j] / t.norm[j], worst_index=None, worst=())
             # A constant factor (or sign, or zero) fits every direction within its error bar.
+            # Two directions fit almost any factor within float32 error bars: the factor must
+            # also explain 90% of the discrepancy by itself.
             pattern, factor = find_pattern(t.checked, t.numerical, np.zeros(len(t.checked)),
                                            t.tol, (len(t.checked),), full=False)
-            if pattern in ("scale", "sign", "zero"):
+            fitted = t.numerical * (factor if factor is not None else 0.0)
+            tight = (np.linalg.norm(t.checked - fitted)
+                     <= 0.1 * np.linalg.norm(t.checked - t.numerical))
+            if pattern in ("scale", "sign", "zero") and tight:
                 changes.update(pattern=pattern, factor=factor)
     return dataclasses.replace(report, **changes), agrees

@@ -233,6 +233,9 @@ class ErrorModel:
     high: np.ndarray
     reference: np.ndarray  # Richardson R_1 where both h and 2h exist, else NaN.
     reference_sd: np.ndarray  # Standard deviation of `reference` from the measured noise.
+    # bool: the estimate is the coarse level's (not refined, or every finer level agreed), so
+    # `reference` may be trusted; elsewhere a finer level showed the coarse stencils biased.
+    coarse: np.ndarray | None = None
     # Where the probe was refined: the finest smooth level that resolves its value, a second
     # chance for the checked value (NaN elsewhere; see `compare`).
     support_value: np.ndarray | None = None
@@ -368,7 +371,7 @@ def error_model(d: Differences, method: str = "central") -> ErrorModel:
         sd = np.sqrt(sd ** 2 + ref_truncation ** 2)
     refined = finest > 0
     nan = np.full(len(value), np.nan)
-    return ErrorModel(value, error, kink, low, high, reference, sd, support_value,
+    return ErrorModel(value, error, kink, low, high, reference, sd, best == 0, support_value,
                       support_error, refined & pick("persistent", finest),
                       np.where(refined, pick("left", finest), nan),
                       np.where(refined, pick("right", finest), nan),
@@ -416,6 +419,22 @@ def zero_bound(leaves) -> float:
     eps = max((float(np.finfo(a.dtype).eps) for a in arrays
                if np.issubdtype(a.dtype, np.floating)), default=0.0)
     return float(TOL_FACTOR * KAPPA * eps * scale)
+
+
+def acceptance(m: ErrorModel, tol, value_error=0.0, rtol=None, atol=None) -> np.ndarray:
+    """Per probe: how far from m.value a value may lie and still pass (`compare`): the
+    tolerance, a finer stencil's support (its value's offset plus its own tolerance), or at a
+    kink half the one-sided slopes' range. What the resolution is made of."""
+    out = np.asarray(tol, np.float64)
+    with np.errstate(invalid="ignore"):
+        if m.support_value is not None:
+            reach = np.abs(m.support_value - m.value) + tolerance(
+                m.support_error + value_error, m.support_value, rtol, atol)
+            out = np.fmax(out, reach)
+        if m.low is not None:
+            out = np.fmax(out, np.where(m.kink, np.fmax(m.value - m.low, m.high - m.value),
+                                        np.nan))
+    return out
 
 
 def tolerance(error, numerical, rtol=None, atol=None) -> np.ndarray:

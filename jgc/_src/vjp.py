@@ -7,7 +7,6 @@ vjp(c, x), so the whole check_grad pipeline applies with params = primals.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -24,26 +23,45 @@ def _contract(out, cot):
     return sum((o * c).sum() for o, c in zip(leaves_o, leaves_c))
 
 
-@functools.lru_cache(maxsize=128)
+def _call(fn, primals, *first):
+    """fn(*first, *primals), or fn(*first, **primals) when the primals are a dict."""
+    if isinstance(primals, dict):
+        return fn(*first, **primals)
+    return fn(*first, *primals)
+
+
 def _contracted_loss(f: Callable) -> Callable:
-    """loss(primals, cot) = <f(*primals), cot>; cached so that a re-check compiles nothing."""
-    return lambda primals, cot: _contract(f(*primals), cot)
+    """loss(primals, cot) = <f(*primals), cot>."""
+    return lambda primals, cot: _contract(_call(f, primals), cot)
 
 
-@functools.lru_cache(maxsize=128)
-def _vjp_as_grad(f_vjp: Callable, n: int) -> Callable:
-    def grad(primals, cot):
-        out = f_vjp(cot, *primals)
+def _vjp_as_grad(f_vjp: Callable, primals) -> Callable:
+    """grad(primals, cot) = f_vjp(cot, *primals), shaped like the primals: a tuple with one
+    gradient per primal (a NamedTuple of them for NamedTuple primals), or a dict for dict
+    primals (a tuple in the dict's order is accepted too)."""
+    n, names = len(primals), list(primals) if isinstance(primals, dict) else None
+
+    def grad(p, cot):
+        out = _call(f_vjp, p, cot)
+        if names is not None and isinstance(out, dict):
+            return out
         if n == 1 and not isinstance(out, (tuple, list)):
             out = (out,)  # A one-input layer may return its gradient bare.
         if not isinstance(out, (tuple, list)) or len(out) != n:
             got = (f"a {type(out).__name__} of length {len(out)}"
                    if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
-            raise InputError(f"f_vjp(cotangent, *primals) must return a tuple with one gradient "
-                             f"per primal ({n}), but returned {got}.")
-        return tuple(out)
+            want = "a dict with the primals' keys, or a tuple" if names else "a tuple"
+            raise InputError(f"f_vjp(cotangent, *primals) must return {want} with one "
+                             f"gradient per primal ({n}), but returned {got}.")
+        if names is not None:
+            return dict(zip(names, out))
+        return type(p)(*out) if _is_namedtuple(p) else tuple(out)
 
     return grad
+
+
+def _is_namedtuple(x) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
 def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
@@ -56,12 +74,14 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         A CS231n-style `layer_backward(dout, cache)` wraps into this in one line:
         `lambda dout, x, w: layer_backward(dout, layer_forward(x, w)[1])`. With None, jax's own
         VJP of f is checked (how a custom_vjp rule on f is tested).
-      primals: a tuple of the inputs of f. A single array is taken as a 1-tuple.
+      primals: the inputs of f: a tuple (leaves named "[0]", "[1]", ...), a NamedTuple (".x",
+        ".w") or a dict, passed as keyword arguments (f(**primals), f_vjp(cotangent,
+        **primals); leaves named "['x']", "['w']"). A single array is taken as a 1-tuple.
       cotangent: the output cotangent to contract with; None draws a seeded standard normal.
       x64, seed, **options: as for `check_grad` (mode, eps, rtol, atol, samples).
 
     Returns:
-      A Report whose leaves are the primals, with paths "[0]", "[1]", ...
+      A Report whose leaves are the primals, named by their position, field or key.
 
     >>> import numpy as np, jgc
     >>> f = lambda x, w: x @ w
@@ -74,9 +94,10 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
     if f_vjp is not None and not callable(f_vjp):
         raise InputError(f"f_vjp must be a function f_vjp(cotangent, *primals) -> tuple, or None "
                          f"to check jax's VJP of f; got a {type(f_vjp).__name__}.")
-    if not isinstance(primals, (tuple, list)):
+    if isinstance(primals, list):
+        primals = tuple(primals)
+    elif not isinstance(primals, (tuple, dict)):
         primals = (primals,)
-    primals = tuple(primals)
     with precision(x64):
         out = _output(f, primals)
         if cotangent is None:
@@ -91,7 +112,7 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         f_scale = float(sum(np.abs(np.asarray(o, np.float64) * np.asarray(c, np.float64)).sum()
                             for o, c in zip(jax.tree_util.tree_leaves(out),
                                             jax.tree_util.tree_leaves(cotangent))))
-        grad = None if f_vjp is None else _vjp_as_grad(f_vjp, len(primals))
+        grad = None if f_vjp is None else _vjp_as_grad(f_vjp, primals)
         return _run(_contracted_loss(f), primals, (cotangent,), grad=grad, x64=x64,
                     f_scale=f_scale, **_with_defaults(options, seed))
 
@@ -109,7 +130,7 @@ def _with_defaults(options: dict, seed: int) -> dict:
 
 def _output(f, primals):
     try:
-        return f(*primals)
+        return _call(f, primals)
     except Exception as e:
         raise InputError(f"f(*primals) raised {type(e).__name__}: {e}\n  primals: "
                          f"{tree_pformat(primals)}") from e
