@@ -52,6 +52,15 @@ FUZZ = {
     "grad missing key": (GOOD + "def grad(p, X): return {}\n", "has no entry in grad"),
     "empty file": ("", "defines no `loss`"),
     "binary junk": ("\x00\x01\x02", "error"),
+    "sys.exit(0) at import": ("import sys\nsys.exit(0)\n",
+                              "called sys.exit(0) while being imported, so nothing was checked"),
+    "sys.exit(msg) at import": ("import sys\nsys.exit('bye')\n", "called sys.exit('bye')"),
+    "aux without --has-aux": (GOOD + "def loss(p, X): return jnp.sum(p['w']), {'aux': 1}\n",
+                              "pass has_aux=True (`jgc check --has-aux`"),
+    "donated array": (GOOD + "params = {'w': jnp.zeros(3)}\nparams['w'].delete()\n",
+                      "params['w'] is a deleted JAX array"),
+    "zero-size params": (GOOD + "params = {'w': np.zeros((0, 3))}\n",
+                         "every floating-point leaf is empty"),
 }
 
 
@@ -80,6 +89,43 @@ def test_cli_fuzz_gives_status_2_and_one_line(tmp_path, capsys, case):
     assert code == 2, (out, err)
     assert err.startswith("jgc: error: ") and message in err
     assert "Traceback" not in err and not out
+
+
+def test_cli_inf_gradient_exits_1(tmp_path, capsys):
+    code, out, _ = _cli(tmp_path, capsys, GOOD + "grad = {'w': np.full(3, np.inf)}\n")
+    assert code == 1 and "non-finite entries (NaN or Inf)" in out
+
+
+def test_cli_json_stdout_holds_only_the_document(tmp_path, capsys):
+    """Prints at import and jax.debug.print inside the loss go to stderr."""
+    import json
+    src = ("print('hello from import')\n" + GOOD + "import jax\n"
+           "def loss(p, X):\n    jax.debug.print('inside {}', jnp.sum(p['w']))\n"
+           "    return jnp.sum(jnp.tanh(X @ p['w']) ** 2)\n")
+    code, out, err = _cli(tmp_path, capsys, src, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert "hello from import" in err and "inside" in err
+
+
+def test_cli_has_aux(tmp_path, capsys):
+    src = GOOD + "def loss(p, X): return jnp.sum(jnp.tanh(X @ p['w']) ** 2), {'n': 5}\n"
+    code, out, _ = _cli(tmp_path, capsys, src, "--has-aux")
+    assert code == 0 and out.startswith("jgc gradient check: OK")
+
+
+def test_cli_interrupt_at_import_exits_130_without_traceback(tmp_path, capsys):
+    code, out, err = _cli(tmp_path, capsys, "raise KeyboardInterrupt\n")
+    assert code == 130 and err == "jgc: interrupted\n" and not out
+
+
+def test_cli_directory_is_named(tmp_path, capsys):
+    assert cli.main(["check", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_cli_method_choices_include_complex(tmp_path, capsys):
+    code, out, _ = _cli(tmp_path, capsys, GOOD, "--method", "complex")
+    assert code == 0 and "complex step" in out
 
 
 def test_cli_debug_shows_the_traceback(tmp_path, capsys):

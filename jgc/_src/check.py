@@ -300,7 +300,7 @@ def _run(loss: Loss, params: ArrayTree, args: tuple, *, grad, x64: bool, mode: s
     if plan.mode == "directional":
         plan, outcomes, escalated = _directional_phase(
             ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves, ad_leaves,
-            schedule, samples)
+            schedule, samples, grad is None)
         if escalated:
             notes.append(f"directional: random directions resolve {', '.join(escalated[:5])}"
                          f"{', ...' if len(escalated) > 5 else ''} no better than "
@@ -564,12 +564,13 @@ def _coordinate_phase(plan, *, ev, sp, f0, sigma, u, float64, f_scale, seed, sch
 
 
 def _directional_phase(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, checked_leaves,
-                       ad_leaves, schedule, samples):
+                       ad_leaves, schedule, samples, checked_is_autodiff):
     """Directions per leaf; the entries group testing leaves in doubt join the plan, to be
     checked one by one with the coordinate error model. A leaf whose directions resolve no
     better than COARSE (float32 noise against a small directional derivative) also gets a
     sample of entries checked one by one: directions alone would leave it unverified."""
-    run = dr.Directional(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, schedule)
+    run = dr.Directional(ev, sp, plan, f0, sigma, u, float64, f_scale, seed, schedule,
+                         checked_is_autodiff)
     outcomes, entries, escalated = {}, list(plan.entries), []
     extra = pl.sample_entries(sp, samples, seed, checked_leaves)
     for k in range(len(sp.checked)):
@@ -789,22 +790,26 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
                     effective_x64=effective)
 
 
-def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None, **options) -> Report:
+def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None,
+                allow_unresolved: bool = False, **options) -> Report:
     """Like `check_grad`, but raises AssertionError naming every bad leaf when the check fails.
 
     A chex-style assertion for test suites: the message starts with "[jgc] " and contains the
-    diagnosis and the full report table. Returns the Report when the check passes.
+    diagnosis and the full report table. Returns the Report when the check passes. A leaf that
+    finite differences could not resolve fails the assertion too (nothing was verified
+    there), unless `allow_unresolved=True`; mismatches always fail it.
 
     >>> import jax.numpy as jnp, jgc
     >>> _ = jgc.assert_grad(lambda p: jnp.sum(p ** 3), jnp.arange(3.0),
     ...                     grad=lambda p: 3 * p ** 2)
     """
     report = check_grad(loss, params, *args, grad=grad, **options)
-    if not report.ok:
-        bad = ", ".join(leaf.path or "<params>" for leaf in report.bad_leaves)
-        raise AssertionError(f"[jgc] gradient check failed ({report.verdict}) in: {bad}\n"
-                             f"{report}")
-    return report
+    if report.ok or (allow_unresolved and report.verdict == "unresolved"):
+        return report
+    named = [*report.bad_leaves, *report.unresolved_leaves]
+    bad = ", ".join(leaf.path or "<params>" for leaf in named) or "the loss"
+    raise AssertionError(f"[jgc] gradient check failed ({report.verdict}) in: {bad}\n"
+                         f"{report}")
 
 
 def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,

@@ -393,9 +393,10 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
         body = (f"{what} is wrong at {leaf.n_mismatch} entr"
                 f"{'y' if leaf.n_mismatch == 1 else 'ies'} located by group testing")
     elif leaf.n_mismatch == 0 and leaf.directions:
-        body = (f"{what} fails {leaf.directions} random-direction test(s), but group testing "
-                "confirmed no single wrong entry: many small errors spread over the leaf, or a "
-                "loss that is not smooth along the direction")
+        body = (f"{what} fails a random-direction test (the values shown are derivatives along "
+                "it), beyond its error bar and any kink along it, but group testing isolated no "
+                "single wrong entry: the error is spread over many entries, each too small to "
+                "show alone (a small factor or an extra term across the leaf)")
     elif leaf.n_mismatch == 0:
         body = (f"{what} is slightly but systematically off: no single entry is outside its "
                 "error bar, but taken together the leaf's entries differ from finite "
@@ -413,9 +414,14 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
 
 def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3,
                 autodiff: str = "jax.grad") -> list[str]:
+    """The worst entries, one line each; for a leaf wrong only along a random direction, the
+    derivatives along it (never entries that agree)."""
+    rows = [(f"at {idx}", num, chk, ad) for idx, num, chk, ad in leaf.worst[:k]]
+    if not rows and leaf.directions and leaf.numerical is not None:
+        rows = [("along the failing direction", leaf.numerical, leaf.checked, leaf.autodiff)]
     out = []
-    for idx, num, chk, ad in leaf.worst[:k]:
-        line = f"      at {idx}: numerical {num:.6g}, {source} {chk:.6g}"
+    for where, num, chk, ad in rows:
+        line = f"      {where}: numerical {num:.6g}, {source} {chk:.6g}"
         if with_autodiff and ad is not None:
             line += f", {autodiff} {ad:.6g}"
         out.append(line)

@@ -140,8 +140,10 @@ class Directional:
     """Runs directional tests and group testing on one check's evaluator."""
 
     def __init__(self, ev, sp, plan: pl.Plan, f0: float, sigma: float | None, u: float,
-                 float64: bool, f_scale: float, seed: int, schedule: es.Schedule):
+                 float64: bool, f_scale: float, seed: int, schedule: es.Schedule,
+                 checked_is_autodiff: bool = False):
         self.ev, self.sp, self.plan = ev, sp, plan
+        self.checked_is_autodiff = checked_is_autodiff
         self.f0, self.sigma, self.u, self.float64, self.f_scale = f0, sigma, u, float64, f_scale
         self.seed = seed
         # Every direction gets the 2h stencil (two extra evaluations), so that a kink crossed
@@ -166,7 +168,8 @@ class Directional:
         d = es.differences(self.f0, len(checked), self.sigma, self.u, self.float64,
                            self.f_scale)
         found = es.derivative(probes.evaluate, d, checked, checked_err, autodiff, checked_err,
-                              schedule=self.schedule)
+                              schedule=self.schedule,
+                              checked_is_autodiff=self.checked_is_autodiff)
         tol = es.tolerance(found.model.error + checked_err, found.model.value,
                            self.schedule.rtol, self.schedule.atol)
         norm = np.array([np.linalg.norm(probes.rows[v][a:b])
