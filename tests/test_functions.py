@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import W, X, tanh_grad, tanh_loss
+from conftest import RNG, W, X, tanh_grad, tanh_loss
 
 import jgc
 
@@ -184,3 +184,74 @@ def test_numerical_grad_refuses_complex_step_on_non_analytic_loss():
             jgc.numerical_grad(loss, W, method="complex")
     g = jgc.numerical_grad(lambda p: jnp.sum(jnp.sin(p)), W, method="complex")
     np.testing.assert_allclose(g, np.cos(W), rtol=1e-13)
+
+
+# -- smaller points and wording ------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [0, -5, 0.5, True, "1GB", float("nan")])
+def test_memory_budget_must_be_a_positive_number_of_bytes(budget):
+    with pytest.raises(jgc.InputError, match=r"memory_budget=.*expected a positive number of "
+                                             "bytes"):
+        jgc.check_grad(tanh_loss, W, X, memory_budget=budget)
+    assert jgc.check_grad(tanh_loss, W, X, memory_budget=2e9).ok
+
+
+def test_errors_show_the_public_name():
+    assert jgc.InputError.__module__ == "jgc"
+    assert repr(jgc.InputError("x")).startswith("InputError(")
+    with pytest.raises(jgc.InputError) as info:
+        jgc.check_grad(tanh_loss, W, X, samples=0, mode="sample")
+    assert info.type.__module__ + "." + info.type.__name__ == "jgc.InputError"
+
+
+def test_nan_gradient_raises_no_numpy_warning():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = jgc.check_grad(tanh_loss, W, X, grad=np.full_like(W, np.nan))
+    assert not r.ok and r.leaves[0].pattern == "nonfinite"
+
+
+@pytest.mark.parametrize("factor, words", [
+    (1e300, "is 1e+300× too large"), (0.0, "is 0× the right value (almost zero)"),
+    (-1e300, "has the wrong sign and is 1e+300× the right magnitude"),
+    (1.002, "is 0.2% too large (a factor 1.002): a small relative error"),
+    (0.995, "is 0.5% too small (a factor 0.995)"), (4.0, "is 4× too large"),
+    (8.0, "a 1/m averaging factor is missing (m = 8, the batch size)")])
+def test_factors_are_worded_for_any_size(factor, words):
+    from jgc._src.diagnose import describe_factor
+    text = describe_factor(factor, 8)
+    assert words in text and len(text) < 300
+    assert "1 where 1 was meant" not in text
+
+
+def test_advice_never_repeats_what_the_check_did():
+    """A leaf below resolution in float64: the advice must not say "check in float64"."""
+    loss = lambda w: 1 + 1e-14 * jnp.sum(w)
+    r = jgc.check_grad(loss, np.ones(3))
+    assert "x64=True" not in r.diagnosis and "method='richardson'" in r.diagnosis
+    r = jgc.check_grad(loss, np.ones(3), method="richardson")
+    assert "x64=True" not in r.diagnosis and "method='richardson'" not in r.diagnosis
+
+
+def test_check_vjp_names_leaves_by_key_or_field():
+    import typing
+
+    class Inputs(typing.NamedTuple):
+        x: np.ndarray
+        w: np.ndarray
+
+    f = lambda x, w: x @ w
+    f_vjp = lambda dy, x, w: (dy @ w.T, x.T @ dy)
+    x, w = RNG.normal(size=(2, 3)), RNG.normal(size=(3, 4))
+    r = jgc.check_vjp(f, f_vjp, {"x": x, "w": w})
+    assert r.ok and sorted(leaf.path for leaf in r.leaves) == ["['w']", "['x']"]
+    bad = jgc.check_vjp(f, lambda dy, x, w: {"x": dy @ w.T, "w": 2 * x.T @ dy}, {"x": x, "w": w})
+    assert [leaf.path for leaf in bad.bad_leaves] == ["['w']"]
+    assert bad.leaf("['w']").factor == pytest.approx(2.0)
+    r = jgc.check_vjp(f, f_vjp, Inputs(x, w))
+    assert r.ok and [leaf.path for leaf in r.leaves] == [".x", ".w"]
+    bad = jgc.check_vjp(f, lambda dy, x, w: (-dy @ w.T, x.T @ dy), Inputs(x, w))
+    assert [leaf.path for leaf in bad.bad_leaves] == [".x"] and bad.leaf(".x").pattern == "sign"
+    with pytest.raises(jgc.InputError, match="a dict with the primals' keys, or a tuple"):
+        jgc.check_vjp(f, lambda dy, x, w: [dy], {"x": x, "w": w})
