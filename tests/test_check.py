@@ -260,6 +260,12 @@ def test_second_check_compiles_nothing():
     with jax.log_compiles(), _count_compiles() as n:
         jgc.check_grad(ex.loss, other, *ex.args, grad=ex.grad)
     assert n() == 0
+    # The positive control: a loss never seen compiles, and the counter sees it (it reads
+    # JAX's log text, which could change; then this fails instead of the test passing blindly).
+    changed = lambda p, X, Y: ex.loss(p, X, Y) + 0.5 * jnp.sum(p["b1"] ** 2)
+    with jax.log_compiles(), _count_compiles() as n:
+        jgc.check_grad(changed, other, *ex.args)
+    assert n() > 0
 
 
 class _count_compiles:

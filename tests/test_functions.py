@@ -219,7 +219,7 @@ def test_nan_gradient_raises_no_numpy_warning():
     (0.995, "is 0.5% too small (a factor 0.995)"), (4.0, "is 4× too large"),
     (8.0, "a 1/m averaging factor is missing (m = 8, the batch size)")])
 def test_factors_are_worded_for_any_size(factor, words):
-    from jgc._src.diagnose import describe_factor
+    from jgc._src.explain import describe_factor
     text = describe_factor(factor, 8)
     assert words in text and len(text) < 300
     assert "1 where 1 was meant" not in text

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -120,30 +121,27 @@ def test_auto_picks_full_for_a_cheap_check_every_time():
     assert modes == {"full"}
 
 
-def test_memory_budget_sizes_chunks_and_refuses_what_cannot_fit():
-    ex = mlp("tanh")
-    small = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, memory_budget=4096)
-    big = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
-    assert small.ok and [x.numerical for x in small.leaves] == [x.numerical for x in big.leaves]
-    with pytest.raises(jgc.InputError, match="more than the memory budget.*mode='directional'"):
-        jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, memory_budget=16)
-
-
 def test_default_memory_budget_is_sane():
     b = evaluate.default_memory_budget()
     assert 256 * 2**20 <= b <= 2**30
 
 
-def test_progress_bar_shows_only_for_long_runs(monkeypatch):
+@pytest.mark.parametrize("plain", [False, True], ids=["tqdm", "plain"])
+def test_progress_bar_shows_only_for_long_runs(monkeypatch, plain):
+    """tqdm (the `progress` extra, in the test extra too) or, without it, one plain line; either
+    way nothing for a batch shorter than show_after."""
+    if not plain:
+        pytest.importorskip("tqdm")
     stream = io.StringIO()
-    bar = progress.Progress(stream=stream, show_after=0.0).start(100)
+    bar = progress.Progress(stream=stream, show_after=0.0, plain=plain).start(100)
     for _ in range(10):
         bar.update(10)
     bar.close()
     text = stream.getvalue()
-    assert "\r" in text and "100/100 evaluations" in text and text.endswith("\n")
+    assert "\r" in text and "/100" in text
+    assert ("100/100 evaluations" in text and text.endswith("\n")) if plain else "eval" in text
     quiet = io.StringIO()
-    bar = progress.Progress(stream=quiet, show_after=3600.0).start(100)
+    bar = progress.Progress(stream=quiet, show_after=3600.0, plain=plain).start(100)
     bar.update(50)
     bar.update(50)
     bar.close()
@@ -153,23 +151,39 @@ def test_progress_bar_shows_only_for_long_runs(monkeypatch):
     assert progress.enabled(None) is False
 
 
-def test_no_n_by_n_array():
-    """The perturbation batch is (chunk x n) at most, never (n x n)."""
+def test_a_check_drives_the_bar(monkeypatch):
+    """progress=True: the check's batches advance a bar to their total."""
+    stream = io.StringIO()
+    monkeypatch.setattr(progress, "SHOW_AFTER", 0.0)
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    ex = mlp("tanh")
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, mode="full", progress=True)
+    assert r.ok
+    assert re.search(r"jgc: .*\d+/\d+", stream.getvalue())
+
+
+def test_no_n_by_n_array(monkeypatch):
+    """No compiled program of a check holds an (n x n) array: XLA's own accounting of each
+    program's temporary buffers stays far below n*n entries (the batched perturbations are
+    (chunk x n), chunk <= 512 < n). The positive control: the batches are seen, and they do
+    hold (chunk x n) values."""
+    from jgc._src import programs
     ex = mlp("tanh", width=40)  # n = 1,763
-    ev_chunk = []
-    orig = evaluate.Evaluator._chunks
-
-    def spy(self, kind, build, static, batched, extra, arrays, deadline=None):
-        ev_chunk.append(self.chunk_size(len(arrays[0]), batched))
-        return orig(self, kind, build, static, batched, extra, arrays, deadline)
-
-    evaluate.Evaluator._chunks = spy
-    try:
-        jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
-    finally:
-        evaluate.Evaluator._chunks = orig
     n = sum(v.size for v in ex.params.values())
-    assert max(ev_chunk) <= evaluate.MAX_CHUNK_SMALL < n
+    seen = []
+    orig = programs.compiled
+
+    def spy(*args, **kwargs):
+        program = orig(*args, **kwargs)
+        seen.append((args[0], program.memory_analysis().temp_size_in_bytes))
+        return program
+
+    monkeypatch.setattr(programs, "compiled", spy)
+    monkeypatch.setattr(programs, "CACHE", programs._Cache(programs.CACHE_SIZE))
+    jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad)
+    batches = [size for kind, size in seen if kind == "losses_at"]
+    assert batches and max(batches) >= 64 * n * 8  # (chunk x n) float64 values
+    assert max(size for _, size in seen) < n * n * 8 / 2
 
 
 def test_second_check_of_larger_model_compiles_nothing():
@@ -181,3 +195,8 @@ def test_second_check_of_larger_model_compiles_nothing():
     with jax.log_compiles(), _count_compiles() as count:
         jgc.check_grad(ex.loss, other, *ex.args, grad=ex.grad, mode="directional")
     assert count() == 0
+    # The positive control: a changed loss compiles, and the same counter sees it.
+    changed = lambda p, X, Y: ex.loss(p, X, Y) * 2.0
+    with jax.log_compiles(), _count_compiles() as count:
+        jgc.check_grad(changed, other, *ex.args, mode="directional")
+    assert count() > 0

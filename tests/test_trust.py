@@ -313,7 +313,7 @@ def test_float32_smooth_networks_give_no_false_alarm():
 def test_a_leaf_wrong_only_along_a_direction_shows_the_direction_not_agreeing_entries():
     """When group testing isolates no entry, the report says so and shows the derivatives
     along the failing direction, never entries whose three values agree."""
-    from jgc._src import diagnose, directional
+    from jgc._src import directional, explain
     from jgc._src.report import LeafReport
     tests = directional.DirectionResult(
         numerical=np.array([1.0, 2.0]), checked=np.array([1.3, 2.6]), autodiff=None,
@@ -323,13 +323,13 @@ def test_a_leaf_wrong_only_along_a_direction_shows_the_direction_not_agreeing_en
     base = LeafReport("['W']", (64,), "float32", 16, "ok", worst=(((3,), 1.0, 1.0, 1.0),),
                       worst_index=(3,), numerical=1.0, checked=1.0, resolution=0.001)
     outcome = directional.LeafOutcome(tests, np.zeros(0, np.int64))
-    leaf, _ = directional.merge(base, outcome, np.zeros(64), None)
+    leaf, _ = directional.merge(base, outcome)
     assert leaf.status == "mismatch" and leaf.worst == () and leaf.worst_index is None
     assert leaf.pattern == "scale" and leaf.factor == pytest.approx(1.3)
     assert leaf.checked / leaf.numerical == pytest.approx(1.3)
-    lines = diagnose.worst_lines(leaf, "hand-written", True)
+    lines = explain.worst_lines(leaf, "hand-written", True)
     assert lines == ["      along the failing direction: numerical 1, hand-written 1.3"]
-    text = diagnose.describe_leaf(dataclasses.replace(leaf, pattern=None), "hand-written", None)
+    text = explain.describe_leaf(dataclasses.replace(leaf, pattern=None), "hand-written", None)
     assert "group testing isolated no single wrong entry" in text
 
 

@@ -7,8 +7,8 @@ import contextlib
 import os
 import sys
 
-from jgc._src.plan import METHODS, MODES
 from jgc._src.version import __version__
+from jgc._src.vocab import Method, Mode
 
 DEMO_BUG = "b1_4_over_m"
 
@@ -152,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
                    help="check in float64 (default) or at the parameters' precision")
-    c.add_argument("--mode", default="auto", choices=list(MODES))
-    c.add_argument("--method", default="central", choices=list(METHODS))
+    c.add_argument("--mode", default=Mode.AUTO.value, choices=Mode.choices(),
+                   help="which entries: " + "; ".join(f"{m}: {m.help}" for m in Mode)
+                   + " (default: auto)")
+    c.add_argument("--method", default=Method.CENTRAL.value, choices=Method.choices(),
+                   help="the numerical derivative: " + "; ".join(f"{m}: {m.help}" for m in Method)
+                   + " (default: central)")
     c.add_argument("--has-aux", action="store_true",
                    help="the loss returns (value, aux), as for jax.value_and_grad(has_aux=True)")
     c.add_argument("--eps", type=float, default=None, help="fixed step (default: automatic)")

@@ -33,7 +33,10 @@ import numpy as np
 
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.diagnose import UNRESOLVED, find_pattern
+from jgc._src.diagnose import COARSE, UNRESOLVED
+from jgc._src.patterns import find_pattern
+from jgc._src.probes import Directions
+from jgc._src.vocab import Method, Pattern, Status
 
 N_DIRECTIONS = 2
 GROUP_LEAF = 8  # entries checked one by one at the bottom of group testing
@@ -99,43 +102,6 @@ class LeafOutcome:
         return not bool(np.any(self.tests.autodiff_status == es.MISMATCH))
 
 
-def _dots(g: np.ndarray, vectors, lo, hi) -> np.ndarray:
-    """g . vectors[j] over entries lo[j]..hi[j]-1, for each j, in float64."""
-    return np.array([g[a:b] @ v[a:b] for v, a, b in zip(vectors, lo, hi)])
-
-
-class _Probes:
-    """Probes along step vectors `rows` of leaf k: probe j is rows[vid[j]] restricted to
-    entries lo[j]..hi[j]-1, with g . rows[vid[j]] as its checked value."""
-
-    def __init__(self, run: Directional, k: int, rows: np.ndarray, on_device, vid, lo, hi, g):
-        self.run, self.k, self.rows, self.on_device, self.g = run, k, rows, on_device, g
-        self.vid, self.lo, self.hi = (np.asarray(a, np.int64) for a in (vid, lo, hi))
-        self.x = run.plan.leaf_values(run.sp, k).astype(run.plan.dtypes[k])
-        self.checked = self.dot(g)
-
-    def dot(self, g: np.ndarray) -> np.ndarray:
-        return _dots(g, self.rows[self.vid], self.lo, self.hi)
-
-    def evaluate(self, s: int, where: np.ndarray):
-        """es.derivative's callback: stencil s at the probes `where`, both sides in one batch."""
-        scale = es.SCALES[s]
-        vid, lo, hi = self.vid[where], self.lo[where], self.hi[where]
-        n = len(vid)
-        f = self.run.ev.along(self.k, self.on_device, np.concatenate([vid, vid]),
-                              np.concatenate([np.full(n, scale), np.full(n, -scale)]),
-                              np.concatenate([lo, lo]), np.concatenate([hi, hi]))
-        # The exact displacements the device takes: fl(x +- scale v) - x, in the leaf's dtype.
-        steps = [(scale * self.rows[v]).astype(self.x.dtype) for v in vid]
-        with np.errstate(over="ignore"):
-            plus = [((self.x + st) - self.x).astype(np.float64) for st in steps]
-            minus = [(self.x - (self.x - st)).astype(np.float64) for st in steps]
-        cp, cm = _dots(self.g, plus, lo, hi) / scale, _dots(self.g, minus, lo, hi) / scale
-        c = self.checked[where]
-        width = np.full(n, scale)
-        return f[:n], f[n:], width, width, ((cp + cm) / 2 - c, cp - c, cm - c)
-
-
 class Directional:
     """Runs directional tests and group testing on one check's evaluator."""
 
@@ -148,14 +114,17 @@ class Directional:
         self.seed = seed
         # Every direction gets the 2h stencil (two extra evaluations), so that a kink crossed
         # along it is seen whatever the gradient says.
-        self.schedule = dataclasses.replace(schedule, method="central", everywhere=True)
+        self.schedule = dataclasses.replace(schedule, method=Method.CENTRAL, everywhere=True)
+
+    def _x(self, k: int) -> np.ndarray:
+        return self.plan.leaf_values(self.sp, k).astype(self.plan.dtypes[k])
 
     def weights(self, k: int, j: int) -> np.ndarray:
         spec = self.sp.checked_specs()[k]
         x = self.plan.leaf_values(self.sp, k)
         return direction(self.seed, spec.path, j, spec.size) * np.maximum(1.0, np.abs(x))
 
-    def test(self, probes: _Probes, g, g_round, g_ad) -> DirectionResult:
+    def test(self, probes: Directions, g_round, g_ad) -> DirectionResult:
         """The probes judged by the coordinate error model (estimate.derivative)."""
         checked = probes.checked
         # The checked gradient's own rounding along the direction. Its entries' rounding errors
@@ -172,8 +141,7 @@ class Directional:
                               checked_is_autodiff=self.checked_is_autodiff)
         tol = es.tolerance(found.model.error + checked_err, found.model.value,
                            self.schedule.rtol, self.schedule.atol)
-        norm = np.array([np.linalg.norm(probes.rows[v][a:b])
-                         for v, a, b in zip(probes.vid, probes.lo, probes.hi)])
+        norm = probes.norms()
         strict = found.cmp.status.copy()
         with np.errstate(invalid="ignore"):
             strict[(strict == es.OK) & ~(np.abs(checked - found.model.value) <= tol)] = \
@@ -184,19 +152,36 @@ class Directional:
                                None if found.cmp_ad is None else found.cmp_ad.status, strict,
                                tol, accept, norm)
 
+    def phase(self, checked, autodiff, samples: int, rounding):
+        """Directions in every leaf. Returns the plan with the entries to check one by one added
+        (those group testing left in doubt, and a sample of every leaf the directions resolve
+        no better than COARSE: directions alone would leave it unverified), the outcome per
+        leaf, and the paths of the leaves that got a sample that way."""
+        outcomes, entries, escalated = {}, list(self.plan.entries), []
+        extra = pl.sample_entries(self.sp, samples, self.seed, checked)
+        for k in range(len(self.sp.checked)):
+            g = np.asarray(checked[k], np.float64).ravel()
+            g_ad = None if autodiff is None else np.asarray(autodiff[k], np.float64).ravel()
+            outcomes[k] = self.run_leaf(k, g, rounding(checked[k]), g_ad)
+            entries[k] = np.union1d(entries[k], outcomes[k].candidates).astype(np.int64)
+            if outcomes[k].resolution > COARSE and len(entries[k]) < len(extra[k]):
+                entries[k] = np.union1d(entries[k], extra[k]).astype(np.int64)
+                escalated.append(self.sp.checked_specs()[k].path or "<params>")
+        return dataclasses.replace(self.plan, entries=tuple(entries)), outcomes, escalated
+
     def run_leaf(self, k: int, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None,
                  n_directions: int = N_DIRECTIONS) -> LeafOutcome:
         """The directional tests of leaf k and, where one fails, group testing."""
         size = self.sp.checked_specs()[k].size
         if size == 0:
             return LeafOutcome(None, np.zeros(0, np.int64))
-        dt, h = self.plan.dtypes[k], pl.nominal_step(self.plan, k, "central")
+        dt, h = self.plan.dtypes[k], pl.nominal_step(self.plan, k, Method.CENTRAL)
         rows = np.stack([(h * self.weights(k, j)).astype(dt) for j in range(n_directions)])
         on_device = self.ev.vectors(rows)
         every = np.arange(n_directions)
-        probes = _Probes(self, k, rows, on_device, every, np.zeros(n_directions),
-                         np.full(n_directions, size), g)
-        tests = self.test(probes, g, g_round, g_ad)
+        probes = Directions(self.ev, self._x(k), k, rows, on_device, every,
+                            np.zeros(n_directions), np.full(n_directions, size), g)
+        tests = self.test(probes, g_round, g_ad)
         failing = np.flatnonzero(tests.strict == es.MISMATCH)
         candidates = np.zeros(0, np.int64)
         if failing.size:
@@ -214,16 +199,16 @@ class Directional:
             if not halves:
                 break
             lo, hi = (np.array(x) for x in zip(*halves))
-            probes = _Probes(self, k, rows, on_device, np.full(len(halves), v), lo, hi, g)
-            tests = self.test(probes, g, g_round, None)
+            probes = Directions(self.ev, self._x(k), k, rows, on_device,
+                                np.full(len(halves), v), lo, hi, g)
+            tests = self.test(probes, g_round, None)
             frontier = [r for r, s in zip(halves, tests.strict) if s == es.MISMATCH][:MAX_FOUND]
         if not found:
             return np.zeros(0, np.int64)
         return np.concatenate([np.arange(a, b) for a, b in found])
 
 
-def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None,
-          judge_resolution: bool = True):
+def merge(report, outcome: LeafOutcome, judge_resolution: bool = True):
     """Folds a leaf's directional outcome into its (coordinate) LeafReport.
 
     Returns (report, agrees): `agrees` says whether the checked gradient agrees with jax.grad
@@ -241,7 +226,7 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None,
             [np.abs(t.numerical), np.abs(t.checked), t.tol])
     ad_status = report.autodiff_status
     if outcome.autodiff_ok is False:
-        ad_status = "mismatch"
+        ad_status = Status.MISMATCH
     n_kink = int(np.sum(np.isin(t.status, (es.KINK, es.TIE))))
     # The leaf's resolution: the better of its entries' and its directions' (the acceptance
     # width relative to the measured directional derivative). Directions that cannot tell a
@@ -250,15 +235,15 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None,
     resolution = min(np.inf if report.resolution is None else report.resolution, dir_res)
     changes = dict(max_rel_error=max(report.max_rel_error, float(np.nanmax(rel))),
                    autodiff_status=ad_status, direction_kinks=n_kink, resolution=resolution)
-    if report.status in ("ok", "kink") and not report.zero and resolution >= UNRESOLVED \
+    if report.status in (Status.OK, Status.KINK) and not report.zero and resolution >= UNRESOLVED \
             and judge_resolution:
-        changes["status"] = "unresolved"
-    elif n_kink and report.status == "ok":
-        changes["status"] = "kink"
+        changes["status"] = Status.UNRESOLVED
+    elif n_kink and report.status == Status.OK:
+        changes["status"] = Status.KINK
     agrees = None
     failed = outcome.failed
     if failed.any():
-        changes["status"] = "mismatch"
+        changes["status"] = Status.MISMATCH
         if t.autodiff is not None:
             agrees = bool(np.all(np.abs(t.checked - t.autodiff)[failed] <= t.tol[failed]))
         if report.n_mismatch == 0:  # not localised: show the directional derivatives
@@ -275,6 +260,6 @@ def merge(report, outcome: LeafOutcome, g: np.ndarray, g_ad: np.ndarray | None,
             fitted = t.numerical * (factor if factor is not None else 0.0)
             tight = (np.linalg.norm(t.checked - fitted)
                      <= 0.1 * np.linalg.norm(t.checked - t.numerical))
-            if pattern in ("scale", "sign", "zero") and tight:
+            if pattern in (Pattern.SCALE, Pattern.SIGN, Pattern.ZERO) and tight:
                 changes.update(pattern=pattern, factor=factor)
     return dataclasses.replace(report, **changes), agrees

@@ -36,6 +36,8 @@ import math
 
 import numpy as np
 
+from jgc._src.vocab import Entry, Method
+
 KAPPA = 16.0
 TOL_FACTOR = 3.0
 # Rounding errors are bounded, roughly Gaussian sums of many small errors: 6 standard deviations
@@ -43,9 +45,8 @@ TOL_FACTOR = 3.0
 # sigma becomes the per-evaluation bound NOISE_SIGMAS * sigma.
 NOISE_SIGMAS = 6.0
 
-# Entry statuses. TIE: a kink where the checked value lies outside the one-sided slopes, as a
-# tie convention can when several elements sit at their kinks at once (see `compare`).
-OK, KINK, MISMATCH, TIE = 0, 1, 2, 3
+# Entry statuses (vocab.Entry), as plain names for the array code here.
+OK, KINK, MISMATCH, TIE = Entry.OK, Entry.KINK, Entry.MISMATCH, Entry.TIE
 
 
 # -- the loss's noise level ------------------------------------------------------------------
@@ -168,7 +169,8 @@ class Differences:
     """All stencils for every planned entry (all checked leaves, concatenated)."""
 
     f0: float
-    sigma: float | None  # Measured noise level (standard deviation) of one loss value.
+    sigma: float | np.ndarray | None  # Measured noise (standard deviation) of one value;
+    # an array gives one per probe (the outputs of a vector function, check_jvp).
     u: float  # Unit roundoff of the evaluation.
     float64: bool
     f_scale: float  # A magnitude of the loss's terms, when known (check_vjp), else 0.
@@ -214,7 +216,10 @@ def with_stencil(d: Differences, s: int, where: np.ndarray, fp, fm, hp, hm, f0=N
     f0 = d.f0 if f0 is None else f0
     size = np.maximum.reduce([np.abs(fp), np.abs(fm), np.broadcast_to(np.abs(f0), fp.shape),
                               np.full(len(fp), d.f_scale)])
-    delta = noise_bound(d.sigma, size, d.u, d.float64)
+    sigma = d.sigma
+    if sigma is not None and np.ndim(sigma):  # per probe: those at `where`
+        sigma = np.asarray(sigma)[where]
+    delta = noise_bound(sigma, size, d.u, d.float64)
     stencils = list(d.stencils)
     stencils[s] = stencils[s].filled(where, f0, fp, fm, hp, hm, delta, shift)
     return dataclasses.replace(d, stencils=tuple(stencils))
@@ -248,6 +253,15 @@ class ErrorModel:
     left: np.ndarray | None = None
     right: np.ndarray | None = None
     side_error: np.ndarray | None = None
+
+
+def concat_models(models: list[ErrorModel]) -> ErrorModel:
+    """Several error models as one, probe sets concatenated."""
+    def cat(name):
+        values = [getattr(m, name) for m in models]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return ErrorModel(*(cat(f.name) for f in dataclasses.fields(ErrorModel)))
 
 
 def richardson(d: Differences, s: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +314,7 @@ def _level(a: Stencil, b: Stencil, coarse_first: bool):
                     persistent=_persistent_jump(large, small))
 
 
-def error_model(d: Differences, method: str = "central") -> ErrorModel:
+def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     """Per probe: the numerical derivative, its error bar, and whether the loss has a kink.
 
     The coarse level (h and, where computed, 2h) gives the estimate; each refinement level is a
@@ -314,7 +328,7 @@ def error_model(d: Differences, method: str = "central") -> ErrorModel:
     s1, s2, s4 = d.stencils[:3]
     coarse = _level(s1, s2, coarse_first=True)
     ref_truncation = 0.0  # Truncation of the Richardson reference: O(h**4), negligible at
-    if method == "richardson":  # h = u**(1/3), but not at Richardson's own larger step.
+    if method == Method.RICHARDSON:  # h = u**(1/3), but not at Richardson's own larger step.
         value, noise = richardson(d, 0)
         r2, _ = richardson(d, 1)
         ref_truncation = np.where(s4.done, np.abs(value - r2) / 15, 0.0)
@@ -504,11 +518,35 @@ class Schedule:
       rtol, atol: the user's tolerance, overriding the error model.
     """
 
-    method: str = "central"
+    method: str = Method.CENTRAL
     everywhere: bool = False
     refine: bool = True
     rtol: float | None = None
     atol: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sides:
+    """One stencil at some probes: the values on both sides and the exact steps taken; per
+    probe, the unperturbed value when the probes are a vector function's outputs (else the
+    loss's d.f0), and the `with_stencil` shift when the checked value depends on the step."""
+
+    fp: np.ndarray
+    fm: np.ndarray
+    hp: np.ndarray
+    hm: np.ndarray
+    f0: np.ndarray | None = None
+    shift: tuple | None = None
+
+
+def values(evaluate, d: Differences, method: str = Method.CENTRAL) -> np.ndarray:
+    """The numerical derivative alone, with nothing to compare (numerical_grad): stencil h
+    everywhere, and 2h and 4h for Richardson."""
+    everywhere = np.ones(len(d.stencils[0].central), bool)
+    for s in range(3 if method == Method.RICHARDSON else 1):
+        v = evaluate(s, everywhere)
+        d = with_stencil(d, s, everywhere, v.fp, v.fm, v.hp, v.hm)
+    return error_model(d, method).value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,9 +573,8 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
     """The numerical derivative at every probe, by one stencil schedule for every kind of
     probe (an entry of a leaf, a direction, an output element along a tangent).
 
-    `evaluate(s, where)` returns (fp, fm, hp, hm, shift) for stencil s (step multiplier
-    SCALES[s]) at the probes selected by the bool mask `where`: the values on both sides, the
-    exact steps taken, and the shift (or None) of `with_stencil`.
+    `evaluate(s, where)` returns the `Sides` of stencil s (step multiplier SCALES[s]) at the
+    probes selected by the bool mask `where` (see probes.py).
 
     Schedule: stencil h everywhere; 2h where a gradient disagrees beyond rounding (everywhere
     with `schedule.everywhere` or Richardson); 4h for Richardson; then the refinement levels
@@ -549,8 +586,8 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
     def fill(d, s, where):
         if not where.any():
             return d
-        fp, fm, hp, hm, shift = evaluate(s, where)
-        return with_stencil(d, s, where, fp, fm, hp, hm, shift=shift)
+        v = evaluate(s, where)
+        return with_stencil(d, s, where, v.fp, v.fm, v.hp, v.hm, f0=v.f0, shift=v.shift)
 
     def judge(d):
         model = error_model(d, schedule.method)
@@ -565,14 +602,14 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
         return Derivative(d, model, cmp, cmp_ad)
 
     d = fill(d, 0, everywhere)
-    if schedule.everywhere or schedule.method == "richardson":
+    if schedule.everywhere or schedule.method == Method.RICHARDSON:
         second = everywhere
     else:
         second = suspects(d, checked, schedule.rtol, schedule.atol, checked_error)
         if autodiff is not None:
             second |= suspects(d, autodiff, schedule.rtol, schedule.atol, autodiff_error)
     d = fill(d, 1, second)
-    if schedule.method == "richardson":
+    if schedule.method == Method.RICHARDSON:
         d = fill(d, 2, everywhere)
     out = judge(d)
     if not schedule.refine:

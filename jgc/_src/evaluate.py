@@ -1,21 +1,25 @@
-"""Stage 3, `evaluate`: the loss at the unperturbed and perturbed points.
+"""Stage 3, `evaluate`: a function at the unperturbed and perturbed points, behind one interface.
 
-The loss is traced once per check (see programs.py) into a jaxpr whose inputs are one flat
-segment per checked leaf (in its evaluation dtype) followed by the array leaves that are held
-fixed (the rest of params, and args). Every program of the check evaluates that one trace, so
-every evaluation sees the same function: the loss as it is at call time.
+`make_evaluator` returns one of two strategies (the structured evaluator will be a third):
 
-The checked leaves also live in one flat vector theta. A perturbation is a pair (flat index i,
-exact step s); the loss at theta + s e_i is computed for a chunk of perturbations at once by one
-compiled `vmap`. The perturbation is built by adding a masked step (`where(arange == i, s, 0)`),
-not with `theta.at[i].add(s)`: under vmap the latter lowers to a scatter, which XLA runs several
-times slower on CPU. Every chunk has the same size (the last one is padded), so a check compiles
-few programs, and a second check of an unchanged loss with the same shapes compiles nothing.
+* `DenseEvaluator`: the function is traced once per check (see programs.py) into a jaxpr whose
+  inputs are one flat segment per checked leaf (in its evaluation dtype) followed by the array
+  leaves that are held fixed (the rest of params, and args). Every program of the check evaluates
+  that one trace, so every evaluation sees the same function: the loss as it is at call time.
+  The checked leaves also live in one flat vector theta; a perturbation is a pair (flat index i,
+  exact step s), and the function at theta + s e_i is computed for a chunk of perturbations at
+  once by one compiled `vmap`. The perturbation is built by adding a masked step
+  (`where(arange == i, s, 0)`), not with `theta.at[i].add(s)`: under vmap the latter lowers to a
+  scatter, which XLA runs several times slower on CPU. Every chunk has the same size (the last
+  one is padded), so a check compiles few programs, and a second check of an unchanged loss with
+  the same shapes compiles nothing. A function JAX can trace but not vmap (a `jax.pure_callback`
+  without a vmap method) is evaluated one perturbation at a time inside the compiled program.
+* `HostEvaluator`: a function JAX cannot trace (plain NumPy forward code), evaluated in a loop on
+  the host, with the same results, more slowly.
 
-A loss that JAX cannot trace (plain NumPy forward code) falls back to a loop on the host that
-produces the same numbers, more slowly. A loss that JAX can trace but not vmap (a
-`jax.pure_callback` without a vmap method) is evaluated one perturbation at a time inside the
-compiled program (`lax.map`).
+The function is a loss (output "scalar") or any function of the parameters returning arrays
+(output "vector": check_jvp's f, check_hvp's gradient), whose outputs are flattened into one
+vector per evaluation.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jgc._src import programs
+from jgc._src.calls import first_line, user_call
 from jgc._src.tree import InputError, Split, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
@@ -53,9 +58,11 @@ def _is_array(x) -> bool:
     return isinstance(x, (np.ndarray, np.generic, jax.Array))
 
 
+# -- how (params, args) are rebuilt from the flat vector ------------------------------------
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each leaf of (params, args) comes from when the loss is called."""
+    """Where each leaf of (params, args) comes from when the function is called."""
 
     params_def: Any
     args_def: Any
@@ -111,9 +118,11 @@ def assemble(layout: Layout, segments, dynamic, xp=jnp, cast: bool = True):
     return params, jax.tree_util.tree_unflatten(layout.args_def, a_leaves)
 
 
-def segments_of(layout: Layout, theta, xp=jnp) -> list:
+def segments_of(layout: Layout, theta) -> list:
     return [theta[a:b] for _, a, b, _, _ in layout.checked]
 
+
+# -- the function's output --------------------------------------------------------------------
 
 def loss_value(out, has_aux: bool):
     """The scalar of loss(...)'s output: out, or out[0] with has_aux (as jax.value_and_grad)."""
@@ -148,16 +157,27 @@ def check_scalar(shape, dtype) -> None:
                          f"dtype {np.dtype(dtype)}. Return a float loss.")
 
 
+def flat_output(out, xp=jnp):
+    """A vector function's outputs (any pytree of arrays) as one flat vector."""
+    leaves = jax.tree_util.tree_leaves(out)
+    if not leaves:
+        return xp.zeros(0)
+    return xp.concatenate([xp.ravel(xp.asarray(o)) for o in leaves])
+
+
+# -- batched programs over the single trace -------------------------------------------------
+
 def _map(one, arrays, sequential: bool, batched: bool = True):
     """one(*row) over arrays shaped (devices, chunk, ...): vmapped over the devices axis (which
     is sharded across jax.devices()), and within a device either vmapped (small problems) or
     mapped sequentially in pairs (large leaves: a batched matmul whose weights differ per
     perturbation streams a fresh copy of them from memory each time, while a sequential map
-    keeps one copy in cache; measured 2x faster on a 784x64 leaf). `batched=False` (a loss that
-    cannot be vmapped): one perturbation at a time, on one device."""
+    keeps one copy in cache; measured 2x faster on a 784x64 leaf). `batched=False` (a function
+    that cannot be vmapped): one perturbation at a time, on one device."""
     if not batched:
         flat = [a.reshape(-1, *a.shape[2:]) for a in arrays]
-        return jax.lax.map(lambda row: one(*row), flat).reshape(arrays[0].shape[:2])
+        out = jax.lax.map(lambda row: one(*row), flat)
+        return out.reshape(*arrays[0].shape[:2], *out.shape[1:])
 
     def per_device(*rows):
         if sequential:
@@ -176,6 +196,15 @@ class _Static:
     leaf: int | None
     sequential: bool
     batched: bool
+    vector: bool
+
+
+def _evaluate(traced, consts, parts, dynamic, st: _Static):
+    parts = [p.astype(dt) for p, (_, _, dt) in zip(parts, st.segments)]
+    outs = traced.evaluate(consts, *parts, *dynamic)
+    if st.vector:
+        return flat_output(outs)
+    return jnp.reshape(outs[0], ())
 
 
 def _program_losses_at(traced: programs.Traced, st: _Static):
@@ -199,21 +228,26 @@ def _program_losses_at(traced: programs.Traced, st: _Static):
 
 
 def _program_losses_along(traced: programs.Traced, st: _Static):
-    """Loss with checked leaf `leaf` at x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1.
+    """The function with checked leaf `leaf` (or the whole flat vector, leaf=None) at
+    x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1.
 
-    The step vectors stay on the device; a row is four numbers. mult is +-1 or a small integer
+    The step vectors stay on the device; a row is four numbers. mult is +-1 or a power of two
     and the mask 0 or 1, so the perturbed value is fl(x + s) for the vector's own entry s,
     exactly as the host computes it when it predicts the change.
     """
     def run(consts, theta, dynamic, vectors, vid, mult, lo, hi):
         segs = [theta[a:b] for a, b, _ in st.segments]
-        base = segs[st.leaf]
+        base = theta if st.leaf is None else segs[st.leaf]
         positions = jnp.arange(base.shape[0])
 
         def one(v, c, a, b):
             mask = (positions >= a) & (positions < b)
-            parts = list(segs)
-            parts[st.leaf] = base + jnp.where(mask, c * vectors[v], 0)
+            value = base + jnp.where(mask, c * vectors[v], 0)
+            if st.leaf is None:
+                parts = [value[a:b] for a, b, _ in st.segments]
+            else:
+                parts = list(segs)
+                parts[st.leaf] = value
             return _evaluate(traced, consts, parts, dynamic, st)
 
         return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)
@@ -234,29 +268,6 @@ def _program_complex(traced: programs.Traced, st: _Static):
         return _map(one, (index, step), False, st.batched)
 
     return run
-
-
-def _program_autodiff(traced: programs.Traced, st: _Static):
-    def run(consts, theta, dynamic):
-        def f(t):
-            return _evaluate(traced, consts, [t[a:b] for a, b, _ in st.segments], dynamic, st)
-
-        return jax.grad(f)(theta)
-
-    return run
-
-
-def _program_call(traced: programs.Traced, st: _Static):
-    def run(consts, theta, dynamic):
-        return traced.evaluate(consts, *[theta[a:b] for a, b, _ in st.segments], *dynamic)
-
-    return run
-
-
-def _evaluate(traced, consts, parts, dynamic, st: _Static):
-    parts = [p.astype(dt) for p, (_, _, dt) in zip(parts, st.segments)]
-    (out,) = traced.evaluate(consts, *parts, *dynamic)
-    return jnp.reshape(out, ())
 
 
 def default_memory_budget() -> int:
@@ -288,6 +299,8 @@ def activation_bytes(jaxpr) -> int:
                         stack.append(inner)
     return total
 
+
+# -- mode="auto": timing the real programs ---------------------------------------------------
 
 class TooSlow(Exception):
     """A full check would take too long (mode="auto"): `predicted` seconds."""
@@ -340,87 +353,161 @@ class Deadline:
 DIRECTIONAL_EVALS = 60
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
+# -- the strategies -------------------------------------------------------------------------
 
 class Evaluator:
-    """Evaluates loss(params, *args) at perturbations of the checked leaves.
+    """The interface of every strategy: the function at theta and at perturbations of it.
 
     Attributes:
-      traceable: whether JAX can trace the loss (else every evaluation is a host loop).
-      batched: whether the loss can be vmapped (else one perturbation at a time, compiled).
-      n_evaluations: loss evaluations so far (padding excluded).
-      trace_error: why the loss could not be traced, when it could not.
-      batch_error: why the loss could not be vmapped, when it could not.
-      per_leaf: whether batches perturb one leaf at a time (large problems) or the whole
-        flat vector (small ones: a single compiled function).
-      mutated: paths of the arrays a host-called function changed in place.
-      grad_note: how the gradient function was called, when that is worth saying.
+      traceable: whether JAX could trace the function (DenseEvaluator) or not (HostEvaluator).
+      n_evaluations: evaluations so far (padding excluded).
+      out_dtype: the function's output dtype. out_size: outputs per evaluation (1 for a loss).
+      trace_error: why JAX could not trace it, when it could not.
+      batch_error: why JAX could not vmap it, when it could not.
     """
 
-    def __init__(self, loss: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
-                 has_aux: bool = False, memory_budget: int | None = None, progress=None):
-        self.loss, self.sp, self.args, self.has_aux = loss, sp, args, has_aux
+    traceable: bool = False
+    batch_error: str | None = None
+    trace_error: str | None = None
+
+    def __init__(self, fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
+                 vector: bool = False, has_aux: bool = False):
+        self.fn, self.sp, self.args, self.has_aux, self.vector = fn, sp, args, has_aux, vector
         self.layout, self.dynamic = make_layout(sp, dtypes, args)
         self.dtypes = tuple(np.dtype(d) for d in dtypes)
         # One dtype for the flat vector: every leaf's values and steps are exact in it.
         self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
         self.theta_np = theta.astype(self.dtype)
+        self.segments = tuple((a, b, str(dt)) for (_, a, b, _, _), dt in
+                              zip(self.layout.checked, self.dtypes))
         self.n_evaluations = 0
-        self.trace_error: str | None = None
-        self.batch_error: str | None = None
-        self.batched = True
-        self.mutated: list[str] = []
-        self.grad_note: str | None = None
-        self.out_dtype = np.dtype(np.float64)  # The loss's output dtype, once seen.
+        self.out_dtype = np.dtype(np.float64)
+        self.out_size = 1
+        self.out_tree = None
+
+    def leaf_size(self, k: int) -> int:
+        return self.sp.offsets[k + 1] - self.sp.offsets[k]
+
+    def host_inputs(self):
+        """(params, args) at theta as NumPy copies: a host call cannot mutate the user's arrays
+        nor the check's own."""
+        params, args = assemble(self.layout, segments_of(self.layout, self.theta_np.copy()),
+                                _copy_arrays(self.dynamic), xp=np)
+        return params, _copy_arrays(args)
+
+    def at(self):
+        """The function at the unperturbed point: a float (a loss) or a flat vector."""
+        raise NotImplementedError
+
+    def perturbed(self, index: np.ndarray, step: np.ndarray, deadline=None) -> np.ndarray:
+        """The function at theta + step[j] * e_{index[j]}, for each j: values (m,) for a loss,
+        (m, out_size) for a vector function, in float64."""
+        raise NotImplementedError
+
+    def vectors(self, vectors: np.ndarray):
+        """Step vectors for `along`, placed where `along` evaluates (the device(s))."""
+        return np.asarray(vectors, self.dtype)
+
+    def along(self, k: int | None, vectors, vid, mult, lo, hi) -> np.ndarray:
+        """The function with checked leaf k (None: the whole flat vector) at
+        x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1."""
+        raise NotImplementedError
+
+
+class HostEvaluator(Evaluator):
+    """A function JAX cannot trace, evaluated one perturbation at a time on the host."""
+
+    def __init__(self, fn, sp, theta, dtypes, args, *, vector=False, has_aux=False,
+                 trace_error: str = ""):
+        super().__init__(fn, sp, theta, dtypes, args, vector=vector, has_aux=has_aux)
+        self.trace_error = trace_error
+        self.host_dynamic = _copy_arrays(self.dynamic)
+
+    def _host(self, t: np.ndarray, where: str = "at params"):
+        params, args = assemble(self.layout, segments_of(self.layout, t), self.host_dynamic,
+                                xp=np)
+        what = "f(*primals)" if self.vector else "loss(params, *args)"
+        out = user_call(what, self.fn, params, *args,
+                        context=f"{where}, with params = {tree_pformat(params)}.\n  (JAX could "
+                                f"not trace it either: {self.trace_error})")
+        if self.vector:
+            self.out_tree = jax.tree_util.tree_structure(out)
+            arr = np.asarray(flat_output(out, np), np.float64)
+            self.out_size = arr.size
+            return arr
+        arr = np.asarray(loss_value(out, self.has_aux))
+        check_scalar(arr.shape, arr.dtype)
+        self.out_dtype = arr.dtype
+        return float(arr.reshape(()))
+
+    def at(self):
+        self.n_evaluations += 1
+        return self._host(self.theta_np)
+
+    def _loop(self, points, where) -> np.ndarray:
+        self.n_evaluations += len(points)
+        return np.array([self._host(t, w) for t, w in zip(points, where)], np.float64)
+
+    def perturbed(self, index, step, deadline=None) -> np.ndarray:
+        del deadline  # never timed: mode="auto" runs a host loop in full (no faster mode exists)
+        index = np.asarray(index, np.int64)
+        points, where = [], []
+        for i, s in zip(index, step):
+            t = self.theta_np.copy()
+            t[i] += s
+            points.append(t)
+            where.append(f"while evaluating the perturbed point {self.sp.locate(i)} {s:+.3g}")
+        return self._loop(points, where) if len(index) else np.zeros(0)
+
+    def along(self, k, vectors, vid, mult, lo, hi) -> np.ndarray:
+        start = 0 if k is None else self.sp.offsets[k]
+        name = ("the parameters" if k is None
+                else self.sp.checked_specs()[k].path or "<params>")
+        points = []
+        for v, c, a, b in zip(vid, mult, lo, hi):
+            t = self.theta_np.copy()
+            t[start + a:start + b] += c * vectors[v][a:b]
+            points.append(t)
+        return self._loop(points, [f"while evaluating a direction in {name}"] * len(points))
+
+
+class DenseEvaluator(Evaluator):
+    """A traceable function: one trace, batched compiled programs (see the module doc)."""
+
+    traceable = True
+
+    def __init__(self, fn, sp, theta, dtypes, args, *, traced: programs.Traced, vector=False,
+                 has_aux=False, memory_budget: int | None = None, progress=None):
+        super().__init__(fn, sp, theta, dtypes, args, vector=vector, has_aux=has_aux)
+        self.traced = traced
+        outs = traced.closed.out_avals
+        self.out_dtype = np.result_type(*[o.dtype for o in outs]) if outs else self.dtype
+        self.out_size = sum(int(np.prod(o.shape, dtype=np.int64)) for o in outs) if vector else 1
+        self.out_tree = traced.out_tree
         self.memory_budget = (default_memory_budget() if memory_budget is None
                               else int(memory_budget))
         self.progress = progress
-        self.segments = tuple((a, b, str(dt)) for (_, a, b, _, _), dt in
-                              zip(self.layout.checked, self.dtypes))
-        self.traced = self._trace()
-        self.traceable = self.traced is not None
-        if self.traceable:
-            self.devices = jax.devices()
-            self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
-            # Activation memory matters for budgeting large problems only.
-            self.act_bytes = (activation_bytes(self.traced.closed.jaxpr)
-                              if sp.n > SMALL_BATCHED else 0)
-            self._place()
-        else:
-            self.host_dynamic = _copy_arrays(self.dynamic)
+        self.batched = True
+        self.devices = jax.devices()
+        self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
+        # Activation memory matters for budgeting large problems only.
+        self.act_bytes = activation_bytes(traced.closed.jaxpr) if sp.n > SMALL_BATCHED else 0
+        self._place()
 
-    # -- tracing ------------------------------------------------------------------------------
-    def _flat_loss(self, *flat):
-        k, n_p = len(self.segments), len(self.layout.params_dynamic)
-        dynamic = (flat[k:k + n_p], flat[k + n_p:])
-        params, args = assemble(self.layout, flat[:k], dynamic, cast=False)
-        return loss_value(self.loss(params, *args), self.has_aux)
-
-    def _avals(self, dtypes=None):
+    # -- the single trace, and what programs are given ---------------------------------------
+    def avals(self, dtypes=None):
+        """Shapes and dtypes of the trace's inputs: one flat segment per checked leaf, then the
+        fixed array leaves."""
         segs = [jax.ShapeDtypeStruct((b - a,), dt)
                 for (a, b, _), dt in zip(self.segments, dtypes or self.dtypes)]
         return (*segs, *self.dynamic[0], *self.dynamic[1])
 
-    def _trace(self) -> programs.Traced | None:
-        """Traces the loss once (no compilation) and checks that it returns a scalar.
-
-        A loss that raises InputError (a pair without has_aux, say) is refused; any other
-        tracing failure means the loss is not JAX code: the host loop evaluates it.
-        """
-        try:
-            traced = programs.trace(self._flat_loss, *self._avals())
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any tracing failure means: use the host loop.
-            self.trace_error = _first_line(e)
-            return None
-        (out,) = traced.closed.out_avals
-        check_scalar(out.shape, out.dtype)
-        self.out_dtype = np.dtype(out.dtype)
-        return traced
+    def call_args(self, flat):
+        """(params, *args) from the trace's flat inputs, for tracing another function."""
+        k, n_p = len(self.segments), len(self.dynamic[0])
+        params, args = assemble(self.layout, flat[:k], (flat[k:k + n_p], flat[k + n_p:]),
+                                cast=False)
+        return (params, *args)
 
     def _place(self) -> None:
         """Puts theta, the fixed leaves and the trace's constants on the device(s) once."""
@@ -436,17 +523,12 @@ class Evaluator:
                 (self.theta, self.dyn, self.consts), replicated)
 
     def _static(self, kind: str, leaf: int | None, sequential: bool) -> _Static:
-        return _Static(kind, self.segments, leaf, sequential, self.batched)
+        return _Static(kind, self.segments, leaf, sequential, self.batched, self.vector)
 
-    def _program(self, kind: str, build, traced, static: _Static, rows: tuple):
-        args = (traced.consts if traced is not self.traced else self.consts, self.theta,
-                self.dyn, *rows)
-        return programs.compiled(kind, lambda: build(traced, static), static, (traced,), args)
-
-    # -- memory ---------------------------------------------------------------------------------
+    # -- memory -------------------------------------------------------------------------------
     def bytes_per_evaluation(self, batched: int) -> int:
         """Memory one perturbed evaluation needs: its copy of the batched parameters (and the
-        masked step) plus the loss's intermediates."""
+        masked step) plus the function's intermediates."""
         return 3 * batched * self.dtype.itemsize + self.act_bytes
 
     def chunk_size(self, m: int, batched: int) -> int:
@@ -476,57 +558,24 @@ class Evaluator:
             chunk = max(min(chunk, MIN_CHUNK), 1 << max(0, (m - 1).bit_length()))
         return max(1, chunk)
 
-    # -- single evaluations -------------------------------------------------------------------
-    def at(self) -> float:
-        """The loss at the unperturbed point (traced: through the same batched program)."""
-        if self.traceable:
-            if self.per_leaf:  # through the smallest leaf's direction batch (cheap to compile)
-                k = int(np.argmin(np.diff(self.sp.offsets)))
-                zero = self.vectors(np.zeros((1, self._leaf_size(k))))
-                return float(self.along(k, zero, [0], [0.0], [0], [0])[0])
-            return float(self.perturbed(np.zeros(1, np.int64), np.zeros(1))[0])
-        self.n_evaluations += 1
-        return self._host(self.theta_np)
+    # -- evaluations --------------------------------------------------------------------------
+    def at(self):
+        if self.per_leaf:  # through the smallest leaf's direction batch (cheap to compile)
+            k = int(np.argmin(np.diff(self.sp.offsets)))
+            zero = self.vectors(np.zeros((1, self.leaf_size(k))))
+            out = self.along(k, zero, [0], [0.0], [0], [0])[0]
+        else:
+            out = self.perturbed(np.zeros(1, np.int64), np.zeros(1))[0]
+        return out if self.vector else float(out)
 
-    def _host(self, t: np.ndarray, where: str = "at params") -> float:
-        params, args = assemble(self.layout, segments_of(self.layout, t), self.host_dynamic,
-                                xp=np)
-        try:
-            out = loss_value(self.loss(params, *args), self.has_aux)
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(
-                f"loss(params, *args) raised {type(e).__name__}: {e}\n  {where}, with params "
-                f"= {tree_pformat(params)}.\n  (JAX could not trace the loss either: "
-                f"{self.trace_error})") from e
-        arr = np.asarray(out)
-        check_scalar(arr.shape, arr.dtype)
-        self.out_dtype = arr.dtype
-        return float(arr.reshape(()))
-
-    # -- batches ------------------------------------------------------------------------------
-    def perturbed(self, index: np.ndarray, step: np.ndarray, deadline: Deadline | None = None
-                  ) -> np.ndarray:
-        """Loss at theta + step[j] * e_{index[j]}, for each j; returns float64 values.
-
-        With a `deadline` (mode="auto"), leaves are evaluated largest first and TooSlow is
-        raised as soon as a full check is predicted to take too long.
-        """
+    def perturbed(self, index, step, deadline: Deadline | None = None) -> np.ndarray:
+        """With a `deadline` (mode="auto"), leaves are evaluated largest first and TooSlow is
+        raised as soon as a full check is predicted to take too long."""
         index = np.asarray(index, np.int64)
         m = len(index)
+        out = np.empty((m, self.out_size) if self.vector else m)
         if m == 0:
-            return np.zeros(0)
-        if not self.traceable:
-            self.n_evaluations += m
-            out = np.empty(m)
-            for j in range(m):
-                t = self.theta_np.copy()
-                t[index[j]] += step[j]
-                out[j] = self._host(t, f"while evaluating the perturbed point "
-                                       f"{self.sp.locate(index[j])} {step[j]:+.3g}")
             return out
-        out = np.empty(m)
         if deadline is not None:
             deadline.total += m
         if not self.per_leaf:
@@ -534,42 +583,28 @@ class Evaluator:
                                    index, step, deadline=deadline)
             return out
         leaf_of = np.searchsorted(self.sp.offsets, index, side="right") - 1
-        leaves = sorted(np.unique(leaf_of), key=lambda k: -self._leaf_size(k))
+        leaves = sorted(np.unique(leaf_of), key=lambda k: -self.leaf_size(k))
         for done, k in enumerate(leaves):
             sel = leaf_of == k
             if deadline is not None:
                 deadline.groups_left = len(leaves) - done - 1
             out[sel] = self._batches("losses_at", _program_losses_at, int(k),
-                                     self._leaf_size(k), (), index[sel] - self.sp.offsets[k],
+                                     self.leaf_size(k), (), index[sel] - self.sp.offsets[k],
                                      step[sel], deadline=deadline)
         return out
 
     def vectors(self, vectors: np.ndarray):
-        """Step vectors for `along`, placed on the device(s) once."""
-        vectors = np.asarray(vectors, self.dtype)
-        if not self.traceable:
-            return vectors
-        out = jnp.asarray(vectors)
+        out = jnp.asarray(np.asarray(vectors, self.dtype))
         if self._sharding is not None:
             out = jax.device_put(out, NamedSharding(self._sharding.mesh, P()))
         return out
 
-    def along(self, k: int, vectors, vid, mult, lo, hi) -> np.ndarray:
-        """Loss with checked leaf k at x + mult[j] * vectors[vid[j]] on entries lo[j]..hi[j]-1
-        (`vectors` from `self.vectors`: one row per step vector, in leaf order)."""
+    def along(self, k, vectors, vid, mult, lo, hi) -> np.ndarray:
         vid, lo, hi = (np.asarray(a, np.int64) for a in (vid, lo, hi))
         mult = np.asarray(mult, np.float64)
-        if not self.traceable:
-            start, out = self.sp.offsets[k], np.empty(len(vid))
-            self.n_evaluations += len(vid)
-            for j in range(len(vid)):
-                t = self.theta_np.copy()
-                t[start + lo[j]:start + hi[j]] += mult[j] * vectors[vid[j]][lo[j]:hi[j]]
-                out[j] = self._host(t, f"while evaluating a direction in "
-                                       f"{self.sp.checked_specs()[k].path or '<params>'}")
-            return out
-        return self._batches("losses_along", _program_losses_along, k, self._leaf_size(k),
-                             (vectors,), vid, mult, lo, hi)
+        size = self.sp.n if k is None else self.leaf_size(k)
+        return self._batches("losses_along", _program_losses_along, k, size, (vectors,),
+                             vid, mult, lo, hi)
 
     def complex_step(self, index: np.ndarray, step: np.ndarray) -> np.ndarray:
         """Complex-step derivatives Im f(x + i h e_k) / h at the given entries.
@@ -580,15 +615,15 @@ class Evaluator:
         why = ("method='complex' needs a loss that JAX can evaluate at complex parameters, "
                "but it raised {}. Use method='central' (or 'richardson').")
         try:
-            traced = programs.trace(self._flat_loss, *self._avals(cdtypes))
+            traced = programs.trace(self._fn_flat, *self.avals(cdtypes))
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
-            raise InputError(why.format(_first_line(e))) from e
+            raise InputError(why.format(first_line(e))) from e
         theta = jnp.asarray(self.theta_np.astype(np.result_type(*cdtypes)))
         static = _Static("complex", tuple((a, b, str(dt)) for (a, b, _), dt in
                                           zip(self.segments, cdtypes)), None, False,
-                         self.batched)
+                         self.batched, False)
         chunk = max(1, min(MAX_CHUNK_SMALL, 1 << max(0, (len(index) - 1).bit_length())))
         pad = (-len(index)) % chunk
         idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
@@ -603,18 +638,19 @@ class Evaluator:
                                             static, (traced,), args)
                 out.append(np.asarray(program(*args)).ravel())
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
-            raise InputError(why.format(_first_line(e))) from e
+            raise InputError(why.format(first_line(e))) from e
         self.n_evaluations += len(index)
         return np.concatenate(out)[:len(index)].astype(np.float64)
 
-    def _leaf_size(self, k: int) -> int:
-        return self.sp.offsets[k + 1] - self.sp.offsets[k]
+    def _fn_flat(self, *flat):
+        return _traceable(self.fn, self.vector, self.has_aux)(*self.call_args(flat))
 
+    # -- running a batched program in chunks -------------------------------------------------
     def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays,
                  deadline: Deadline | None = None) -> np.ndarray:
         """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
 
-        A loss that cannot be vmapped (the first compilation fails) is run again one
+        A function that cannot be vmapped (the first compilation fails) is run again one
         perturbation at a time, and `batch_error` says why.
         """
         self.n_evaluations += len(arrays[0])
@@ -624,7 +660,7 @@ class Evaluator:
         except InputError:
             raise
         except _Unbatchable as e:
-            self.batched, self.batch_error = False, _first_line(e.__cause__)
+            self.batched, self.batch_error = False, first_line(e.__cause__)
             static = self._static(kind, leaf, False)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
@@ -649,20 +685,10 @@ class Evaluator:
                 parts = [jax.device_put(p, self._sharding) for p in parts]
             rows = (*extra, *parts)
             if program is None:
-                started = time.perf_counter()
-                try:
-                    program = self._program(kind, build, self.traced, static, rows)
-                except InputError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
-                    if not self.batched:
-                        raise
-                    raise _Unbatchable() from e
-                if deadline is not None:
-                    deadline.compiling += time.perf_counter() - started
-                    deadline.compiled += 1
+                program = self._compile(kind, build, static, rows, deadline)
             started = time.perf_counter()
-            out.append(np.asarray(program(self.consts, self.theta, self.dyn, *rows)).ravel())
+            values = np.asarray(program(self.consts, self.theta, self.dyn, *rows))
+            out.append(values.reshape(chunk, -1) if self.vector else values.ravel())
             if deadline is not None:
                 deadline.observe(min(chunk, m - s), chunk, time.perf_counter() - started)
             if bar is not None:
@@ -671,75 +697,69 @@ class Evaluator:
             bar.close()
         return np.concatenate(out)[:m].astype(np.float64)
 
-    # -- gradients ----------------------------------------------------------------------------
-    def autodiff(self) -> tuple[np.ndarray | None, str | None, BaseException | None]:
-        """jax.grad of the loss at theta, or (None, why, the exception) when unavailable."""
-        if not self.traceable:
-            return None, "the loss is not traceable by JAX", None
-        static = _Static("autodiff", self.segments, None, False, True)
+    def _compile(self, kind, build, static, rows, deadline):
+        started = time.perf_counter()
         try:
-            program = self._program("autodiff", _program_autodiff, self.traced, static, ())
-            g = program(self.consts, self.theta, self.dyn)
-        except Exception as e:  # noqa: BLE001 - report why, check the rest.
-            return None, f"jax.grad failed: {_first_line(e)}", e
-        return np.asarray(g), None, None  # In its own dtype: its precision enters the model.
-
-    def call(self, fn: Callable) -> Any:
-        """fn(params, *args) at theta, called once.
-
-        A traceable loss suggests JAX code: fn is traced once and run compiled (run eagerly,
-        every primitive would compile on its own, which measured 5x slower on a cold start). If
-        JAX cannot trace it (NumPy code), it is called on the host with NumPy copies (it may
-        assign into its inputs), and `grad_note` says so. A NumPy loss suggests NumPy code:
-        fn is then called on the host directly, exactly once.
-        """
-        if self.traceable:
-            try:
-                traced = programs.trace(lambda *flat: fn(*_apply(assemble(
-                    self.layout, flat[:len(self.segments)], (
-                        flat[len(self.segments):len(self.segments) + len(self.dynamic[0])],
-                        flat[len(self.segments) + len(self.dynamic[0]):])))), *self._avals())
-            except InputError:
+            program = programs.compiled(kind, lambda: build(self.traced, static), static,
+                                        (self.traced,), (self.consts, self.theta, self.dyn,
+                                                         *rows))
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
+            if not self.batched:
                 raise
-            except Exception as e:  # noqa: BLE001 - not traceable: NumPy copies below.
-                self.grad_note = (
-                    "grad(params, *args) is not traceable by JAX, so jgc called it on the host "
-                    "with NumPy copies; it ran twice: JAX's tracer ran it first and stopped at "
-                    f"{_first_line(e)}")
-            else:
-                static = _Static("call", self.segments, None, False, True)
-                program = programs.compiled(
-                    "call", lambda: _program_call(traced, static), static, (traced,),
-                    ([jnp.asarray(c) for c in traced.consts], self.theta, self.dyn))
-                flat = program([jnp.asarray(c) for c in traced.consts], self.theta, self.dyn)
-                return jax.tree_util.tree_unflatten(traced.out_tree, flat)
-        params, args = assemble(self.layout, segments_of(self.layout, self.theta_np.copy()),
-                                _copy_arrays(self.dynamic), xp=np)
-        args = _copy_arrays(args)
-        before = _fingerprints((params, args))
-        out = fn(params, *args)
-        after = _fingerprints((params, args))
-        self.mutated = [("params" if p.startswith("[0]") else "args") + p[3:]
-                        for p in before if before[p] != after.get(p)]
-        return out
+            raise _Unbatchable() from e
+        if deadline is not None:
+            deadline.compiling += time.perf_counter() - started
+            deadline.compiled += 1
+        return program
 
 
 class _Unbatchable(Exception):
-    """The batched program could not be built (the loss does not vmap); see __cause__."""
+    """The batched program could not be built (the function does not vmap); see __cause__."""
+
+
+def _traceable(fn: Callable, vector: bool, has_aux: bool) -> Callable:
+    """The function as traced: a loss's scalar (aux dropped), or a vector function's outputs
+    (flattened into one vector by the programs)."""
+    if vector:
+        return fn
+    return lambda *a: loss_value(fn(*a), has_aux)
+
+
+def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
+                   vector: bool = False, has_aux: bool = False,
+                   memory_budget: int | None = None, progress=None) -> Evaluator:
+    """The strategy for this function: dense (JAX traces it) or host (it converts to NumPy).
+
+    The function is traced once, here (no compilation). A loss is checked to return a real
+    scalar; an InputError from the function (a pair without has_aux, say) is refused, and any
+    other tracing failure means the function is not JAX code: the host loop evaluates it.
+    """
+    layout, dynamic = make_layout(sp, dtypes, args)
+    avals = [jax.ShapeDtypeStruct((sp.offsets[k + 1] - sp.offsets[k],), dt)
+             for k, dt in enumerate(dtypes)]
+    traceable = _traceable(fn, vector, has_aux)
+
+    def flat_fn(*flat):
+        k, n_p = len(avals), len(dynamic[0])
+        params, rest = assemble(layout, flat[:k], (flat[k:k + n_p], flat[k + n_p:]), cast=False)
+        return traceable(params, *rest)
+
+    try:
+        traced = programs.trace(flat_fn, *avals, *dynamic[0], *dynamic[1])
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: use the host loop.
+        return HostEvaluator(fn, sp, theta, dtypes, args, vector=vector, has_aux=has_aux,
+                             trace_error=first_line(e))
+    if not vector:
+        (out,) = traced.closed.out_avals
+        check_scalar(out.shape, out.dtype)
+    return DenseEvaluator(fn, sp, theta, dtypes, args, traced=traced, vector=vector,
+                          has_aux=has_aux, memory_budget=memory_budget, progress=progress)
 
 
 def _copy_arrays(tree):
     """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays."""
     return jax.tree_util.tree_map(lambda x: np.array(x) if _is_array(x) else x, tree)
-
-
-def _fingerprints(tree) -> dict[str, bytes]:
-    """Byte copies of every NumPy array leaf, by path: to see whether a function mutated them."""
-    return {jax.tree_util.keystr(p): np.asarray(x).tobytes()
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if isinstance(x, np.ndarray)}
-
-
-def _apply(params_args):
-    params, args = params_args
-    return (params, *args)

@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import jax
 import numpy as np
 
 from jgc._src.tree import InputError
+from jgc._src.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
 
 
 @contextlib.contextmanager
@@ -100,3 +102,63 @@ def promote_args(args: tuple, x64: bool) -> tuple[tuple, list[str]]:
 
     out = jax.tree_util.tree_map_with_path(up, args)
     return out, promoted
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A check's options, validated once (see check_grad for their meaning)."""
+
+    x64: bool = True
+    mode: Mode = Mode.AUTO
+    method: Method = Method.CENTRAL
+    eps: float | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    samples: int = 16
+    seed: int = 0
+    memory_budget: int | None = None
+    progress: bool | None = None
+    has_aux: bool = False
+    f_scale: float = 0.0  # a magnitude of the loss's terms, when known (check_vjp)
+    source: str = "hand-written"  # what a gradient function is called in the report
+    effective_x64: bool = True  # the x64 flag the check runs under (see `precision`)
+
+    @property
+    def user_tolerance(self) -> bool:
+        """The user fixed the tolerance (rtol/atol): what passes is theirs to choose."""
+        return self.rtol is not None or self.atol is not None
+
+    @property
+    def refine(self) -> bool:
+        """Finer steps where a gradient is in doubt, unless the user fixed the step or the
+        tolerance: their choice stands."""
+        return self.eps is None and not self.user_tolerance
+
+
+def make_options(**kw) -> Options:
+    """Options from the user's keywords, with an InputError naming any bad one."""
+    mode = Mode.parse(kw.pop("mode", "auto"), "mode", MODE_ADVICE)
+    method = Method.parse(kw.pop("method", "central"), "method", METHOD_ADVICE)
+    opts = Options(mode=mode, method=method, **kw)
+    for name in ("rtol", "atol"):
+        v = getattr(opts, name)
+        if v is not None and not (np.isfinite(v) and v >= 0):
+            raise InputError(f"{name}={v!r}: expected a non-negative number, or None to use the "
+                             "error model.")
+    if opts.eps is not None and not (np.isfinite(opts.eps) and opts.eps > 0):
+        raise InputError(f"eps={opts.eps!r}: the step must be a positive finite number, or None "
+                         "to choose it from each leaf's dtype and magnitude.")
+    budget = opts.memory_budget
+    if budget is not None and (isinstance(budget, bool) or not isinstance(
+            budget, (int, float, np.integer, np.floating)) or not np.isfinite(budget)
+            or budget < 1):
+        raise InputError(f"memory_budget={budget!r}: expected a positive number of bytes for one "
+                         "batch of perturbed evaluations (e.g. 2**30 for 1 GiB), or None for the "
+                         "default (a quarter of the available memory, 256 MiB to 1 GiB).")
+    samples = opts.samples
+    if mode == Mode.SAMPLE and (isinstance(samples, bool) or not isinstance(
+            samples, (int, np.integer)) or samples < 1):
+        raise InputError(f"samples={samples!r}: mode='sample' checks `samples` entries per leaf, "
+                         "so it must be a positive integer (default 16). A check of zero "
+                         "entries would verify nothing.")
+    return opts

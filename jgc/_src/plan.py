@@ -26,15 +26,9 @@ import zlib
 import jax
 import numpy as np
 
-from jgc._src.tree import InputError, Split
+from jgc._src.tree import Split
+from jgc._src.vocab import Method, Mode
 
-MODES = ("auto", "full", "sample", "directional")
-METHODS = ("central", "richardson", "complex")
-# Step exponents: central differences balance rounding u/h against truncation h**2 at
-# h ~ u**(1/3); Richardson's R = (4 D(h) - D(2h)) / 3 has truncation h**4, balanced at u**(1/5).
-# The complex step Im f(x + i h) / h has no subtractive cancellation: its truncation,
-# h**2 |f'''| / 6, vanishes for h ~ u (power 1), leaving only the rounding of f' itself.
-STEP_POWER = {"central": 1 / 3, "richardson": 1 / 5, "complex": 1.0}
 HALF = ("float16", "bfloat16")
 MAX_NOISE_PROBES = 16  # Leaves whose loss noise is measured (9 evaluations each).
 # In directional mode, a probe of a large leaf costs as much as a full forward pass: the two
@@ -87,33 +81,16 @@ class Plan:
 
 
 def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: int,
-              seed: int, method: str = "central") -> Plan:
-    if method not in METHODS:
-        raise InputError(f"method={method!r} is not one of {METHODS}. 'central' (default) costs "
-                         "2 loss evaluations per entry; 'richardson' costs 6 and gives more "
-                         "digits, which matters most in float32; 'complex' (the complex "
-                         "step, for complex-analytic losses) costs 1 complex evaluation and is "
-                         "exact to rounding.")
-    if mode not in MODES:
-        raise InputError(f"mode={mode!r} is not one of {MODES}. Use mode='full' to check every "
-                         "entry, mode='sample' for a seeded sample of each leaf, or "
-                         "mode='directional' for random directions per leaf (large models).")
-    if mode == "sample" and (isinstance(samples, bool) or not isinstance(samples, (int, np.integer))
-                             or samples < 1):
-        raise InputError(f"samples={samples!r}: mode='sample' checks `samples` entries per leaf, "
-                         "so it must be a positive integer (default 16). A check of zero "
-                         "entries would verify nothing.")
-    if eps is not None and not (np.isfinite(eps) and eps > 0):
-        raise InputError(f"eps={eps!r}: the step must be a positive finite number, or None to "
-                         "choose it from each leaf's dtype and magnitude.")
+              seed: int, method: str = Method.CENTRAL) -> Plan:
+    """The plan for options already validated (inputs.make_options)."""
     specs = sp.checked_specs()
     dtypes = tuple(eval_dtype(s.dtype, x64) for s in specs)
     theta = np.concatenate(
         [np.asarray(sp.leaves[i], dtype=np.float64).ravel() for i in sp.checked] or [np.zeros(0)])
-    if mode in ("full", "auto"):  # "auto" decides once it has timed one evaluation
+    if mode in (Mode.FULL, Mode.AUTO):  # "auto" decides once it has timed one evaluation
         entries = [np.arange(spec.size) for spec in specs]
     else:
-        entries = sample_entries(sp, 0 if mode == "directional" else samples, seed)
+        entries = sample_entries(sp, 0 if mode == Mode.DIRECTIONAL else samples, seed)
     plan = Plan(mode, method, x64, dtypes, tuple(entries), theta, "", eps)
     return dataclasses.replace(plan, step_rule=step_rule(plan))
 
@@ -126,10 +103,25 @@ def unit(plan: Plan, k: int) -> float:
 
 
 def nominal_step(plan: Plan, k: int, method: str | None = None) -> float:
-    """The step of leaf k before scaling by max(1, |x|): unit**power (see the module doc)."""
+    """The step of leaf k before scaling by max(1, |x|): unit**power, the power balancing the
+    method's truncation against rounding (vocab.Method.step_power; the module doc)."""
     if plan.eps is not None:
         return plan.eps
-    return unit(plan, k) ** STEP_POWER[method or plan.method]
+    return unit(plan, k) ** Method(method or plan.method).step_power
+
+
+def tangent_step(plan: Plan, t: np.ndarray) -> float:
+    """The step along a direction t over all the parameters (check_jvp, check_hvp): the
+    nominal step of the coarsest leaf dtype, times the parameters' typical magnitude
+    max(1, median |theta|), divided by t's typical entry, rounded down to a power of two (so
+    that s h t is exact to scale for the stencils' multipliers s, powers of two too)."""
+    t = np.abs(np.asarray(t, np.float64))
+    size = float(np.median(t[t > 0])) if np.any(t > 0) else 1.0
+    if plan.eps is not None:  # a fixed absolute step, along a direction of typical size 1
+        return plan.eps / size
+    nominal = max(nominal_step(plan, k, Method.CENTRAL) for k in range(len(plan.dtypes)))
+    typical = max(1.0, float(np.median(np.abs(plan.theta)))) if plan.theta.size else 1.0
+    return 2.0 ** math.floor(math.log2(nominal * typical / size))
 
 
 def step_rule(plan: Plan) -> str:

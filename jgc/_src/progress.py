@@ -1,10 +1,9 @@
-"""A dependency-free progress bar for long checks, in terminals and notebooks.
+"""Progress bars for long checks: tqdm (`tqdm.auto`, so terminals and notebooks alike) when it
+is installed (`pip install 'jgc[progress]'`), else one plain line on stderr.
 
-It appears only once a batch is predicted to take longer than SHOW_AFTER seconds (measured from
-the first chunks), so short checks print nothing. In a terminal it redraws one line on stderr
-with a carriage return; in a Jupyter/Colab kernel it updates one display area in place (IPython
-is always present there). It is off when progress=False, and by default (progress=None) when
-stderr is not a terminal and no notebook kernel is running: logs and CI output stay clean.
+A bar appears only once a batch has run for SHOW_AFTER seconds (tqdm's `delay`), so short checks
+print nothing. It is off with progress=False, and by default (progress=None) when stderr is not
+a terminal and no notebook kernel is running: logs and CI output stay clean.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-SHOW_AFTER = 2.0  # seconds: a check predicted to finish sooner shows no bar
-WIDTH = 30
+SHOW_AFTER = 2.0  # seconds: a batch that finishes sooner shows no bar
 
 
 def in_notebook() -> bool:
@@ -32,58 +30,46 @@ def enabled(progress: bool | None) -> bool:
 
 
 class Progress:
-    """Factory of per-batch bars; `start(total)` returns a Bar."""
+    """Factory of per-batch bars: `start(total)` returns an object with update(n) and close()."""
 
-    def __init__(self, label: str = "jgc", stream=None, show_after: float = SHOW_AFTER):
-        self.label, self.stream, self.show_after = label, stream, show_after
+    def __init__(self, label: str = "jgc", show_after: float | None = None, stream=None,
+                 plain: bool = False):
+        self.label, self.stream, self.plain = label, stream, plain
+        self.show_after = SHOW_AFTER if show_after is None else show_after
 
-    def start(self, total: int) -> Bar:
-        return Bar(total, self.label, self.stream, self.show_after)
+    def start(self, total: int):
+        stream = self.stream or sys.stderr
+        try:
+            if self.plain:
+                raise ImportError
+            from tqdm.auto import tqdm  # noqa: PLC0415 - the optional extra
+        except ImportError:
+            return _PlainBar(total, self.label, self.show_after, stream)
+        return tqdm(total=total, desc=self.label, unit="eval", delay=self.show_after,
+                    leave=False, file=stream)
 
 
-class Bar:
-    def __init__(self, total: int, label: str, stream, show_after: float):
-        self.total, self.label, self.done = total, label, 0
-        self.stream = stream
-        self.show_after = show_after
-        self.t0 = time.perf_counter()
-        self.shown = False
-        self.handle = None
+def progress_factory(progress: bool | None) -> Progress | None:
+    return Progress() if enabled(progress) else None
+
+
+class _PlainBar:
+    """Without tqdm: one line on stderr, redrawn at most twice a second after SHOW_AFTER."""
+
+    def __init__(self, total: int, label: str, show_after: float, stream):
+        self.total, self.label, self.show_after, self.stream = total, label, show_after, stream
+        self.done, self.t0, self.last = 0, time.perf_counter(), 0.0
 
     def update(self, n: int) -> None:
         self.done += n
-        elapsed = time.perf_counter() - self.t0
-        if not self.shown:
-            rate = self.done / max(elapsed, 1e-9)
-            if self.done >= self.total or (self.total - self.done) / rate < self.show_after:
-                return
-            self.shown = True
-        self._draw(elapsed)
-
-    def _text(self, elapsed: float) -> str:
-        frac = self.done / max(self.total, 1)
-        fill = int(WIDTH * frac)
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / max(rate, 1e-9)
-        return (f"{self.label} [{'#' * fill}{'.' * (WIDTH - fill)}] {self.done}/{self.total} "
-                f"evaluations, {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
-
-    def _draw(self, elapsed: float) -> None:
-        text = self._text(elapsed)
-        if self.stream is None and in_notebook():
-            from IPython.display import display  # noqa: PLC0415
-
-            if self.handle is None:
-                self.handle = display(text, display_id=True)
-            else:
-                self.handle.update(text)
-            return
-        stream = self.stream or sys.stderr
-        stream.write("\r" + text)
-        stream.flush()
+        now = time.perf_counter()
+        if now - self.t0 >= self.show_after and (now - self.last >= 0.5
+                                                  or self.done >= self.total):
+            self.last = now
+            self.stream.write(f"\r{self.label}: {self.done}/{self.total} evaluations, "
+                              f"{now - self.t0:.0f} s")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.shown:
-            self._draw(time.perf_counter() - self.t0)
-            if self.handle is None:
-                (self.stream or sys.stderr).write("\n")
+        if self.last:
+            self.stream.write("\n")

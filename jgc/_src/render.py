@@ -7,13 +7,9 @@ import html
 
 import numpy as np
 
-from jgc._src.report import VERDICTS, Report, fmt_path, leaf_cells
+from jgc._src.report import Report, fmt_path, leaf_cells
+from jgc._src.vocab import Status, Verdict
 
-COLOURS = {"ok": "#1a7f37", "kink": "#9a6700", "mismatch": "#cf222e", "unresolved": "#9a6700",
-           "skipped": "#6e7781"}
-VERDICT_COLOURS = {"ok": "#1a7f37", "wrong_gradient": "#cf222e", "disagreement": "#cf222e",
-                   "suspect_numerics": "#9a6700", "randomness": "#9a6700",
-                   "unresolved": "#9a6700"}
 # The classic single-number thresholds (CS231n): below 1e-7 fine in float64, above 1e-2 almost
 # surely a bug. Drawn for orientation: jgc itself judges each entry against its error bar.
 THRESHOLDS = ((1e-7, "1e-7: fine (float64)"), (1e-2, "1e-2: almost surely a bug"))
@@ -21,10 +17,11 @@ THRESHOLDS = ((1e-7, "1e-7: fine (float64)"), (1e-2, "1e-2: almost surely a bug"
 
 def to_html(r: Report) -> str:
     e = html.escape
-    colour = VERDICT_COLOURS[r.verdict]
+    verdict = Verdict(r.verdict)
+    colour = verdict.colour
     head = (f'<div style="font-family:sans-serif">'
             f'<div><span style="background:{colour};color:white;padding:2px 8px;'
-            f'border-radius:4px;font-weight:bold">{e(VERDICTS[r.verdict])}</span> '
+            f'border-radius:4px;font-weight:bold">{e(verdict.headline)}</span> '
             f'<b>jgc {e(r.noun)} check</b>: '
             f'{e(r.summary)}</div>'
             f'<div style="color:#57606a;font-size:90%">checking {e(r.checked_source)} · '
@@ -41,7 +38,7 @@ def to_html(r: Report) -> str:
             del cells[7]
         tds = "".join(f'<td style="padding:2px 8px;font-family:monospace">{e(v)}</td>'
                       for v in cells)
-        rows.append(f'<tr>{tds}<td style="padding:2px 8px;color:{COLOURS[leaf.status]};'
+        rows.append(f'<tr>{tds}<td style="padding:2px 8px;color:{Status(leaf.status).colour};'
                     f'font-weight:bold">{e(status)}</td></tr>')
     ths = "".join(f'<th style="padding:2px 8px;text-align:left">{e(c)}</th>' for c in cols)
     table = (f'<table style="border-collapse:collapse;margin:6px 0"><tr>{ths}</tr>'
@@ -67,13 +64,13 @@ def plot(r: Report, path=None):
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("report.plot() needs matplotlib: pip install 'jgc[plot]'") from e
-    leaves = [x for x in r.leaves if x.status != "skipped" and x.n_checked]
+    leaves = [x for x in r.leaves if x.status != Status.SKIPPED and x.n_checked]
     maps = [x for x in leaves if x.rel_errors is not None and np.ndim(x.rel_errors) == 2]
     n = 1 + len(maps)
     fig, axes = plt.subplots(1, n, figsize=(4.5 + 3.5 * len(maps), 3.8), squeeze=False)
     ax = axes[0, 0]
     values = [max(x.max_rel_error, 1e-18) for x in leaves]
-    ax.bar(range(len(leaves)), values, color=[COLOURS[x.status] for x in leaves])
+    ax.bar(range(len(leaves)), values, color=[Status(x.status).colour for x in leaves])
     ax.set_yscale("log")
     ax.set_xticks(range(len(leaves)))
     ax.set_xticklabels([fmt_path(x.path) for x in leaves], rotation=45, ha="right",
@@ -83,7 +80,7 @@ def plot(r: Report, path=None):
         ax.text(len(leaves) - 0.5, level, label, ha="right", va="bottom", fontsize=7,
                 color="#57606a")
     ax.set_ylabel("max relative error")
-    ax.set_title(f"{VERDICTS[r.verdict]}: max relative error per leaf", fontsize=9)
+    ax.set_title(f"{Verdict(r.verdict).headline}: max relative error per leaf", fontsize=9)
     for a, leaf in zip(axes[0, 1:], maps):
         data = np.log10(np.maximum(np.asarray(leaf.rel_errors, np.float64), 1e-18))
         im = a.imshow(data, cmap="magma", vmin=-16, vmax=0, aspect="auto",

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from typing import Any
 
 import numpy as np
 
 from jgc._src.tree import short_dtype
-
-VERDICTS = {
-    "ok": "OK",
-    "wrong_gradient": "MISMATCH",
-    "suspect_numerics": "SUSPECT NUMERICS",
-    "disagreement": "MISMATCH",
-    "randomness": "RANDOM LOSS",
-    "unresolved": "UNRESOLVED",
-}
+from jgc._src.vocab import Status, Verdict
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,7 +89,7 @@ class LeafReport:
     @property
     def ok(self) -> bool:
         """Verified (ok, or a kink whose value lies between the one-sided slopes) or skipped."""
-        return self.status not in ("mismatch", "unresolved")
+        return Status(self.status).verified
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -120,7 +113,8 @@ class Report:
       checked_source: "hand-written" or "jax.grad": which gradient was checked.
       precision: the evaluation dtype, e.g. "float64 (x64)".
       method: how the numerical derivative was computed.
-      mode: "full" or "sample".
+      mode: "full", "sample" or "directional" ("auto" resolves to one of them); "jvp" or
+        "hvp" for check_jvp and check_hvp.
       step: the step rule, e.g. "h = 6.1e-06·max(1,|θ|)".
       n_params: checked entries in params; n_checked: entries actually checked.
       n_evaluations: loss evaluations made; seconds: wall time of the check.
@@ -149,16 +143,16 @@ class Report:
 
     @property
     def bad_leaves(self) -> tuple[LeafReport, ...]:
-        return tuple(leaf for leaf in self.leaves if leaf.status == "mismatch")
+        return tuple(leaf for leaf in self.leaves if leaf.status == Status.MISMATCH)
 
     @property
     def unresolved_leaves(self) -> tuple[LeafReport, ...]:
-        return tuple(leaf for leaf in self.leaves if leaf.status == "unresolved")
+        return tuple(leaf for leaf in self.leaves if leaf.status == Status.UNRESOLVED)
 
     @property
     def summary(self) -> str:
         """'1 of 4 checked leaves mismatch', 'all 4 checked leaves agree', ..."""
-        n = sum(1 for leaf in self.leaves if leaf.status != "skipped")
+        n = sum(1 for leaf in self.leaves if leaf.status != Status.SKIPPED)
         parts = [f"{len(group)} of {n} checked leaves {word}"
                  for group, word in ((self.bad_leaves, "mismatch"),
                                      (self.unresolved_leaves, "unresolved")) if group]
@@ -205,6 +199,8 @@ class Report:
 
 
 def _jsonable(x):
+    if isinstance(x, enum.Enum):  # the vocabularies serialise as their plain strings
+        return x.value
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -235,7 +231,7 @@ _COLUMNS = ("leaf", "shape", "checked", "max rel err", "worst index", "numerical
 
 def format_report(r: Report) -> str:
     """The text view: a header, one row per leaf, the classic number, then the diagnosis."""
-    headline = VERDICTS[r.verdict]
+    headline = Verdict(r.verdict).headline
     summary = r.summary
     lines = [
         f"jgc {'gradient' if r.noun == 'gradient' else r.noun} check: {headline} ({summary})",
@@ -273,14 +269,15 @@ def format_report(r: Report) -> str:
 
 def leaf_status(leaf: LeafReport) -> str:
     """The status cell, the same in the text and HTML views: MISMATCH (3/12), ok, ..."""
-    if leaf.status == "skipped":
+    status = Status(leaf.status)
+    if status == Status.SKIPPED:
         return f"skipped ({leaf.reason})"
-    text = leaf.status.upper() if leaf.status in ("mismatch", "unresolved") else leaf.status
+    text = status.label
     if leaf.n_mismatch:
         text += f" ({leaf.n_mismatch}/{leaf.n_checked})"
-    elif leaf.status == "mismatch":
+    elif status == Status.MISMATCH:
         text += " (as a whole)"
-    elif leaf.status == "unresolved":
+    elif status == Status.UNRESOLVED:
         text += f" (resolution {pct(leaf.resolution)})"
     elif leaf.n_kink:
         text += f" ({leaf.n_kink} at kinks)"
@@ -290,7 +287,7 @@ def leaf_status(leaf: LeafReport) -> str:
 def leaf_cells(leaf: LeafReport) -> list[str]:
     """One leaf's row, the same in the text and HTML views: leaf, shape, checked, max rel err,
     worst index, numerical, checked gradient, jax.grad, status."""
-    if leaf.status == "skipped":
+    if leaf.status == Status.SKIPPED:
         return [fmt_path(leaf.path), _shape(leaf), "0", "-", "-", "-", "-", "-",
                 leaf_status(leaf)]
     checked = str(leaf.n_checked) + (f"+{leaf.directions}dir" if leaf.directions else "")

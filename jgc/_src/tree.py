@@ -112,6 +112,26 @@ def split(params: ArrayTree) -> Split:
                  tuple(offsets))
 
 
+def split_checked(params: ArrayTree, name: str = "params") -> Split:
+    """`split`, refusing a tree with nothing to check: no float leaves, or only empty ones (a
+    check of zero entries would verify nothing)."""
+    sp = split(params)
+    if not sp.checked:
+        found = ", ".join(f"{s.path or '<params>'}: {s.reason}" for s in sp.specs)
+        raise InputError(
+            f"{name} has no floating-point leaves to check"
+            + (f" (its leaves: {found})" if sp.specs else " (it is empty)")
+            + ". Pass the trainable parameters as float arrays, e.g. "
+            "{'W': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}.")
+    if sp.n == 0:
+        empty = ", ".join(f"{s.path or '<params>'} (shape {s.shape})" for s in sp.checked_specs())
+        raise InputError(
+            f"{name} has no entries to check: every floating-point leaf is empty ({empty}). A "
+            "check of zero entries would verify nothing. Pass parameters with at least one "
+            "entry.")
+    return sp
+
+
 def short_dtype(dtype: str | None) -> str:
     """'float32' -> 'f32', as equinox's tree_pformat prints arrays."""
     if dtype is None:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jgc._src import calls, pipeline
 from jgc._src import plan as pl
-from jgc._src.check import _run, _validate_callable, precision
+from jgc._src.inputs import make_options, precision
 from jgc._src.report import Report
 from jgc._src.tree import InputError, tree_pformat
 
@@ -42,7 +43,7 @@ def _vjp_as_grad(f_vjp: Callable, primals) -> Callable:
     n, names = len(primals), list(primals) if isinstance(primals, dict) else None
 
     def grad(p, cot):
-        out = _call(f_vjp, p, cot)
+        out = calls.user_call("f_vjp(cotangent, *primals)", _call, f_vjp, p, cot)
         if names is not None and isinstance(out, dict):
             return out
         if n == 1 and not isinstance(out, (tuple, list)):
@@ -90,7 +91,7 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
     >>> jgc.check_vjp(f, f_vjp, (rng.normal(size=(2, 3)), rng.normal(size=(3, 4)))).ok
     True
     """
-    _validate_callable(f, "f")
+    calls.require_function(f, "f", "(*primals) -> out", "check_vjp(f, f_vjp, primals, ...)")
     if f_vjp is not None and not callable(f_vjp):
         raise InputError(f"f_vjp must be a function f_vjp(cotangent, *primals) -> tuple, or None "
                          f"to check jax's VJP of f; got a {type(f_vjp).__name__}.")
@@ -98,8 +99,9 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         primals = tuple(primals)
     elif not isinstance(primals, (tuple, dict)):
         primals = (primals,)
-    with precision(x64):
-        out = _output(f, primals)
+    with precision(x64) as effective:
+        out = calls.user_call("f(*primals)", _call, f, primals,
+                              context=f"primals: {tree_pformat(primals)}")
         if cotangent is None:
             rng = np.random.default_rng(seed)
             dtype = pl.eval_dtype(_dtype_of(out), x64)
@@ -113,8 +115,9 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
                             for o, c in zip(jax.tree_util.tree_leaves(out),
                                             jax.tree_util.tree_leaves(cotangent))))
         grad = None if f_vjp is None else _vjp_as_grad(f_vjp, primals)
-        return _run(_contracted_loss(f), primals, (cotangent,), grad=grad, x64=x64,
-                    f_scale=f_scale, **_with_defaults(options, seed))
+        opts = make_options(**_with_defaults(options, seed), x64=x64, f_scale=f_scale,
+                            effective_x64=effective)
+        return pipeline.run(_contracted_loss(f), primals, (cotangent,), grad, opts)
 
 
 def _with_defaults(options: dict, seed: int) -> dict:
@@ -126,14 +129,6 @@ def _with_defaults(options: dict, seed: int) -> dict:
                         f"{sorted(opts)} and x64.")
     opts.update(options)
     return opts
-
-
-def _output(f, primals):
-    try:
-        return _call(f, primals)
-    except Exception as e:
-        raise InputError(f"f(*primals) raised {type(e).__name__}: {e}\n  primals: "
-                         f"{tree_pformat(primals)}") from e
 
 
 def _dtype_of(out) -> str:

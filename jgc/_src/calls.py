@@ -1,0 +1,296 @@
+"""Calling the user's code: one wrapper for every call, and the gradients a check compares.
+
+Every call into user code (a loss on the host, a gradient function, a layer's forward or
+backward, a forward-mode or Hessian-vector rule) goes through `user_call`, which turns an
+exception into an InputError naming what raised, and chains the original, so that the failing
+line stays visible. jax.grad of the loss, and the user's gradient function, are computed here from
+the evaluator's single trace of the loss (evaluate.py), not by the evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jgc._src import programs
+from jgc._src.tree import InputError, Split, match_gradient
+
+
+def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):
+    """fn(*args, **kwargs), with any exception turned into InputError("<what> raised T: e").
+
+    `context` is appended on a new line (where the call happened, e.g. the perturbed entry).
+    InputError from nested jgc calls passes through unchanged.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything the user's code raises
+        text = str(e).rstrip()
+        raise InputError(f"{what} raised {type(e).__name__}: {text}"
+                         + (f"\n  {context}" if context else "")) from e
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def is_function(grad) -> bool:
+    """A gradient *function*, as opposed to a ready gradient pytree. Equinox modules are
+    callable pytrees: one that holds arrays is a ready gradient (eqx.filter_grad returns one)."""
+    return callable(grad) and not any(
+        isinstance(x, (np.ndarray, np.generic, jax.Array))
+        for x in jax.tree_util.tree_leaves(grad))
+
+
+def require_function(fn, name: str = "loss", signature: str = "(params, *args) -> scalar",
+                     call: str = "check_grad(loss, params, *args, grad=...)") -> None:
+    if not callable(fn):
+        raise InputError(f"{name} must be a function {name}{signature}, but got a "
+                         f"{type(fn).__name__}. Did you pass the arguments in the wrong order? "
+                         f"The signature is {call}.")
+
+
+# -- jax.grad of the traced loss -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _GradStatic:
+    segments: tuple[tuple[int, int, str], ...]
+
+
+def autodiff(ev) -> tuple[np.ndarray | None, str | None, BaseException | None]:
+    """jax.grad of the evaluator's traced loss at theta, flat, in the evaluation dtype; or
+    (None, why, the exception) when it cannot be taken."""
+    if not ev.traceable:
+        return None, "the loss is not traceable by JAX", None
+    static = _GradStatic(ev.segments)
+
+    def build():
+        def run(consts, theta, dynamic):
+            def f(t):
+                parts = [t[a:b].astype(dt) for a, b, dt in static.segments]
+                (out,) = ev.traced.evaluate(consts, *parts, *dynamic)
+                return jnp.reshape(out, ())
+
+            return jax.grad(f)(theta)
+
+        return run
+
+    try:
+        program = programs.compiled("autodiff", build, static, (ev.traced,),
+                                    (ev.consts, ev.theta, ev.dyn))
+        g = program(ev.consts, ev.theta, ev.dyn)
+    except Exception as e:  # noqa: BLE001 - report why, check the rest.
+        return None, f"jax.grad failed: {first_line(e)}", e
+    return np.asarray(g), None, None  # In its own dtype: its precision enters the error model.
+
+
+def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
+                 ) -> tuple[np.ndarray | None, str | None]:
+    """jax's derivative of the evaluator's traced (vector) function along each row of
+    `tangents`: jax.jvp, forward mode. With `hessian` (the function is a gradient), where
+    forward mode fails (a custom_vjp rule inside) it is reverse-over-reverse instead:
+    grad_theta(F(theta) . v) = H^T v = H v. Returns (values (rows, outputs), None) or
+    (None, why)."""
+    if not ev.traceable:
+        return None, "f is not traceable by JAX"
+    static = _GradStatic(ev.segments)
+    T = jnp.asarray(np.asarray(tangents, ev.dtype))
+
+    def f(consts, theta, dynamic):
+        parts = [theta[a:b].astype(dt) for a, b, dt in static.segments]
+        outs = ev.traced.evaluate(consts, *parts, *dynamic)
+        return jnp.concatenate([jnp.ravel(o) for o in outs])
+
+    def forward():
+        def run(consts, theta, dynamic, T):
+            return jax.vmap(lambda t: jax.jvp(lambda x: f(consts, x, dynamic), (theta,),
+                                              (t,))[1])(T)
+        return run
+
+    def reverse():
+        def run(consts, theta, dynamic, T):
+            return jax.vmap(lambda t: jax.grad(lambda x: f(consts, x, dynamic) @ t)(theta))(T)
+        return run
+
+    builds = (("jvp", forward), ("rev", reverse)) if hessian else (("jvp", forward),)
+    why = None
+    for name, build in builds:
+        try:
+            program = programs.compiled(name, build, static, (ev.traced,),
+                                        (ev.consts, ev.theta, ev.dyn, T))
+            return np.asarray(program(ev.consts, ev.theta, ev.dyn, T), np.float64), None
+        except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
+            why = why or f"jax.jvp failed: {first_line(e)}"
+    return None, why
+
+
+# -- the user's gradient function ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class GradientCall:
+    """What calling the user's gradient function showed: its output, and how it was called."""
+
+    out: Any
+    note: str | None = None  # how it was called, when worth saying
+    mutated: tuple[str, ...] = ()  # arrays it changed in place (on the host copies)
+
+
+def call_gradient(ev, fn: Callable, what: str = "grad(params, *args)") -> GradientCall:
+    """fn(params, *args) at theta, called once.
+
+    A traceable loss suggests JAX code: fn is traced once and run compiled (run eagerly, every
+    primitive would compile on its own, which measured 5x slower on a cold start). If JAX cannot
+    trace it (NumPy code), it is called on the host with NumPy copies (it may assign into its
+    inputs). A NumPy loss suggests NumPy code: fn is then called on the host directly, exactly
+    once.
+    """
+    note = None
+    if ev.traceable:
+        try:
+            traced = programs.trace(lambda *flat: fn(*ev.call_args(flat)), *ev.avals())
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - not traceable: NumPy copies below.
+            note = (f"{what} is not traceable by JAX, so jgc called it on the host with NumPy "
+                    f"copies; it ran twice: JAX's tracer ran it first and stopped at "
+                    f"{first_line(e)}")
+        else:
+            consts = [jnp.asarray(c) for c in traced.consts]
+            segments = _GradStatic(ev.segments)
+
+            def build():
+                def run(consts, theta, dynamic):
+                    parts = [theta[a:b] for a, b, _ in segments.segments]
+                    return traced.evaluate(consts, *parts, *dynamic)
+
+                return run
+
+            program = programs.compiled("call", build, segments, (traced,),
+                                        (consts, ev.theta, ev.dyn))
+            flat = user_call(what, program, consts, ev.theta, ev.dyn)
+            return GradientCall(jax.tree_util.tree_unflatten(traced.out_tree, flat))
+    params, args = ev.host_inputs()
+    before = _fingerprints((params, args))
+    out = user_call(what, fn, params, *args)
+    after = _fingerprints((params, args))
+    mutated = tuple(("params" if p.startswith("[0]") else "args") + p[3:]
+                    for p in before if before[p] != after.get(p))
+    return GradientCall(out, note, mutated)
+
+
+def _fingerprints(tree) -> dict[str, bytes]:
+    """Byte copies of every NumPy array leaf, by path: to see whether a function mutated them."""
+    return {jax.tree_util.keystr(p): np.asarray(x).tobytes()
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if isinstance(x, np.ndarray)}
+
+
+def mutation_note(call: GradientCall | None, what: str = "grad(params, *args)") -> str | None:
+    """grad(params, *args) on the host gets copies; if it changed them, say which."""
+    if call is None or not call.mutated:
+        return None
+    return (f"{what} modified its inputs in place ({', '.join(call.mutated[:5])}). jgc passed "
+            "it copies, so your arrays are intact, but in training this corrupts the "
+            "parameters or data: make the gradient function return new arrays")
+
+
+def without_aux(out, sp: Split, params, has_aux: bool):
+    """A gradient function's output; with has_aux, (grad, aux) as jax.grad(has_aux=True)
+    returns it is accepted too."""
+    if has_aux and isinstance(out, tuple) and len(out) == 2:
+        try:
+            match_gradient(out[0], sp, params)
+        except InputError:
+            return out
+        return out[0]
+    return out
+
+
+# -- when jax.grad cannot be taken ----------------------------------------------------------
+
+def _user_frame(error: BaseException):
+    """The innermost traceback frame in the user's code (not JAX's, NumPy's or jgc's)."""
+    skip = ("/jax/", "/jaxlib/", "/jgc/_src/", "/numpy/", "/concurrent/", "/threading.py",
+            "/contextlib.py")
+    tb, found = error.__traceback__, None
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if not any(part in name for part in skip):
+            found = tb
+        tb = tb.tb_next
+    return found
+
+
+def _walk(jaxpr):
+    """Every equation of a jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    yield from _walk(inner)
+
+
+def _rule_functions(jaxpr) -> dict:
+    """Code objects of the custom_vjp backward rules in a jaxpr (nested ones included)."""
+    out = {}
+    for eqn in _walk(jaxpr):
+        f = getattr(eqn.params.get("bwd"), "f", None)
+        if eqn.primitive.name == "custom_vjp_call" and hasattr(f, "__code__"):
+            out[f.__code__] = f.__name__
+    return out
+
+
+def _callbacks(jaxpr) -> set[str]:
+    """Names of the host-callback primitives a jaxpr uses (nested ones included)."""
+    return {f"jax.{eqn.primitive.name}" for eqn in _walk(jaxpr)
+            if "callback" in eqn.primitive.name and eqn.primitive.name != "debug_callback"}
+
+
+def autodiff_failure(why: str, error: BaseException | None, jaxpr) -> InputError:
+    """The error for grad=None when jax.grad itself cannot be computed (`jaxpr`: the loss's
+    trace, or None).
+
+    When the failure is inside a custom_vjp backward rule, that rule is what is under test: the
+    message says so (and the caller chains the original exception, so its line shows).
+    """
+    if error is None:
+        return InputError(
+            f"grad=None asks jgc to check jax.grad, but {why}. Pass your hand-written gradient "
+            "as grad= (a function grad(params, *args), a pytree shaped like params, or a flat "
+            "vector).")
+    text = str(error).splitlines()[0].rstrip(".") if str(error) else ""
+    callbacks = _callbacks(jaxpr) if jaxpr is not None else set()
+    if callbacks:
+        return InputError(
+            f"grad=None checks jax.grad, but the loss calls {', '.join(sorted(callbacks))}, "
+            f"which JAX cannot differentiate ({type(error).__name__}: {text}). Pass your "
+            "hand-written gradient as grad=: jgc evaluates such a loss anyway, one "
+            "perturbation at a time.")
+    frame = _user_frame(error)
+    where = ""
+    if frame is not None:
+        code = frame.tb_frame.f_code
+        where = f" at {code.co_filename}:{frame.tb_lineno} in {code.co_name}()"
+        rules = _rule_functions(jaxpr) if jaxpr is not None else {}
+        if code in rules:
+            return InputError(
+                f"grad=None checks jax.grad, and jax.grad failed: the backward rule "
+                f"`{rules[code]}` of a jax.custom_vjp function raised {type(error).__name__}: "
+                f"{text}{where}. That rule is what is under test, and it crashes before any "
+                "number can be compared: fix it (the chained traceback above shows the "
+                "failing line), then check again.")
+    return InputError(
+        f"grad=None checks jax.grad, but jax.grad raised {type(error).__name__}: {text}{where}. "
+        "If the loss uses a jax.custom_vjp or custom_jvp rule, that rule is the likely "
+        "culprit (the chained traceback above shows the failing line); otherwise the loss "
+        "uses an operation JAX cannot differentiate: pass your own gradient as grad=.")

@@ -1,0 +1,74 @@
+"""method="complex": the complex step Im f(x + i h e_k) / h, after checking analyticity.
+
+The complex step has no subtractive cancellation: with h = u·max(1, |x|) its truncation (h**2
+times the third derivative, over 6) is below rounding, and it is exact to rounding for a
+complex-analytic loss. For anything else (abs, max, relu, comparisons, .real, float(), NumPy
+code) its "derivative" is meaningless, silently zero for abs or .real: jgc first compares it
+with central differences on a sample and refuses such a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jgc._src import estimate as es
+from jgc._src import plan as pl
+from jgc._src.probes import Coordinates, all_steps, global_indices
+from jgc._src.tree import InputError, Split
+from jgc._src.vocab import Method
+
+
+def values(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bool,
+           f_scale: float, seed: int) -> np.ndarray:
+    """The complex step at every planned entry, after verifying analyticity on a sample.
+
+    Raises InputError when the loss is not traceable, cannot take complex parameters, or is not
+    analytic.
+    """
+    if not ev.traceable:
+        raise InputError("method='complex' needs a loss JAX can trace (it evaluates it at "
+                         "complex parameters); this one is not traceable. Use "
+                         "method='central'.")
+    index = global_indices(sp, plan)
+    hp, _ = all_steps(sp, plan, 1.0)
+    value = ev.complex_step(index, hp)
+    # Analyticity: compare with central differences (and their error bars) on a sample.
+    sample = dataclasses.replace(plan, entries=tuple(pl.sample_entries(sp, 2, seed)),
+                                 method=Method.CENTRAL)
+    probes = Coordinates(ev, sp, sample)
+    everywhere = np.ones(len(probes.index), bool)
+    d = es.differences(f0, len(probes.index), sigma, u, float64, f_scale)
+    for s in (0, 1):
+        v = probes.evaluate(s, everywhere)
+        d = es.with_stencil(d, s, everywhere, v.fp, v.fm, v.hp, v.hm)
+    central = es.error_model(d)
+    pos = {int(i): j for j, i in enumerate(index)}
+    cs = value[[pos[int(i)] for i in probes.index]]
+    cs_err = es.rounding(cs, u, float(np.max(np.abs(cs))) if cs.size else 0.0)
+    off = np.abs(cs - central.value) > es.TOL_FACTOR * (central.error + cs_err)
+    if off.any():
+        j = int(np.argmax(off))
+        raise InputError(
+            f"method='complex' needs a complex-analytic loss, but at "
+            f"{sp.locate(probes.index[j])} the complex step gives {cs[j]:.6g} where central "
+            f"differences give {central.value[j]:.6g}: the loss is not analytic (abs, max, "
+            "relu, comparisons, or code that drops the imaginary part, such as .real, float() "
+            "or NumPy). Use method='central', or method='richardson' for more digits.")
+    return value
+
+
+def model(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bool,
+          f_scale: float, seed: int) -> es.ErrorModel:
+    """The complex step as an error model: its error bar is the rounding of the derivative
+    itself, bounded like a gradient's (estimate.rounding, on the leaf's scale)."""
+    value = values(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
+    scale = np.concatenate([np.full(len(e), float(np.max(np.abs(value[a:a + len(e)])))
+                                    if len(e) else 0.0)
+                            for a, e in zip(np.cumsum([0] + [len(e) for e in plan.entries]),
+                                            plan.entries)]) if len(value) else np.zeros(0)
+    error = es.rounding(value, u, scale)
+    nan = np.full(len(value), np.nan)
+    return es.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
+                         error / es.NOISE_SIGMAS, np.ones(len(value), bool))

@@ -1,0 +1,362 @@
+"""The words: the diagnosis under a Report's table, from the leaves' statuses and patterns.
+
+Each mismatched leaf gets one sentence naming its pattern and the likely cause (a factor of the
+batch size is a missing 1/m), then its worst entries; then the notes on numerics, resolution,
+kinks and ties, with advice that never repeats what the check already did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jgc._src.diagnose import COARSE, triage
+from jgc._src.report import LeafReport, pct
+from jgc._src.vocab import Method, Pattern, Status, Verdict
+
+
+def _near(a: float, b: float, rel: float = 2e-3) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
+# A factor within this of 1 is a small relative error, not "1x too large": it is worded as a
+# percentage (a 1.002 factor is 0.2% too large, not "a constant 1 where 1 was meant").
+NEAR_ONE = 0.02
+# Beyond this a factor is printed in scientific notation and no integer cause is guessed.
+HUGE = 1e6
+
+
+def describe_factor(a: float, batch: int | None) -> str:
+    """'4× too large: ...' with the likely cause of a constant factor (any finite factor)."""
+    m = abs(a)
+    if a < 0:
+        size = f"has the wrong sign and is {m:.3g}× the right magnitude"
+    elif abs(a - 1) <= NEAR_ONE:
+        side = "large" if a > 1 else "small"
+        return (f"is {abs(a - 1) * 100:.2g}% too {side} (a factor {a:.4g}): a small relative "
+                "error, such as a constant slightly off (a regularisation or epsilon term, a "
+                "learning-rate-like scale) or a term computed at a slightly different point")
+    elif m < 1 / HUGE:
+        size = f"is {a:.3g}× the right value (almost zero)"
+    elif a >= 1:
+        size = (f"is {round(a)}× too large" if a < HUGE and _near(a, round(a))
+                else f"is {a:.3g}× too large")
+    else:
+        inv = 1 / a
+        size = (f"is {round(inv)}× too small" if inv < HUGE and _near(inv, round(inv))
+                else f"is {a:.3g}× the right value (too small)")
+    causes = []
+    if batch and batch > 1:
+        if _near(m, batch):
+            causes.append(f"a 1/m averaging factor is missing (m = {batch}, the batch size)")
+        elif _near(m, 1 / batch):
+            causes.append(f"it is divided by the batch size m = {batch} once too often")
+    if not causes:
+        if _near(m, 2):
+            causes.append("a factor 2 counted twice (e.g. d(x²)/dx = 2x with the 2 applied "
+                          "again, or a term added twice)")
+        elif _near(m, 0.5):
+            causes.append("a factor 2 is missing (e.g. d(x²)/dx taken as x)")
+        elif 1 < a < HUGE and _near(a, round(a)):
+            causes.append(f"a constant {round(a)} where 1 was meant (e.g. {round(a)}./m "
+                          "instead of 1./m, or a term counted several times)")
+        else:
+            causes.append("a constant factor is wrong (a 1/m missing or doubled, a 2 from a "
+                          "square, a scale in the loss)")
+    return f"{size}: likely {causes[0]}"
+
+
+def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
+                  noun: str = "gradient") -> str:
+    """One sentence about a mismatched leaf: its pattern (or its extent) and likely cause."""
+    p = leaf.path or "<params>"
+    what = f"{_the(source, noun)} of {p}"
+    if leaf.pattern in (Pattern.SCALE, Pattern.SIGN):
+        if leaf.pattern == Pattern.SIGN:
+            body = f"{what} has the wrong sign (factor -1): likely a subtraction reversed " \
+                   "(y - p instead of p - y) or an ascent direction"
+        else:
+            body = f"{what} {describe_factor(leaf.factor, batch)}"
+    elif leaf.pattern == Pattern.TRANSPOSE:
+        body = (f"{what} is the transpose of the right gradient: likely X @ dZ.T where "
+                "X.T @ dZ was meant, or a weight used as W.T in the forward pass")
+    elif leaf.pattern == Pattern.REGULARIZATION:
+        lam = leaf.factor
+        if lam < 0:
+            body = (f"{what} is missing a term proportional to the parameters: the "
+                    f"regularisation gradient λ·θ is missing, λ ≈ {abs(lam):.3g}")
+        else:
+            body = (f"{what} has an extra term proportional to the parameters, λ ≈ {lam:.3g}: "
+                    "regularisation counted twice (λ·θ with a loss of ½λθ² gives λ·θ, not "
+                    "2λ·θ), or applied to a parameter the loss does not regularise")
+    elif leaf.pattern == Pattern.ZERO:
+        body = f"{what} is all zeros: it was never computed, or was overwritten"
+    elif leaf.pattern == Pattern.NONFINITE:
+        n = leaf.n_nonfinite
+        first = f", first at {leaf.worst_index}" if leaf.worst_index is not None else ""
+        body = (f"{what} has {n} non-finite entr{'y' if n == 1 else 'ies'} (NaN or Inf){first}"
+                f" where finite differences give a finite derivative: a division by zero, a "
+                "log or sqrt at 0, or an overflow (exp of a large number) in the computation")
+    elif leaf.directions and leaf.n_mismatch and leaf.pattern is None:
+        body = (f"{what} is wrong at {leaf.n_mismatch} entr"
+                f"{'y' if leaf.n_mismatch == 1 else 'ies'} located by group testing")
+    elif leaf.n_mismatch == 0 and leaf.directions:
+        body = (f"{what} fails a random-direction test (the values shown are derivatives along "
+                "it), beyond its error bar and any kink along it, but group testing isolated no "
+                "single wrong entry: the error is spread over many entries, each too small to "
+                "show alone (a small factor or an extra term across the leaf)")
+    elif leaf.n_mismatch == 0:
+        body = (f"{what} is slightly but systematically off: no single entry is outside its "
+                "error bar, but taken together the leaf's entries differ from finite "
+                "differences far more than the measured noise allows")
+    else:
+        body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
+                "simple pattern (a wrong formula, a wrong index or a missing path)")
+    if leaf.directions and leaf.n_mismatch:
+        body += (f" (found by {leaf.directions} random-direction tests and group testing, and "
+                 "confirmed entry by entry)")
+    elif leaf.n_mismatch == 0 and leaf.pattern is not None and not leaf.directions:
+        body += " (taken together over the leaf: small, below any single entry's error bar)"
+    return body
+
+
+def worst_lines(leaf: LeafReport, source: str, with_autodiff: bool, k: int = 3,
+                autodiff: str = "jax.grad") -> list[str]:
+    """The worst entries, one line each; for a leaf wrong only along a random direction, the
+    derivatives along it (never entries that agree)."""
+    rows = [(f"at {idx}", num, chk, ad) for idx, num, chk, ad in leaf.worst[:k]]
+    if not rows and leaf.directions and leaf.numerical is not None:
+        rows = [("along the failing direction", leaf.numerical, leaf.checked, leaf.autodiff)]
+    out = []
+    for where, num, chk, ad in rows:
+        line = f"      {where}: numerical {num:.6g}, {source} {chk:.6g}"
+        if with_autodiff and ad is not None:
+            line += f", {autodiff} {ad:.6g}"
+        out.append(line)
+    return out
+
+
+
+
+def diagnosis(leaves: list[LeafReport], agrees: dict[str, bool | None], *, source: str,
+              has_autodiff: bool, autodiff_why: str | None, batch: int | None,
+              eps: float | None = None, autodiff: str = "jax.grad",
+              noun: str = "gradient", float64: bool = True,
+              method: str = Method.CENTRAL) -> tuple[Verdict, str]:
+    """The verdict (diagnose.triage) and the text that explains it.
+
+    `agrees` maps each mismatched leaf's path to whether the checked gradient agrees with
+    jax.grad there (None when jax.grad is not a separate opinion). `float64` and `method` say
+    what the check already did, so that its advice never repeats it.
+    """
+    words = _Words(source, noun, autodiff, batch)
+    t = triage(leaves, agrees, words.checking_autodiff)
+    if t.verdict in (Verdict.OK, Verdict.UNRESOLVED):
+        lines = words.agreement(leaves)
+    else:
+        lines = words.mismatches(t, has_autodiff, autodiff_why)
+        if t.suspect or t.conflict or words.checking_autodiff:
+            lines.append(_numerics_advice(eps))
+    rough = [leaf for leaf in leaves
+             if leaf.unexplained_excess and leaf.status != Status.MISMATCH]
+    if rough:
+        lines.append(
+            f"Taken together, the residuals of {_paths(rough)} exceed the loss's noise, but in "
+            "no systematic pattern (no constant factor, no term proportional to the "
+            "parameters): the steps crossed kinks (relu units switching within h), which "
+            "biases finite differences at random. That is not a gradient bug; every entry "
+            "passed against its own error bar, and the resolution is what single entries "
+            "give.")
+    unresolved = [leaf for leaf in leaves if leaf.status == Status.UNRESOLVED]
+    if unresolved:
+        lines += _unresolved_lines(unresolved, source, noun, autodiff, words.checking_autodiff,
+                                   float64, method)
+    lines += _coarse_lines(leaves, float64, method)
+    for leaf in leaves:
+        lines += _kink_lines(leaf)
+    return t.verdict, "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Words:
+    """Who is speaking about what: the checked source, the noun, jax's own opinion."""
+
+    source: str
+    noun: str
+    autodiff: str
+    batch: int | None
+
+    @property
+    def checking_autodiff(self) -> bool:
+        return self.source == self.autodiff
+
+    @property
+    def the(self) -> str:
+        return _the(self.source, self.noun)
+
+    def agreement(self, leaves: list[LeafReport]) -> list[str]:
+        """No mismatch: what was verified, and any doubt about jax.grad."""
+        lines = []
+        unresolved = any(leaf.status == Status.UNRESOLVED for leaf in leaves)
+        n = sum(leaf.n_checked for leaf in leaves if leaf.status != Status.UNRESOLVED)
+        dirs = sum(leaf.directions for leaf in leaves)
+        if dirs:
+            n_dir_leaves = sum(1 for leaf in leaves if leaf.directions)
+            lines.append(f"{_sentence(self.the)} agrees with finite differences along all "
+                         f"{dirs} random directions ({n_dir_leaves} leaves)"
+                         + (f" and in all {n} entries checked one by one." if n else "."))
+        elif n:
+            lines.append(f"{_sentence(self.the)} agrees with finite differences in all {n} "
+                         "checked entries" + (" of the resolved leaves." if unresolved else "."))
+        ad_bad = [leaf for leaf in leaves if leaf.autodiff_status == Status.MISMATCH]
+        if ad_bad and not self.checking_autodiff:
+            lines.append(f"Note: {self.autodiff} disagrees with finite differences in "
+                         f"{_paths(ad_bad)} while {self.the} agrees: if the loss "
+                         "uses a jax.custom_vjp or custom_jvp rule, that rule may be wrong.")
+        return lines
+
+    def mismatches(self, t, has_autodiff: bool, autodiff_why: str | None) -> list[str]:
+        """Who is wrong where, with each leaf's pattern and worst entries."""
+        ad, the = self.autodiff, self.the
+        lines = []
+        if t.wrong:
+            if self.checking_autodiff:
+                lines.append(
+                    f"{ad} disagrees with finite differences in {_paths(t.wrong)}. If the "
+                    "function uses a jax.custom_vjp or jax.custom_jvp rule, that rule is the "
+                    "likely culprit; otherwise see the advice on numerics below.")
+            elif has_autodiff:
+                lines.append(
+                    f"{_sentence(the)} is wrong in {_paths(t.wrong)}: {ad} agrees "
+                    "with finite differences there, so the bug is in the hand-written "
+                    f"{self.noun}, not in the function or the numerics.")
+            else:
+                lines.append(
+                    f"{_sentence(the)} disagrees with finite differences in "
+                    f"{_paths(t.wrong)}. {ad} cannot break the tie ({autodiff_why}), but the "
+                    "differences are outside the finite differences' error bars (and outside "
+                    "the one-sided slopes wherever the loss has a kink), so the hand-written "
+                    f"{self.noun} is the likely culprit.")
+            for leaf in t.wrong:
+                lines += self.leaf_lines(leaf, not self.checking_autodiff)
+        if t.suspect:
+            lines.append(
+                f"{_sentence(the)} and {ad} agree with each other but not with finite "
+                f"differences in {_paths(t.suspect)}: the numerics are suspect, or the loss is "
+                "not differentiable at these parameters.")
+            for leaf in t.suspect:
+                lines += worst_lines(leaf, self.source, True, autodiff=ad)
+        if t.conflict:
+            lines.append(
+                f"All three disagree in {_paths(t.conflict)}: {the} differs from "
+                f"both finite differences and {ad}, and {ad} differs from finite "
+                "differences too. A custom_vjp/custom_jvp rule in the loss may be wrong as well "
+                "as the hand-written gradient, or the numerics are unreliable here.")
+            for leaf in t.conflict:
+                lines += self.leaf_lines(leaf, True)
+        return lines
+
+    def leaf_lines(self, leaf: LeafReport, with_autodiff: bool) -> list[str]:
+        return ([f"  - {describe_leaf(leaf, self.source, self.batch, self.noun)}."]
+                + worst_lines(leaf, self.source, with_autodiff, autodiff=self.autodiff))
+
+
+def _numerics_advice(eps: float | None) -> str:
+    """How to rule out the numerics when jax's own derivative disagrees with them."""
+    if eps is not None:
+        return (f"The step was fixed by hand (eps={eps:g}): first try eps=None, which picks "
+                "each entry's step from its dtype and magnitude.")
+    return ("To rule out the numerics: evaluate at a random point rather than at zeros or "
+            "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
+            "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
+            "exactly at a switch for these parameters.")
+
+
+def _coarse_lines(leaves: list[LeafReport], float64: bool, method: str) -> list[str]:
+    """Verified leaves whose resolution is coarser than COARSE: bugs that could hide."""
+    coarse = [leaf for leaf in leaves if leaf.status in (Status.OK, Status.KINK)
+              and leaf.resolution is not None and leaf.resolution > COARSE]
+    if not coarse:
+        return []
+    worst = max(coarse, key=lambda leaf: leaf.resolution)
+    return [f"Resolution: the finite differences' error bar (rounding noise, or truncation at "
+            f"this step) is large next to the gradient of {_paths(coarse)}, so errors smaller "
+            f"than {pct(worst.resolution)} of {worst.path or '<params>'} could go unseen. "
+            + _resolution_advice(float64, method)]
+
+
+def _kink_lines(leaf: LeafReport) -> list[str]:
+    """Why entries at kinks and ties passed."""
+    lines = []
+    n = leaf.n_kink - leaf.n_tie
+    if n:
+        lines.append(
+            f"{n} entr{'y' if n == 1 else 'ies'} of {leaf.path or '<params>'} "
+            f"sit{'s' if n == 1 else ''} on a kink (a relu at 0, a max-pool tie, "
+            "|x| at 0): the loss is not differentiable there and the one-sided slopes "
+            "differ. The checked value lies between them, so that is expected, not a "
+            "failure.")
+    if leaf.n_tie:
+        t = leaf.n_tie
+        lines.append(
+            f"{t} entr{'y' if t == 1 else 'ies'} of {leaf.path or '<params>'} "
+            f"sit{'s' if t == 1 else ''} at a tie: several elements (relu units, "
+            "max-pool inputs) are exactly at their kinks along "
+            f"{'this coordinate' if t == 1 else 'these coordinates'}, some turning on "
+            "to the right and others to the left, so the derivative is undefined and a "
+            "convention (jax.grad's relu'(0) = 0, or a mask z >= 0) can lie outside both "
+            "one-sided slopes. Not a failure; to verify these entries, check at a point "
+            "without ties (random, non-integer inputs and biases).")
+    return lines
+
+
+def _resolution_advice(float64: bool, method: str) -> str:
+    """How to resolve more, never repeating what the check already did."""
+    steps = []
+    if not float64:
+        steps.append("check in float64 (x64=True)")
+    if method != Method.RICHARDSON:
+        steps.append("use method='richardson' (one more digit, 3x the cost)")
+    steps.append("make the gradient larger next to the loss (a loss dominated by a large "
+                 "constant, such as 1 + small terms, keeps only the constant's digits)")
+    return "To resolve them: " + "; or ".join(steps) + "."
+
+
+def _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff, float64, method):
+    the = _the(source, noun)
+    lines = [
+        f"Unresolved: finite differences cannot resolve the {noun} of {_paths(unresolved)}: "
+        "the error bar of the difference quotients (rounding noise of the loss, or "
+        f"truncation) is at least as large as the {noun} itself, so {the} could be 2× too "
+        "large, of the wrong sign, or zero there without any test failing. Nothing was "
+        "verified in these leaves, so the check is not ok. " + _resolution_advice(float64, method)]
+    if checking_autodiff or all(leaf.autodiff is None for leaf in unresolved):
+        return lines
+    split = [leaf for leaf in unresolved if leaf.autodiff_disagrees]
+    same = [leaf for leaf in unresolved if not leaf.autodiff_disagrees]
+    if split:
+        lines.append(
+            f"{_sentence(the)} and {autodiff} disagree in {_paths(split)}, beyond their "
+            "rounding: one of them is wrong there, but finite differences cannot tell which.")
+        for leaf in split:
+            lines += worst_lines(leaf, source, True, autodiff=autodiff)
+    if same:
+        lines.append(f"{_sentence(the)} and {autodiff} agree with each other to rounding in "
+                     f"{_paths(same)}, which finite differences cannot confirm.")
+    return lines
+
+
+def _paths(leaves: list[LeafReport]) -> str:
+    return ", ".join(leaf.path or "<params>" for leaf in leaves)
+
+
+def _the(source: str, noun: str = "gradient") -> str:
+    """'the hand-written gradient' or 'jax.grad' (which is not 'the jax.grad gradient')."""
+    return source if source.startswith("jax") else f"the {source} {noun}"
+
+
+def _sentence(text: str) -> str:
+    """Capitalises a sentence start, except a code name such as jax.grad."""
+    return text if text.startswith("jax") else text[:1].upper() + text[1:]
+
+
+

@@ -1,0 +1,75 @@
+"""The loss's measured noise: the rounding error of one evaluation, for the error bars and the step.
+
+ECnoise (estimate.ecnoise) along one coordinate of up to MAX_NOISE_PROBES leaves, the largest
+first, at exactly representable points (plan.noise_probes). The largest estimate is kept: the
+noise a perturbation sees depends on how much computation the perturbed entry feeds, and the
+largest is the safe choice. A probe whose values are a staircase (the loss rounds its inputs
+more coarsely than the probe's spacing: float32 inside a float64 check) is repeated at a wider
+spacing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jgc._src import estimate as es
+from jgc._src import plan as pl
+from jgc._src.tree import Split
+from jgc._src.vocab import Mode
+
+# A loss that rounds float64 inputs to float32 needs probes ~2**16 wider than float64's spacing
+# (sqrt(eps64) = 1.5e-8, against float32's resolution 6e-8): two widenings by 2**8.
+MAX_WIDEN = 2
+
+
+def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
+    """The noise level (standard deviation of one evaluation), or None if unmeasurable."""
+    limit = pl.DIRECTIONAL_NOISE_PROBES if plan.mode == Mode.DIRECTIONAL else pl.MAX_NOISE_PROBES
+    eps = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
+    sigmas, again = [], None
+    for widen in range(MAX_WIDEN + 1):
+        probes = pl.noise_probes(plan, sp, limit, widen)
+        if again is not None:  # only the probes to repeat (by entry), if they are wider now
+            probes = [(i, st) for i, st in probes
+                      if i in again and np.max(np.abs(st)) > again[i]]
+        if not probes:
+            break
+        values = _probe_values(ev, sp, plan, probes)
+        sigmas += [x for x in (es.ecnoise(v, eps) for v in values) if x is not None]
+        # Flat or a staircase: the loss rounds its inputs more coarsely than the spacing.
+        again = {i: float(np.max(np.abs(st))) for (i, st), v in zip(probes, values)
+                 if es.staircase(v)}
+    return max(sigmas) if sigmas else None
+
+
+def _probe_values(ev, sp: Split, plan: pl.Plan, probes) -> list[np.ndarray]:
+    if plan.mode == Mode.DIRECTIONAL:
+        # Through the per-leaf direction batches that directional mode compiles anyway: one
+        # step vector t·e_j on the device, and multiples 0, ±1, ..., of it.
+        values = []
+        for i, st in probes:
+            k = int(np.searchsorted(sp.offsets, i, side="right")) - 1
+            j = i - sp.offsets[k]
+            t = float(np.max(np.abs(st)))
+            vec = np.zeros((1, sp.offsets[k + 1] - sp.offsets[k]))
+            vec[0, j] = t
+            values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st)), st / t,
+                                   np.full(len(st), j), np.full(len(st), j + 1)))
+        return values
+    index = np.concatenate([np.full(len(st), i) for i, st in probes])
+    return np.split(ev.perturbed(index, np.concatenate([st for _, st in probes])),
+                    len(probes))
+
+
+def variation(f0: float, f_scale: float, theta: np.ndarray, leaves) -> float:
+    """The scale on which the loss varies, for turning its measured noise into a relative one.
+
+    The step rule assumes the third derivative is about the loss's own size (plan.py). A loss
+    that cancels to ~0 (a sum of mixed-sign terms) still varies, on the scale of its
+    first-order change |g_j| max(1, |theta_j|): the larger of the two is used, so that a
+    near-zero loss does not read as noisy.
+    """
+    g = np.abs(np.concatenate([np.asarray(a, np.float64).ravel() for a in leaves]))
+    first_order = g * np.maximum(1.0, np.abs(theta))
+    finite = first_order[np.isfinite(first_order)]
+    return max(abs(f0), f_scale, float(finite.max()) if finite.size else 0.0) or 1.0

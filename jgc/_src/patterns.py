@@ -1,0 +1,127 @@
+"""The bug patterns: one-parameter models of the classic mistakes in a gradient.
+
+A pattern explains the discrepancy g - D (g checked, D numerical) almost entirely: the model's
+residual must be below EXPLAINED (1%) of |g - D| plus the error bar. Patterns (vocab.Pattern):
+  * zero: g == 0 (never computed, or overwritten);
+  * sign: g = -D (a subtraction reversed);
+  * scale: g = a D (a 1/m missing or doubled, a 2 from a square);
+  * transpose: g = D.T (X @ dZ.T for X.T @ dZ);
+  * regularization: g = D + lam theta (a term proportional to the parameters added or missing).
+Entry by entry they are fitted by `find_pattern`; over a whole leaf whose entries each pass, by
+`Collective.fit` (reduced precision, the leaf-level chi-squared test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jgc._src import estimate as es
+from jgc._src.vocab import Pattern
+
+EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
+MIN_FIT = 3  # entries a leaf-level pattern needs
+ZERO_FACTOR = 0.05  # a fitted factor below this, with the gradient within its error bars: zero
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """The leaf-level test: residuals against the Richardson reference, taken together.
+
+    A bug too small to push any single entry outside its error bar (a 1% scale error in float32)
+    still makes the sum of squared standardised residuals, chi2, exceed what noise allows.
+    """
+
+    reference: np.ndarray  # Richardson reference at the entries tested (kinks excluded).
+    sd: np.ndarray  # Standard deviation of each residual under noise alone.
+    chi2: float
+    threshold: float
+    where: np.ndarray  # Positions (within the leaf's planned entries) that were tested.
+
+    @property
+    def significant(self) -> bool:
+        return len(self.where) > 0 and self.chi2 > self.threshold
+
+    def resolution(self) -> float:
+        """From the reference, not the checked gradient (a buggy gradient 10x too large would
+        claim 10x the resolution); noise adds about one to each squared standardised entry,
+        which is taken off the signal."""
+        return es.resolution(self.reference, self.sd, self.threshold, bias=len(self.where))
+
+    def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
+        """A one-parameter pattern that explains the excess, if any: its residual is consistent
+        with noise, and it removes at least half of the excess over noise (a real systematic
+        error lies along the pattern; biases from crossed kinks point anywhere). Below MIN_FIT
+        entries one parameter fits whatever they hold, so the factor is just reported (the
+        entries come from the coarse stencils alone, see check._collective)."""
+        ref, th = self.reference, theta[self.where]
+        g = g[self.where]
+        excess = self.chi2 - len(self.where)
+        for name, basis, offset in ((Pattern.SCALE, ref, 0.0), (Pattern.REGULARIZATION, th, ref)):
+            bb = float(basis @ basis)
+            if bb == 0:
+                continue
+            c = float((g - offset) @ basis) / bb
+            after = es.chi2(g - offset - c * basis, self.sd)
+            if len(self.where) < MIN_FIT or (after <= self.threshold
+                                             and self.chi2 - after >= excess / 2):
+                return name, c
+        return None, None
+
+
+
+
+def explains(residual, discrepancy, tol) -> bool:
+    return np.linalg.norm(residual) <= EXPLAINED * np.linalg.norm(discrepancy) + np.linalg.norm(tol)
+
+
+def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
+                 ) -> tuple[str | None, float | None]:
+    """The simplest model that explains g - d, as (pattern, factor).
+
+    `smooth` (bool per entry) leaves out entries at kinks, whose central difference is no
+    derivative. `full`: every entry of the leaf is present, in order (needed for "transpose").
+    """
+    if smooth is not None and not smooth.all() and smooth.any():
+        if full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
+            both = (smooth.reshape(shape) & smooth.reshape(shape).T).ravel()
+            if both.any() and _is_transpose(g, d, tol, shape, both):
+                return Pattern.TRANSPOSE, None
+        return find_pattern(g[smooth], d[smooth], theta[smooth], tol[smooth], shape, False)
+    disc = g - d
+    if not np.any(np.abs(disc) > tol):
+        return None, None
+    dd = float(d @ d)
+    # Zero: the gradient is zero, or so close that the best factor is (a g/4 is within a float32
+    # error bar of zero but is a factor, not a missing gradient).
+    if np.all(np.abs(g) <= tol) and np.any(np.abs(d) > tol) and (
+            not np.any(g) or dd == 0 or abs(float(g @ d) / dd) < ZERO_FACTOR):
+        return Pattern.ZERO, 0.0
+    if dd > 0:
+        a = float(g @ d) / dd
+        if explains(g - a * d, disc, (1 + abs(a)) * tol):
+            # A sign flip when -d itself explains the discrepancy within the error bars (a
+            # fitted -0.9988 in float32 is a sign flip, not a factor).
+            if a < 0 and explains(g + d, disc, 2 * tol):
+                return Pattern.SIGN, -1.0
+            return Pattern.SCALE, a
+    if (full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1
+            and _is_transpose(g, d, tol, shape, np.ones(len(g), bool))):
+        return Pattern.TRANSPOSE, None
+    tt = float(theta @ theta)
+    if tt > 0:
+        lam = float(disc @ theta) / tt
+        if explains(disc - lam * theta, disc, 2 * tol):
+            return Pattern.REGULARIZATION, lam
+    return None, None
+
+
+def _is_transpose(g, d, tol, shape, keep) -> bool:
+    """g = d.T on the entries `keep` (whose transposed positions are trusted too), and d is not
+    symmetric there (else a transpose changes nothing)."""
+    dt = d.reshape(shape).T.ravel()
+    disc = (g - d)[keep]
+    return (not explains((d - dt)[keep], disc, tol[keep])
+            and explains((g - dt)[keep], disc, 2 * tol[keep]))
+

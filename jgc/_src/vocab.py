@@ -1,0 +1,168 @@
+"""jgc's vocabularies: statuses, verdicts, patterns, modes and methods.
+
+Each is a str-valued Enum whose members carry their own words (the label the text and HTML views
+print, the help the command line shows) and colour, as lineax keeps its outcomes. A member is
+equal to its plain string ("ok" == Status.OK), prints, formats and reprs as it, and serialises to
+it in JSON, so reports keep the strings the public API promises. An entry's status (`Entry`) is an
+IntEnum instead, so that a leaf's statuses are one integer numpy array.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class _Vocab(str, enum.Enum):
+    """A str Enum that prints, formats and serialises as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:  # a Report's repr shows verdict='ok', as the API documents
+        return repr(self.value)
+
+    @classmethod
+    def choices(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value, name: str, advice: str = ""):
+        """The member for a user's string, or InputError naming the choices."""
+        from jgc._src.tree import InputError
+
+        try:
+            return cls(value)
+        except ValueError:
+            raise InputError(f"{name}={value!r} is not one of {cls.choices()}. {advice}".rstrip()
+                             ) from None
+
+
+class Status(_Vocab):
+    """A leaf's status (an entry's is an `Entry`)."""
+
+    OK = "ok"
+    KINK = "kink"
+    MISMATCH = "mismatch"
+    UNRESOLVED = "unresolved"
+    SKIPPED = "skipped"
+
+    @property
+    def verified(self) -> bool:
+        """ok and kink are verified; mismatch and unresolved are not; skipped is not checked."""
+        return self in (Status.OK, Status.KINK, Status.SKIPPED)
+
+    @property
+    def label(self) -> str:
+        return self.value.upper() if self in (Status.MISMATCH, Status.UNRESOLVED) else self.value
+
+    @property
+    def colour(self) -> str:
+        return _STATUS_COLOURS[self]
+
+
+_STATUS_COLOURS = {Status.OK: "#1a7f37", Status.KINK: "#9a6700", Status.MISMATCH: "#cf222e",
+                   Status.UNRESOLVED: "#9a6700", Status.SKIPPED: "#6e7781"}
+
+
+class Entry(enum.IntEnum):
+    """One probe's comparison (an entry, a direction, an output along a tangent): estimate.compare.
+
+    TIE: a kink where the checked value lies outside the one-sided slopes, as a tie convention
+    can when several elements sit at their kinks at once. A leaf with a MISMATCH entry is a
+    mismatch; with KINK or TIE entries (and none wrong) it is a kink.
+    """
+
+    OK = 0
+    KINK = 1
+    MISMATCH = 2
+    TIE = 3
+
+
+class Verdict(_Vocab):
+    OK = "ok"
+    WRONG_GRADIENT = "wrong_gradient"
+    SUSPECT_NUMERICS = "suspect_numerics"
+    DISAGREEMENT = "disagreement"
+    RANDOMNESS = "randomness"
+    UNRESOLVED = "unresolved"
+
+    @property
+    def headline(self) -> str:
+        """The report's first word: OK, MISMATCH, SUSPECT NUMERICS, RANDOM LOSS, UNRESOLVED."""
+        return _HEADLINES[self]
+
+    @property
+    def colour(self) -> str:
+        return {Verdict.OK: "#1a7f37", Verdict.WRONG_GRADIENT: "#cf222e",
+                Verdict.DISAGREEMENT: "#cf222e"}.get(self, "#9a6700")
+
+
+_HEADLINES = {Verdict.OK: "OK", Verdict.WRONG_GRADIENT: "MISMATCH",
+              Verdict.SUSPECT_NUMERICS: "SUSPECT NUMERICS", Verdict.DISAGREEMENT: "MISMATCH",
+              Verdict.RANDOMNESS: "RANDOM LOSS", Verdict.UNRESOLVED: "UNRESOLVED"}
+
+
+class Pattern(_Vocab):
+    """One-parameter models of the classic bugs (diagnose.find_pattern)."""
+
+    SCALE = "scale"
+    SIGN = "sign"
+    TRANSPOSE = "transpose"
+    REGULARIZATION = "regularization"
+    ZERO = "zero"
+    NONFINITE = "nonfinite"
+
+
+class Mode(_Vocab):
+    AUTO = "auto"
+    FULL = "full"
+    SAMPLE = "sample"
+    DIRECTIONAL = "directional"
+
+    @property
+    def help(self) -> str:
+        return _MODE_HELP[self]
+
+
+_MODE_HELP = {
+    Mode.AUTO: "a full check when it is predicted to be cheap, else directional plus a sample",
+    Mode.FULL: "every entry",
+    Mode.SAMPLE: "a seeded sample of entries per leaf (a quarter of them the largest)",
+    Mode.DIRECTIONAL: "random directions per leaf, group testing to find wrong entries",
+}
+MODE_ADVICE = ("Use mode='full' to check every entry, mode='sample' for a seeded sample of each "
+               "leaf, or mode='directional' for random directions per leaf (large models).")
+
+
+class Method(_Vocab):
+    CENTRAL = "central"
+    RICHARDSON = "richardson"
+    COMPLEX = "complex"
+
+    @property
+    def step_power(self) -> float:
+        """The step is unit**power (plan.py): central differences balance rounding u/h against
+        truncation h**2 at h ~ u**(1/3); Richardson's R = (4 D(h) - D(2h)) / 3 has truncation
+        h**4, balanced at u**(1/5). The complex step Im f(x + i h) / h has no subtractive
+        cancellation: its truncation, h**2 |f'''| / 6, vanishes for h ~ u (power 1)."""
+        return {Method.CENTRAL: 1 / 3, Method.RICHARDSON: 1 / 5, Method.COMPLEX: 1.0}[self]
+
+    @property
+    def help(self) -> str:
+        return _METHOD_HELP[self]
+
+
+_METHOD_HELP = {
+    Method.CENTRAL: "central differences: 2 loss evaluations per entry",
+    Method.RICHARDSON: "Richardson extrapolation from h, 2h, 4h: 6 per entry, about one more "
+                       "digit (worth it in float32)",
+    Method.COMPLEX: "the complex step, for complex-analytic losses: 1 complex evaluation per "
+                    "entry, exact to rounding",
+}
+METHOD_ADVICE = ("'central' (default) costs 2 loss evaluations per entry; 'richardson' costs 6 "
+                 "and gives more digits, which matters most in float32; 'complex' (the complex "
+                 "step, for complex-analytic losses) costs 1 complex evaluation and is exact to "
+                 "rounding.")
