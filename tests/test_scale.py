@@ -102,7 +102,7 @@ def test_auto_switches_to_directional_when_full_is_costly(monkeypatch):
     monkeypatch.setattr(plan, "AUTO_SECONDS", 0.0)
     r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.bugs["W1_transposed"].grad)
     assert r.mode == "directional" and not r.ok
-    assert any(n.startswith("auto: a full check would take about") and "ms each, after "
+    assert any(n.startswith("auto: a full check would take about") and "ms each on average, after "
                "compilation" in n for n in r.notes)
     monkeypatch.setattr(plan, "AUTO_SECONDS", 1e9)
     small = mlp("tanh")

@@ -319,3 +319,28 @@ def test_statuses_and_verdicts_have_their_colours_in_html():
     assert Verdict.WRONG_GRADIENT.colour in page and ">MISMATCH</span>" in page
     assert page.count(Status.OK.colour) >= 3  # the three correct leaves
 
+
+
+def test_auto_deadline_predicts_other_leaves_from_their_work():
+    """mode="auto" times one program and scales the leaves still to come by their planned work
+    (structured leaves differ by orders of magnitude); a program's first chunk (buffers,
+    threads) neither decides alone nor sets the rate."""
+    from jgc._src.evaluate import Deadline, TooSlow
+
+    def deadline(seconds):
+        d = Deadline(seconds=seconds, factor=1.0, n_leaves=2)
+        d.expect(0, 1000, work=1.0)  # a cheap leaf, timed first
+        d.expect(1, 10, work=1e4)  # a leaf whose evaluations do 10,000x the work
+        d.next_program(0)
+        d.observe(100, 100, 1.0)  # a slow first chunk (0.01 s each) alone does not decide
+        return d
+
+    # Steady 1e-4 s per evaluation per unit of work. Still to do: 800 x 1 + 10 x 1e4 units,
+    # 10.08 s, after 1.01 s run.
+    roomy = deadline(20.0)
+    roomy.observe(100, 100, 0.01)
+    assert roomy.unit_rate == pytest.approx(1e-4)
+    tight = deadline(10.0)
+    with pytest.raises(TooSlow) as e:
+        tight.observe(100, 100, 0.01)
+    assert e.value.predicted == pytest.approx(1.01 + 800 * 1e-4 + 10 * 1e4 * 1e-4)

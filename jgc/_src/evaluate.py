@@ -1,6 +1,6 @@
 """Stage 3, `evaluate`: a function at the unperturbed and perturbed points, behind one interface.
 
-`make_evaluator` returns one of two strategies (the structured evaluator will be a third):
+`make_evaluator` returns one of three strategies:
 
 * `DenseEvaluator`: the function is traced once per check (see programs.py) into a jaxpr whose
   inputs are one flat segment per checked leaf (in its evaluation dtype) followed by the array
@@ -14,6 +14,14 @@
   one is padded), so a check compiles few programs, and a second check of an unchanged loss with
   the same shapes compiles nothing. A function JAX can trace but not vmap (a `jax.pure_callback`
   without a vmap method) is evaluated one perturbation at a time inside the compiled program.
+* `StructuredEvaluator` (a loss with at least STRUCTURED_MIN parameters; the default there, off
+  with the environment variable JGC_STRUCTURED=0): the dense evaluator, except that one-entry
+  perturbations of a leaf go through structured.py's pass over the same trace, which recomputes
+  only what each perturbation changes (a column of a layer's output, one output channel of a
+  convolution, a rank-1 update of the next layer), wherever its planned work is at most half
+  the dense pass's. Its values agree with the dense evaluator's to rounding; directions, the
+  complex step and vector functions stay dense. The report's notes say which leaves took which
+  path.
 * `HostEvaluator`: a function JAX cannot trace (plain NumPy forward code), evaluated in a loop on
   the host, with the same results, more slowly.
 
@@ -36,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jgc._src import programs
+from jgc._src import programs, structured
 from jgc._src.calls import first_line, user_call
 from jgc._src.tree import InputError, Split, tree_pformat
 
@@ -303,11 +311,12 @@ def activation_bytes(jaxpr) -> int:
 # -- mode="auto": timing the real programs ---------------------------------------------------
 
 class TooSlow(Exception):
-    """A full check would take too long (mode="auto"): `predicted` seconds."""
+    """A full check would take too long (mode="auto"): `predicted` seconds, `per_eval` seconds
+    per evaluation on average."""
 
-    def __init__(self, predicted: float, directional: float):
+    def __init__(self, predicted: float, directional: float, per_eval: float):
         super().__init__(f"predicted {predicted:.1f} s")
-        self.predicted, self.directional = predicted, directional
+        self.predicted, self.directional, self.per_eval = predicted, directional, per_eval
 
 
 @dataclasses.dataclass
@@ -315,13 +324,17 @@ class Deadline:
     """mode="auto": predicts a full check's time from the measured throughput of the programs
     it actually runs (after compilation), while its first stencil runs, largest leaves first.
 
+    Each leaf's evaluations are registered with the work one of them does (`expect`; the
+    structured evaluator's per-leaf estimate, or the same for every leaf on the dense path).
     After each chunk the prediction is: factor x (execution so far + the evaluations still to
-    do at the highest per-evaluation cost seen so far) + compilation so far + the leaf programs
-    still to compile at the mean compile time seen so far. `factor` scales the first stencil to
-    the whole check (2h everywhere in reduced precision, Richardson's 4h). TooSlow is raised
-    when the prediction exceeds both `seconds` and what directional mode would cost (per leaf:
-    a compile and about DIRECTIONAL_EVALS evaluations): a full check that is cheaper than the
-    alternative is always run.
+    do x their work x the highest seconds per unit of work of any program so far) +
+    compilation so far + the leaf programs still to compile at the mean compile time so far.
+    A program's rate is its mean over its chunks, leaving out its first chunk once there are
+    others: a program's first run also pays for its buffers and threads (5x the rest on the
+    MNIST CNN). `factor` scales the first stencil to the whole check (2h everywhere in reduced
+    precision, Richardson's 4h). TooSlow is raised when the prediction exceeds both `seconds`
+    and what directional mode would cost (per leaf: a compile and about DIRECTIONAL_EVALS
+    evaluations): a full check that is cheaper than the alternative is always run.
     """
 
     seconds: float
@@ -333,19 +346,44 @@ class Deadline:
     compiling: float = 0.0
     compiled: int = 0  # programs compiled so far in this pass
     groups_left: int = 0
-    rate: float = 0.0  # the highest seconds per evaluation seen so far
+    rate: float = 0.0  # the highest seconds per evaluation of any program so far
+    unit_rate: float = 0.0  # the highest seconds per unit of work of any program so far
+    pending: dict = dataclasses.field(default_factory=dict)  # leaf -> [evaluations left, work]
+    current: Any = None
+    chunks: list = dataclasses.field(default_factory=list)  # the current program's (n, s)
+    finished: tuple = (0.0, 0.0)  # (rate, unit_rate) before the current program
+
+    def expect(self, leaf, evaluations: int, work: float) -> None:
+        """`evaluations` of `leaf` are to come, each doing `work` (any consistent unit)."""
+        self.total += evaluations
+        self.pending[leaf] = [evaluations, max(work, 1e-30)]
+
+    def next_program(self, leaf) -> None:
+        """The chunks that follow are `leaf`'s, run by another program."""
+        self.finished, self.chunks, self.current = (self.rate, self.unit_rate), [], leaf
 
     def observe(self, evals: int, padded: int, seconds: float) -> None:
         """A chunk of `evals` evaluations (`padded` with the padding) ran in `seconds`."""
         self.done += evals
         self.execution += seconds
-        self.rate = max(self.rate, seconds / max(padded, 1))
+        self.chunks.append((max(padded, 1), seconds))
+        steady = self.chunks[1:] or self.chunks
+        rate = sum(t for _, t in steady) / sum(n for n, _ in steady)
+        left = self.pending.setdefault(self.current, [0, 1.0])
+        left[0] = max(0, left[0] - evals)
+        self.rate = max(self.finished[0], rate)
+        self.unit_rate = max(self.finished[1], rate / left[1])
+        to_do = sum(n * w for n, w in self.pending.values()) * self.unit_rate
         mean_compile = self.compiling / max(self.compiled, 1)
-        predicted = (self.factor * (self.execution + (self.total - self.done) * self.rate)
-                     + self.compiling + self.groups_left * mean_compile)
+        predicted = (self.factor * (self.execution + to_do) + self.compiling
+                     + self.groups_left * mean_compile)
         directional = self.n_leaves * (mean_compile + DIRECTIONAL_EVALS * self.rate)
-        if predicted > max(self.seconds, directional):
-            raise TooSlow(predicted, directional)
+        # A program's first chunk alone does not decide, unless it was already slow: the
+        # second is cheap next to the budget and gives the steady rate.
+        first = len(self.chunks) == 1 and seconds < self.seconds / 4
+        if predicted > max(self.seconds, directional) and not first:
+            per_eval = (self.execution + to_do) / max(self.total, 1)
+            raise TooSlow(predicted, directional, per_eval)
 
 
 # Evaluations directional mode spends per leaf: 2 directions x (4 + up to 8 refining) and the
@@ -403,6 +441,10 @@ class Evaluator:
         """The function at theta + step[j] * e_{index[j]}, for each j: values (m,) for a loss,
         (m, out_size) for a vector function, in float64."""
         raise NotImplementedError
+
+    def strategy_note(self) -> str:
+        """How the perturbations were evaluated, when the report should say so."""
+        return ""
 
     def vectors(self, vectors: np.ndarray):
         """Step vectors for `along`, placed where `along` evaluates (the device(s))."""
@@ -576,22 +618,36 @@ class DenseEvaluator(Evaluator):
         out = np.empty((m, self.out_size) if self.vector else m)
         if m == 0:
             return out
-        if deadline is not None:
-            deadline.total += m
         if not self.per_leaf:
+            if deadline is not None:
+                deadline.expect(None, m, 1.0)
             out[:] = self._batches("losses_at", _program_losses_at, None, self.sp.n, (),
                                    index, step, deadline=deadline)
             return out
         leaf_of = np.searchsorted(self.sp.offsets, index, side="right") - 1
         leaves = sorted(np.unique(leaf_of), key=lambda k: -self.leaf_size(k))
+        if deadline is not None:
+            for k in leaves:
+                deadline.expect(int(k), int(np.sum(leaf_of == k)), self.leaf_work(int(k)))
         for done, k in enumerate(leaves):
             sel = leaf_of == k
             if deadline is not None:
                 deadline.groups_left = len(leaves) - done - 1
-            out[sel] = self._batches("losses_at", _program_losses_at, int(k),
-                                     self.leaf_size(k), (), index[sel] - self.sp.offsets[k],
-                                     step[sel], deadline=deadline)
+                deadline.current = int(k)
+            out[sel] = self.leaf_perturbed(int(k), index[sel] - self.sp.offsets[k], step[sel],
+                                           deadline)
         return out
+
+    def leaf_work(self, k: int) -> float:
+        """The work of one perturbation of leaf k, relative to the other leaves' (mode="auto"
+        predicts from it): every leaf's program evaluates the whole function."""
+        del k
+        return 1.0
+
+    def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
+        """Perturbations of checked leaf k (indices within the leaf), by its batched program."""
+        return self._batches("losses_at", _program_losses_at, k, self.leaf_size(k), (),
+                             index, step, deadline=deadline)
 
     def vectors(self, vectors: np.ndarray):
         out = jnp.asarray(np.asarray(vectors, self.dtype))
@@ -647,7 +703,7 @@ class DenseEvaluator(Evaluator):
 
     # -- running a batched program in chunks -------------------------------------------------
     def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays,
-                 deadline: Deadline | None = None) -> np.ndarray:
+                 deadline: Deadline | None = None, per_bytes: int | None = None) -> np.ndarray:
         """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
 
         A function that cannot be vmapped (the first compilation fails) is run again one
@@ -656,18 +712,22 @@ class DenseEvaluator(Evaluator):
         self.n_evaluations += len(arrays[0])
         static = self._static(kind, leaf, batched > SMALL_BATCHED)
         try:
-            return self._chunks(kind, build, static, batched, extra, arrays, deadline)
+            return self._chunks(kind, build, static, batched, extra, arrays, deadline,
+                                per_bytes)
         except InputError:
             raise
         except _Unbatchable as e:
+            if per_bytes is not None:  # the structured program: the caller falls back
+                raise
             self.batched, self.batch_error = False, first_line(e.__cause__)
             static = self._static(kind, leaf, False)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
-    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None
-                ) -> np.ndarray:
+    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
+                per_bytes: int | None = None) -> np.ndarray:
         m = len(arrays[0])
-        per_device = self.chunk_size(m, batched)
+        per_device = (self.chunk_size(m, batched) if per_bytes is None
+                      else structured_chunk(m, per_bytes, self.memory_budget))
         devices = len(self.devices) if self.batched else 1
         chunk = per_device * devices
         pad = (-m) % chunk
@@ -679,6 +739,8 @@ class DenseEvaluator(Evaluator):
             padded.append(np.concatenate([a.astype(dtype), filler]))
         out, program = [], None
         bar = self.progress.start(m) if self.progress is not None else None
+        if deadline is not None:
+            deadline.next_program(deadline.current)
         for s in range(0, m + pad, chunk):
             parts = [p[s:s + chunk].reshape(devices, per_device, *p.shape[1:]) for p in padded]
             if self._sharding is not None and self.batched:
@@ -719,6 +781,123 @@ class _Unbatchable(Exception):
     """The batched program could not be built (the function does not vmap); see __cause__."""
 
 
+# The structured evaluator (structured.py) for losses with at least this many parameters: below,
+# one dense program over the flat vector costs less than compiling a program per leaf.
+STRUCTURED_MIN = PER_LEAF_MIN
+MAX_CHUNK_STRUCTURED = 256  # its perturbations are cheap: larger chunks amortise each call
+
+
+def structured_chunk(m: int, per_bytes: int, budget: int) -> int:
+    """Perturbations per structured call: within the budget, at most MAX_CHUNK_STRUCTURED, and
+    for few perturbations the next power of two (at least MIN_CHUNK), so that the stencils of
+    one check share a compiled program."""
+    chunk = max(1, min(MAX_CHUNK_STRUCTURED, budget // max(per_bytes, 1)))
+    if m < chunk:
+        chunk = max(min(chunk, MIN_CHUNK), 1 << max(0, (m - 1).bit_length()))
+    return chunk
+
+
+class StructuredEvaluator(DenseEvaluator):
+    """The dense evaluator, except that a leaf's one-entry perturbations go through the
+    structured pass (structured.py) wherever it does less work: only what each perturbation
+    changes is recomputed. Directions and the complex step stay dense."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.per_leaf = True
+        self.flat = None
+        self.plans: dict[int, structured.LeafPlan] = {}
+        self.bases: dict[int, Any] = {}
+        self.failed: dict[int, str] = {}
+
+    def _setup(self) -> None:
+        """Plans every leaf (abstract traces, no compilation), then computes the base values
+        the structured leaves read, in one forward pass shared by all of them."""
+        self.flat = flat = structured.flatten(self.traced.closed)
+        for k, (a, b, _) in enumerate(self.segments):
+            leaf = jax.ShapeDtypeStruct((b - a,), self.dtype)
+            try:
+                self.plans[k] = structured.plan_leaf(flat, flat.invars[k], flat.avals, leaf,
+                                                     self.dtypes[k])
+            except Exception as e:  # noqa: BLE001 - a rule that cannot trace: dense
+                self.failed[k] = first_line(e)
+        needed = tuple(sorted({i for p in self.plans.values() if p.use for i in p.needed}))
+        if not needed:
+            return
+        static = ("structured_base", self.segments, needed)
+        program = programs.compiled(
+            "structured_base", lambda: _program_base(flat, self.segments, needed), static,
+            (self.traced,), (self.consts, self.theta, self.dyn))
+        values = program(self.consts, self.theta, self.dyn)
+        self.bases = dict(zip(needed, values))
+
+    def leaf_work(self, k: int) -> float:
+        """The plan's estimate: the structured work, or the whole function's for a dense leaf."""
+        if self.flat is None:
+            self._setup()
+        plan = self.plans.get(k)
+        if plan is None or k in self.failed:
+            return max((p.dense for p in self.plans.values()), default=1.0)
+        return plan.structured if plan.use else plan.dense
+
+    def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
+        if self.flat is None:
+            self._setup()
+        plan = self.plans.get(k)
+        if plan is None or not plan.use or k in self.failed:
+            return super().leaf_perturbed(k, index, step, deadline)
+        bases = tuple(self.bases[i] for i in plan.needed)
+        # Memory per perturbation: its planned work in elements (an upper bound on what it
+        # holds: a contraction's work counts its multiply-adds), held about 4 times over (a
+        # slab's values, its change, an operand gathered for it, the rule's output).
+        per_bytes = int(4 * max(plan.structured, 1) * self.dtype.itemsize)
+        try:
+            return self._batches("structured", lambda traced, st: _program_structured(
+                self.flat, plan, self.segments, k, self.dtypes[k]), k, 0, (bases,), index, step,
+                deadline=deadline, per_bytes=per_bytes)
+        except InputError:
+            raise
+        except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
+            self.failed[k] = first_line(e.__cause__)
+            return super().leaf_perturbed(k, index, step, deadline)
+
+    def strategy_note(self) -> str:
+        paths = {k: self.sp.checked_specs()[k].path or "<params>" for k in self.plans}
+        plans = {paths[k]: p for k, p in self.plans.items() if k not in self.failed}
+        text = structured.describe(plans) if plans else ""
+        if self.failed:
+            names = [self.sp.checked_specs()[k].path or "<params>" for k in self.failed]
+            text += ("; " if text else "") + (
+                f"dense evaluation for {', '.join(names[:4])} (the structured pass failed: "
+                f"{next(iter(self.failed.values()))})")
+        return text
+
+
+def _program_base(flat, segments, needed):
+    def run(consts, theta, dynamic):
+        parts = [theta[a:b].astype(dt) for a, b, dt in segments]
+        return structured.base_values(flat, (*parts, *dynamic), consts, needed)
+
+    return run
+
+
+def _program_structured(flat, plan, segments, k: int, dtype):
+    a, b, _ = segments[k]
+
+    def run(consts, theta, dynamic, bases, index, step):
+        del consts, dynamic  # everything the pass reads is in `bases`
+        leaf = theta[a:b]
+
+        def per_device(i, s):
+            out = structured.leaf_losses(flat, list(plan.eqns), flat.invars[k], plan.needed,
+                                         bases, leaf, i, s, dtype)
+            return out[:, 0]
+
+        return jax.vmap(per_device)(index, step)
+
+    return run
+
+
 def _traceable(fn: Callable, vector: bool, has_aux: bool) -> Callable:
     """The function as traced: a loss's scalar (aux dropped), or a vector function's outputs
     (flattened into one vector by the programs)."""
@@ -756,8 +935,11 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
     if not vector:
         (out,) = traced.closed.out_avals
         check_scalar(out.shape, out.dtype)
-    return DenseEvaluator(fn, sp, theta, dtypes, args, traced=traced, vector=vector,
-                          has_aux=has_aux, memory_budget=memory_budget, progress=progress)
+    kind = DenseEvaluator
+    if not vector and sp.n >= STRUCTURED_MIN and os.environ.get("JGC_STRUCTURED", "1") != "0":
+        kind = StructuredEvaluator
+    return kind(fn, sp, theta, dtypes, args, traced=traced, vector=vector, has_aux=has_aux,
+                memory_budget=memory_budget, progress=progress)
 
 
 def _copy_arrays(tree):

@@ -209,8 +209,8 @@ def measure(check: Check) -> tuple[Check, cp.Compared, dict]:
             check = check.note(
                 f"auto: a full check would take about {_duration(e.predicted)} "
                 f"({factor * sp.n * 2:,.0f} evaluations at the measured "
-                f"{deadline.rate * 1e3:.2g} ms each, after compilation), so jgc tested random "
-                "directions in every leaf, located any wrong entry by group testing, and "
+                f"{e.per_eval * 1e3:.2g} ms each on average, after compilation), so jgc tested "
+                "random directions in every leaf, located any wrong entry by group testing, and "
                 f"checked a sample of up to {o.samples} entries per leaf; mode='full' checks "
                 "every entry")
     outcomes = {}
@@ -293,6 +293,9 @@ def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, s
     g, o, plan, sp = check.gradients, check.options, check.plan, check.sp
     if g.autodiff is None and not g.is_autodiff:
         check = check.note(f"jax.grad is not available as a third opinion: {g.autodiff_why}")
+    strategy = check.ev.strategy_note()
+    if strategy:
+        check = check.note(strategy)
     mutation = calls.mutation_note(g.call)
     if mutation:
         check = check.note(mutation)

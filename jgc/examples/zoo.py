@@ -103,10 +103,10 @@ def equinox_conv(seed: int = 0) -> Model:
                  "eqx.nn.Conv2d + relu + mean pool + eqx.nn.Linear, MSE")
 
 
-def lstm_scan(seed: int = 0) -> Model:
-    """An LSTM written with lax.scan over 6 steps (input 3, hidden 8), then a linear readout."""
+def lstm_scan(seed: int = 0, d: int = 3, h: int = 8, T: int = 6, m: int = 4) -> Model:
+    """An LSTM written with lax.scan over T steps (input d, hidden h, batch m), then a linear
+    readout."""
     rng = np.random.default_rng(seed)
-    d, h, T, m = 3, 8, 6, 4
     params = {"Wx": rng.normal(size=(d, 4 * h)) / np.sqrt(d),
               "Wh": rng.normal(size=(h, 4 * h)) / np.sqrt(h),
               "b": rng.normal(size=4 * h) * 0.1, "Wo": rng.normal(size=(h, 2)) / np.sqrt(h)}
@@ -126,13 +126,12 @@ def lstm_scan(seed: int = 0) -> Model:
         (hh, _), _ = jax.lax.scan(step, (zero, zero), X)
         return jnp.mean((hh @ p["Wo"] - Y) ** 2)
 
-    return Model("lstm_scan", loss, params, (X, Y), m, "LSTM via lax.scan, 6 steps, MSE")
+    return Model("lstm_scan", loss, params, (X, Y), m, f"LSTM via lax.scan, {T} steps, MSE")
 
 
-def attention(seed: int = 0) -> Model:
-    """Single-head self-attention with softmax over 5 tokens of width 6, then a readout."""
+def attention(seed: int = 0, d: int = 6, T: int = 5, m: int = 3) -> Model:
+    """Single-head self-attention with softmax over T tokens of width d, then a readout."""
     rng = np.random.default_rng(seed)
-    d, T, m = 6, 5, 3
     params = {k: np.asarray(rng.normal(size=(d, d)) / np.sqrt(d), np.float32)
               for k in ("Wq", "Wk", "Wv")}
     params["Wo"] = np.asarray(rng.normal(size=(d, 2)) / np.sqrt(d), np.float32)
@@ -183,6 +182,52 @@ def relu_ties(seed: int = 0) -> Model:
         return 0.5 * jnp.mean((h @ p["W2"] + p["b2"] - Y) ** 2)
 
     return Model("relu_ties", loss, params, (X, Y), 8, "relu MLP at exact kinks (ties)")
+
+
+def mlp(sizes=(784, 64, 10), batch: int = 32, seed: int = 0, dtype=np.float64) -> Model:
+    """A tanh MLP with softmax cross-entropy on one-hot labels, parameters {"W0", "b0", ...}:
+    the benchmarks' W1 (20-16-3, batch 8), W2 (784-64-10, batch 32) and the 4.2M network
+    (3072-1024-1024-10). `mlp_grad` is its hand-written backprop in NumPy."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        params[f"W{i}"] = np.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype)
+        params[f"b{i}"] = np.asarray(0.1 * rng.normal(size=b), dtype)
+    X = np.asarray(rng.normal(size=(batch, sizes[0])), dtype)
+    Y = np.asarray(np.eye(sizes[-1])[rng.integers(0, sizes[-1], batch)], dtype)
+    layers = len(sizes) - 1
+
+    def loss(p, X, Y):
+        h = X
+        for i in range(layers):
+            h = h @ p[f"W{i}"] + p[f"b{i}"]
+            h = jnp.tanh(h) if i < layers - 1 else h
+        return -jnp.sum(Y * jax.nn.log_softmax(h)) / X.shape[0]
+
+    name = "mlp_" + "_".join(map(str, sizes))
+    return Model(name, loss, params, (X, Y), batch,
+                 f"tanh MLP {'-'.join(map(str, sizes))}, cross-entropy")
+
+
+def mlp_grad(model: Model) -> Callable:
+    """The hand-written (NumPy) gradient of an `mlp` model's loss."""
+    layers = len(model.params) // 2
+
+    def grad(p, X, Y):
+        hs = [np.asarray(X)]
+        for i in range(layers):
+            z = hs[-1] @ p[f"W{i}"] + p[f"b{i}"]
+            hs.append(np.tanh(z) if i < layers - 1 else z)
+        e = np.exp(hs[-1] - hs[-1].max(1, keepdims=True))
+        d = (e / e.sum(1, keepdims=True) * Y.sum(1, keepdims=True) - Y) / len(X)
+        g = {}
+        for i in reversed(range(layers)):
+            g[f"W{i}"], g[f"b{i}"] = hs[i].T @ d, d.sum(0)
+            if i:
+                d = (d @ p[f"W{i}"].T) * (1 - hs[i] ** 2)
+        return g
+
+    return grad
 
 
 ZOO = {"flax_cnn": flax_cnn, "equinox_mlp": equinox_mlp, "equinox_conv": equinox_conv,
