@@ -60,19 +60,21 @@ def test_a_wrong_value_is_a_mismatch_and_a_right_one_is_not():
 def test_kink_statistic_flags_abs_at_zero_and_accepts_values_between_the_slopes():
     """|x| at 0: the one-sided slopes are -1 and 1 at every step, so their jump does not shrink
     with the step (a smooth loss's does, linearly): a kink. 0 is the central difference
-    itself; any other value in [-1, 1] passes as a kink, and one outside is a mismatch."""
+    itself: it agrees within rounding, so (float64) no 2h stencil is taken there and it is ok
+    as is; any other value in [-1, 1] passes as a kink, and one outside is a mismatch."""
     x = np.zeros(3)
     found = derivative_of(np.abs, x, np.array([0.0, 0.7, 1.5]))
-    assert found.model.kink.all()
-    assert found.model.low[0] == pytest.approx(-1) and found.model.high[0] == pytest.approx(1)
+    assert found.model.kink[1:].all()
+    assert found.model.low[1] == pytest.approx(-1) and found.model.high[1] == pytest.approx(1)
     assert list(found.cmp.status) == [Entry.OK, Entry.KINK, Entry.MISMATCH]
 
 
 def test_refinement_clears_a_kink_the_first_stencil_merely_crossed():
-    """A kink at 3h/2 from x: the h and 2h stencils cross it, h/4 does not. The schedule
-    refines and judges at the finest smooth level, so the true slope passes, cleanly."""
+    """A kink at h/2 from x: the h and 2h stencils cross it, h/4 does not. The schedule
+    refines and judges at the finest smooth level, so the true slope passes, cleanly. (A kink
+    at 3h/2 is crossed by 2h only: D(h) is exact there and nothing needs refining.)"""
     h = 1e-3
-    kink_at = 1.5 * h
+    kink_at = 0.5 * h
     f = lambda x: np.maximum(x - kink_at, 0.0) * 10.0 + x
     found = derivative_of(f, np.zeros(1), np.ones(1), h=h)
     assert found.cmp.status[0] == Entry.OK
