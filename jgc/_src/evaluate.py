@@ -727,7 +727,7 @@ class DenseEvaluator(Evaluator):
                 per_bytes: int | None = None) -> np.ndarray:
         m = len(arrays[0])
         per_device = (self.chunk_size(m, batched) if per_bytes is None
-                      else structured_chunk(m, per_bytes, self.memory_budget))
+                      else structured_chunk(per_bytes, self.memory_budget))
         devices = len(self.devices) if self.batched else 1
         chunk = per_device * devices
         pad = (-m) % chunk
@@ -787,14 +787,14 @@ STRUCTURED_MIN = PER_LEAF_MIN
 MAX_CHUNK_STRUCTURED = 256  # its perturbations are cheap: larger chunks amortise each call
 
 
-def structured_chunk(m: int, per_bytes: int, budget: int) -> int:
+def structured_chunk(per_bytes: int, budget: int) -> int:
     """Perturbations per structured call: within the budget, at most MAX_CHUNK_STRUCTURED, and
-    for few perturbations the next power of two (at least MIN_CHUNK), so that the stencils of
-    one check share a compiled program."""
-    chunk = max(1, min(MAX_CHUNK_STRUCTURED, budget // max(per_bytes, 1)))
-    if m < chunk:
-        chunk = max(min(chunk, MIN_CHUNK), 1 << max(0, (m - 1).bit_length()))
-    return chunk
+    the same for every call of a leaf however many perturbations it has, so that the noise
+    probes, every stencil and the refinements of one check share one compiled program per leaf.
+    Padding a small call to the full chunk costs less than compiling another: a structured
+    perturbation costs at most half a forward pass (on W2, 256 of them take 0.1 to 1 ms; a
+    compile, 50 to 150 ms)."""
+    return max(1, min(MAX_CHUNK_STRUCTURED, budget // max(per_bytes, 1)))
 
 
 class StructuredEvaluator(DenseEvaluator):
@@ -936,7 +936,12 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
         (out,) = traced.closed.out_avals
         check_scalar(out.shape, out.dtype)
     kind = DenseEvaluator
-    if not vector and sp.n >= STRUCTURED_MIN and os.environ.get("JGC_STRUCTURED", "1") != "0":
+    # float64 evaluation only, for now: in float32 (x64=False) on the Flax MNIST CNN, the
+    # structured pass's rounding at relu kinks moved the largest conv-kernel entry's D(h) 2.8
+    # error bars from the truth, and the leaf-level test missed a 1% bug that the dense path
+    # catches. Until that is understood, reduced precision stays dense.
+    if (not vector and sp.n >= STRUCTURED_MIN and os.environ.get("JGC_STRUCTURED", "1") != "0"
+            and all(np.dtype(d) == np.float64 for d in dtypes)):
         kind = StructuredEvaluator
     return kind(fn, sp, theta, dtypes, args, traced=traced, vector=vector, has_aux=has_aux,
                 memory_budget=memory_budget, progress=progress)

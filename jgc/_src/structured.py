@@ -881,9 +881,11 @@ def describe(plans: dict[str, LeafPlan]) -> str:
     text = ""
     if used:
         speed = [plans[p].dense / max(plans[p].structured, 1.0) for p in used]
+        factor = (f"{min(speed):.0f}x" if round(min(speed)) == round(max(speed))
+                  else f"{min(speed):.0f}x to {max(speed):.0f}x")
         text = (f"structured evaluation (only what each perturbation changes is recomputed) for "
                 f"{', '.join(used[:6])}{', ...' if len(used) > 6 else ''}: "
-                f"{min(speed):.0f}x to {max(speed):.0f}x less work per perturbation")
+                f"{factor} less work per perturbation")
     if dense:
         why = sorted({f for p in dense for f in plans[p].fallbacks[:1]})
         text += ("; " if text else "") + (
