@@ -3,6 +3,8 @@
 The public API. Everything under `jgc._src` is private and may change without notice.
 """
 
+from jgc._src.cache import enable_compilation_cache as enable_compilation_cache
+from jgc._src.cache import enable_from_environment as _enable_from_environment
 from jgc._src.check import assert_grad as assert_grad
 from jgc._src.check import check_grad as check_grad
 from jgc._src.check import numerical_grad as numerical_grad
@@ -24,5 +26,8 @@ __all__ = (
     "check_hvp",
     "check_jvp",
     "check_vjp",
+    "enable_compilation_cache",
     "numerical_grad",
 )
+
+_enable_from_environment()  # only when JGC_COMPILATION_CACHE asks for it

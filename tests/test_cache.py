@@ -1,0 +1,68 @@
+"""The opt-in persistent compilation cache: off unless asked, and a second process reuses it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+import jgc
+
+# A tiny check in a fresh process, counting JAX's persistent-cache hits and misses.
+CHILD = """
+import json, jax
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+import numpy as np, jax.numpy as jnp, jgc
+rng = np.random.default_rng(0)
+p = {"W": rng.normal(size=(4, 3)), "b": np.zeros(3)}
+X = rng.normal(size=(5, 4))
+r = jgc.check_grad(lambda p, X: jnp.sum(jnp.tanh(X @ p["W"] + p["b"]) ** 2), p, X)
+print(json.dumps({"ok": r.ok, "dir": jax.config.jax_compilation_cache_dir,
+                  "hits": events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": events.count("/jax/compilation_cache/compile_requests_use_cache")
+                            - events.count("/jax/compilation_cache/cache_hits")}))
+"""
+
+
+def _child(env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_jgc_leaves_the_cache_alone():
+    env = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
+    out = subprocess.run([sys.executable, "-c", "import jax, jgc; "
+                          "print(jax.config.jax_compilation_cache_dir, "
+                          "jax.config.jax_persistent_cache_min_compile_time_secs)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["None", "1.0"], out.stderr
+
+
+def test_environment_variable_caches_small_programs_for_the_next_process(tmp_path):
+    cache = tmp_path / "xla"
+    first = _child({"JGC_COMPILATION_CACHE": str(cache)})
+    assert first["ok"] and first["dir"] == str(cache) and first["misses"] >= 2
+    assert any(cache.iterdir())  # small programs were written despite JAX's 1 s default
+    second = _child({"JGC_COMPILATION_CACHE": str(cache)})
+    assert second["ok"] and second["hits"] >= 2 and second["misses"] == 0
+
+
+def test_enable_compilation_cache_sets_and_returns_the_directory(tmp_path, monkeypatch):
+    saved = {k: jax.config.values[k] for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        path = jgc.enable_compilation_cache()
+        assert path == tmp_path / "jgc" / "xla" and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    finally:  # this test asked for the change; the rest of the suite did not
+        for k, v in saved.items():
+            jax.config.update(k, v)
