@@ -1,132 +1,272 @@
-"""Full-mode throughput: every entry of a 784-64-10 tanh MLP (batch 32, float64, n = 50,890).
+"""Full-check throughput: jgc against torch.autograd.gradcheck, the NumPy loop and
+jax.test_util.check_grads, on six workloads, all in one run.
 
-Each tool runs in a fresh process (so compilation is included) and checks the same network:
+Workloads (float64; the models are `jgc.examples.zoo`'s, rebuilt in torch from the same arrays):
 
-  * jgc.check_grad(mode="full"), hand-written gradient (NumPy backprop);
-  * torch.autograd.gradcheck(fast_mode=False), its mode that checks every entry;
-  * the seeds' NumPy loop (CS231n's eval_numerical_gradient): two forward passes per entry.
+  * W1: tanh MLP 20-16-3, batch 8 (387 parameters);
+  * W2: tanh MLP 784-64-10, batch 32 (50,890);
+  * CNN: the Flax MNIST CNN, conv 3x3 1->32, relu, avg-pool 2, conv 3x3 32->64, relu, avg-pool
+    2, dense 3136->256, relu, dense 256->10, batch 4 (824,458); also with one wrong entry;
+  * MLP 4.2M: tanh MLP 3072-1024-1024-10, batch 32 (4,206,602);
+  * LSTM: lax.scan over 8 steps, input 16, hidden 64, batch 4 (20,864);
+  * attention: one self-attention layer, width 96, 16 tokens, batch 4 (27,840).
 
-It prints wall times, the ratios against jgc, and jgc's achieved FLOP/s against a float64 matrix
-multiply measured in the same run.
+Every measurement runs in a fresh process (imports excluded, compilation included) and is the
+median of --repeats runs. jgc runs mode="full": every entry, both central-difference points,
+jax.grad as the reference, the report. Its peak resident memory is read from /proc.
 
-Run: python benchmarks/throughput.py [--skip-slow]
+  * torch.autograd.gradcheck(fast_mode=False) also checks every entry. Where it would take
+    longer than --torch-limit seconds it is not run: its time is *estimated* as n x 2 forward
+    passes (what it spends per entry) at the forward time measured in the same process, and
+    marked "~".
+  * The NumPy loop (CS231n's eval_numerical_gradient, every entry) is run on the MLPs, whose
+    NumPy forward pass is written here; it is estimated the same way where too slow.
+  * torch fast mode and jax.test_util.check_grads test one random direction, not every entry:
+    they are shown for their cost, not as equals.
+
+Run: python benchmarks/throughput.py [--repeats 3] [--only W2,CNN] [--torch-limit 120]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
 
-SETUP = """
-import time, numpy as np
-rng = np.random.default_rng(0)
-D, H, C, M = 784, 64, 10, 32
-P = {"W1": rng.normal(size=(D, H)) / np.sqrt(D), "b1": np.zeros(H),
-     "W2": rng.normal(size=(H, C)) / np.sqrt(H), "b2": np.zeros(C)}
-X = rng.normal(size=(M, D)); Y = np.eye(C)[rng.integers(0, C, size=M)]
-N = sum(v.size for v in P.values())
-# FLOPs of one forward pass: the two matrix products dominate; tanh, softmax and the mean are
-# counted at one FLOP per element.
-FLOPS = 2 * M * D * H + 2 * M * H * C + M * H + 4 * M * C
+WORKLOADS = {
+    "W1": "zoo.mlp((20, 16, 3), batch=8)",
+    "W2": "zoo.mlp((784, 64, 10), batch=32)",
+    "CNN": 'zoo.flax_cnn("mnist")',
+    "MLP 4.2M": "zoo.mlp((3072, 1024, 1024, 10), batch=32)",
+    "LSTM": "zoo.lstm_scan(d=16, h=64, T=8, m=4)",
+    "attention": "zoo.attention(d=96, T=16, m=4)",
+}
 
-def np_loss(p, X, Y):
-    h = np.tanh(X @ p["W1"] + p["b1"]); s = h @ p["W2"] + p["b2"]
-    s = s - s.max(1, keepdims=True); logp = s - np.log(np.exp(s).sum(1, keepdims=True))
-    return -(logp * Y).sum() / len(X)
-
-def np_grad(p, X, Y):
-    h = np.tanh(X @ p["W1"] + p["b1"]); s = h @ p["W2"] + p["b2"]
-    e = np.exp(s - s.max(1, keepdims=True)); ds = (e / e.sum(1, keepdims=True) - Y) / len(X)
-    dz = ds @ p["W2"].T * (1 - h ** 2)
-    return {"W1": X.T @ dz, "b1": dz.sum(0), "W2": h.T @ ds, "b2": ds.sum(0)}
+COMMON = """
+import json, time, sys
+import numpy as np
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+import jax
+from jgc.examples import zoo
+model = {model}
 """
 
-JGC = SETUP + """
-import jax, jax.numpy as jnp, jgc
-def loss(p, X, Y):
-    h = jnp.tanh(X @ p["W1"] + p["b1"]); logp = jax.nn.log_softmax(h @ p["W2"] + p["b2"])
-    return -(logp * Y).sum() / X.shape[0]
+JGC = COMMON + """
+import jgc
+grad = None
+if {wrong}:  # one entry of jax.grad's gradient off by a factor 3: it must be named
+    f64 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float64)
+                                 if np.issubdtype(np.asarray(v).dtype, np.floating) else v, t)
+    with jax.enable_x64(True):
+        g = jax.grad(model.loss)(f64(model.params), *f64(model.args))
+    grad = jax.tree.map(np.array, g)
+    grad["Dense_0"]["kernel"][1000, 17] *= 3
 t = time.perf_counter()
-r = jgc.check_grad(loss, P, X, Y, grad=np_grad, mode="full", progress=False)
+r = jgc.check_grad(model.loss, model.params, *model.args, grad=grad, mode="full",
+                   progress=False)
 sec = time.perf_counter() - t
-# A float64 matrix multiply, the machine's reference rate, in the same process.
-with jax.enable_x64(True):
-    a = jnp.asarray(rng.normal(size=(1024, 1024))); mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready(); t0 = time.perf_counter(); reps = 20
-    for _ in range(reps): out = mm(a)
-    out.block_until_ready(); mm_rate = reps * 2 * 1024 ** 3 / (time.perf_counter() - t0)
-    # The evaluations alone, compiled and warm: a second check of the same loss (no compile).
-    t0 = time.perf_counter()
-    r2 = jgc.check_grad(loss, P, X, Y, grad=np_grad, mode="full", progress=False)
-    warm = time.perf_counter() - t0
-print(json.dumps({"seconds": sec, "ok": r.ok, "evals": r.n_evaluations, "n": N,
-                  "flops": FLOPS, "mm_rate": mm_rate, "warm": warm,
-                  "warm_evals": r2.n_evaluations}))
+bad = [(b.path, list(b.worst_index)) for b in r.bad_leaves]
+note = next((n for n in r.notes if "structured evaluation" in n or "dense evaluation" in n),
+            "dense evaluation (the whole loss per perturbation: below 20,000 parameters)")
+print(json.dumps({{"seconds": sec, "ok": r.ok, "n": r.n_params, "evals": r.n_evaluations,
+                  "bad": bad, "note": note, "rss": hwm()}}))
 """
 
-TORCH = SETUP + """
+TORCH = COMMON + """
 import torch
+from torch.autograd.gradcheck import GradcheckError
 torch.set_default_dtype(torch.float64)
-Xt, Yt = torch.tensor(X), torch.tensor(Y)
-def f(W1, b1, W2, b2):
-    h = torch.tanh(Xt @ W1 + b1); logp = torch.log_softmax(h @ W2 + b2, dim=1)
-    return -(logp * Yt).sum() / Xt.shape[0]
-inputs = tuple(torch.tensor(P[k], requires_grad=True) for k in ("W1", "b1", "W2", "b2"))
-t = time.perf_counter()
-ok = torch.autograd.gradcheck(f, inputs, fast_mode=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "ok": bool(ok)}))
+T = lambda a: torch.tensor(np.asarray(a, np.float64))
+name, p, args = model.name, model.params, model.args
+if name.startswith("mlp"):
+    X, Y = map(T, args); keys = sorted(p, key=lambda k: (int(k[1:]), k[0] == "b"))
+    inputs = [T(p[k]).requires_grad_() for k in keys]
+    def f(*w):
+        h = X
+        for i in range(len(w) // 2):
+            h = h @ w[2 * i] + w[2 * i + 1]
+            h = torch.tanh(h) if i < len(w) // 2 - 1 else h
+        return -(Y * torch.log_softmax(h, 1)).sum() / X.shape[0]
+elif name.startswith("flax_cnn"):
+    X, y = T(args[0]).permute(0, 3, 1, 2), torch.tensor(np.asarray(args[1]))
+    inputs = [T(p[a][b]).requires_grad_() for a in ("Conv_0", "Conv_1", "Dense_0", "Dense_1")
+              for b in ("kernel", "bias")]
+    def f(k0, b0, k1, b1, d0, c0, d1, c1):
+        h = torch.nn.functional.avg_pool2d(torch.relu(torch.nn.functional.conv2d(
+            X, k0.permute(3, 2, 0, 1), b0, padding=1)), 2)
+        h = torch.nn.functional.avg_pool2d(torch.relu(torch.nn.functional.conv2d(
+            h, k1.permute(3, 2, 0, 1), b1, padding=1)), 2)
+        h = torch.relu(h.permute(0, 2, 3, 1).reshape(h.shape[0], -1) @ d0 + c0) @ d1 + c1
+        return -torch.log_softmax(h, 1)[torch.arange(len(y)), y].mean()
+elif name.startswith("lstm"):
+    X, Y = map(T, args); inputs = [T(p[k]).requires_grad_() for k in ("Wx", "Wh", "b", "Wo")]
+    def f(Wx, Wh, b, Wo):
+        hh = c = torch.zeros(X.shape[1], Wh.shape[0])
+        for x in X:
+            i, fg, o, g = torch.split(x @ Wx + hh @ Wh + b, Wh.shape[0], -1)
+            c = torch.sigmoid(fg) * c + torch.sigmoid(i) * torch.tanh(g)
+            hh = torch.sigmoid(o) * torch.tanh(c)
+        return ((hh @ Wo - Y) ** 2).mean()
+else:
+    X, Y = map(T, args); inputs = [T(p[k]).requires_grad_() for k in ("Wq", "Wk", "Wv", "Wo")]
+    def f(Wq, Wk, Wv, Wo):
+        q, k, v = X @ Wq, X @ Wk, X @ Wv
+        a = torch.softmax(q @ k.transpose(-1, -2) / np.sqrt(X.shape[-1]), -1)
+        return ((((a @ v).mean(1)) @ Wo - Y) ** 2).mean()
+n = sum(x.numel() for x in inputs)
+with torch.no_grad():
+    f(*inputs); t = time.perf_counter(); reps = 0
+    while time.perf_counter() - t < 0.5:
+        f(*inputs); reps += 1
+    forward = (time.perf_counter() - t) / reps
+fast = {fast}
+if fast or 2 * n * forward < {limit}:
+    t = time.perf_counter()
+    try:
+        ok = torch.autograd.gradcheck(f, tuple(inputs), fast_mode=fast)
+    except GradcheckError:  # a false alarm on a correct gradient
+        ok = False
+    print(json.dumps({{"seconds": time.perf_counter() - t, "ok": bool(ok), "estimated": False}}))
+else:
+    print(json.dumps({{"seconds": 2 * n * forward, "ok": None, "estimated": True}}))
 """
 
-NUMPY_LOOP = SETUP + """
+NUMPY_LOOP = COMMON + """
+p = {{k: np.array(v) for k, v in model.params.items()}}; X, Y = model.args
+layers = len(p) // 2
+def np_loss():
+    h = X
+    for i in range(layers):
+        h = h @ p[f"W{{i}}"] + p[f"b{{i}}"]
+        h = np.tanh(h) if i < layers - 1 else h
+    s = h - h.max(1, keepdims=True); logp = s - np.log(np.exp(s).sum(1, keepdims=True))
+    return -(logp * Y).sum() / len(X)
+n = sum(v.size for v in p.values())
+t = time.perf_counter(); reps = 0
+while time.perf_counter() - t < 0.5:
+    np_loss(); reps += 1
+forward = (time.perf_counter() - t) / reps
+if 2 * n * forward > {limit}:
+    print(json.dumps({{"seconds": 2 * n * forward, "ok": None, "estimated": True}})); sys.exit()
+grad = zoo.mlp_grad(model)(p, X, Y)
 def eval_numerical_gradient(f, x, h=1e-5):
     # CS231n's loop: perturb one entry in place, two forward passes, restore.
-    grad = np.zeros_like(x)
+    g = np.zeros_like(x)
     it = np.nditer(x, flags=["multi_index"], op_flags=["readwrite"])
     while not it.finished:
         ix = it.multi_index; old = x[ix]
         x[ix] = old + h; fp = f(); x[ix] = old - h; fm = f(); x[ix] = old
-        grad[ix] = (fp - fm) / (2 * h); it.iternext()
-    return grad
+        g[ix] = (fp - fm) / (2 * h); it.iternext()
+    return g
 t = time.perf_counter()
-g = np_grad(P, X, Y)
-num = {k: eval_numerical_gradient(lambda: np_loss(P, X, Y), P[k]) for k in P}
-err = max(np.abs(num[k] - g[k]).max() / max(np.abs(num[k]).max(), 1e-12) for k in P)
-print(json.dumps({"seconds": time.perf_counter() - t, "ok": bool(err < 1e-6)}))
+num = {{k: eval_numerical_gradient(np_loss, p[k]) for k in p}}
+err = max(np.abs(num[k] - grad[k]).max() / max(np.abs(num[k]).max(), 1e-12) for k in p)
+print(json.dumps({{"seconds": time.perf_counter() - t, "ok": bool(err < 1e-6),
+                  "estimated": False}}))
+"""
+
+CHECK_GRADS = COMMON + """
+from jax.test_util import check_grads
+with jax.enable_x64(True):
+    params = jax.tree.map(lambda v: np.asarray(v, np.float64), model.params)
+    args = tuple(np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                 else a for a in model.args)
+    t = time.perf_counter()
+    try:
+        check_grads(lambda q: model.loss(q, *args), (params,), order=1, modes=("rev",))
+        ok = True
+    except AssertionError:  # its verdict on a correct gradient: a false alarm
+        ok = False
+    print(json.dumps({{"seconds": time.perf_counter() - t, "ok": ok, "estimated": False}}))
 """
 
 
-def run(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", "import json\n" + textwrap.dedent(code)],
+def run(code: str, **fmt) -> dict:
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code.format(**fmt))],
                          capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"a benchmark process failed:\n{out.stderr}")
+        sys.exit(f"a benchmark process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_of(repeats: int, code: str, **fmt) -> dict:
+    """The median time of `repeats` fresh processes (one, where the time is an estimate)."""
+    runs = [run(code, **fmt)]
+    if runs[0].get("estimated"):
+        return runs[0]
+    runs += [run(code, **fmt) for _ in range(repeats - 1)]
+    out = dict(runs[0])
+    out["seconds"] = statistics.median(r["seconds"] for r in runs)
+    return out
+
+
+def _time(r: dict | None) -> str:
+    """The time; "~" where estimated; "(false alarm)" where a tool failed a correct gradient."""
+    if r is None:
+        return "—"
+    s = r["seconds"]
+    text = f"{s:.2f} s" if s < 100 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    text = ("~" + text) if r.get("estimated") else text
+    return text + (" (false alarm)" if r.get("ok") is False else "")
+
+
+def _ratio(other: dict | None, jgc: dict) -> str:
+    if other is None:
+        return "—"
+    return f"{'~' if other.get('estimated') else ''}{other['seconds'] / jgc['seconds']:.1f}x"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--skip-slow", action="store_true", help="only run jgc")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated workloads, e.g. W2,CNN")
+    ap.add_argument("--torch-limit", type=float, default=120.0,
+                    help="estimate torch's slow mode and the NumPy loop beyond this (seconds)")
     args = ap.parse_args()
-    j = run(JGC)
-    print(f"workload: tanh MLP 784-64-10, batch 32, float64, n = {j['n']:,} parameters, "
-          "every entry checked; each tool in a fresh process, compilation included\n")
-    print(f"  jgc check_grad(mode='full')      {j['seconds']:7.2f} s   ok={j['ok']}  "
-          f"({j['evals']:,} loss evaluations)")
-    if not args.skip_slow:
-        t = run(TORCH)
-        print(f"  torch.autograd.gradcheck (slow) {t['seconds']:7.2f} s   ok={t['ok']}   "
-              f"jgc is {t['seconds'] / j['seconds']:.1f}x faster")
-        n = run(NUMPY_LOOP)
-        print(f"  NumPy loop (CS231n)             {n['seconds']:7.2f} s   ok={n['ok']}   "
-              f"jgc is {n['seconds'] / j['seconds']:.1f}x faster")
-    rate = j["warm_evals"] * j["flops"] / j["warm"]
-    print(f"\n  jgc, warm (a second check, no compilation): {j['warm']:.2f} s, "
-          f"{rate / 1e9:.1f} GFLOP/s on the loss evaluations")
-    print(f"  float64 1024x1024 matrix multiply, same process: {j['mm_rate'] / 1e9:.1f} GFLOP/s")
-    print(f"  jgc reaches {100 * rate / j['mm_rate']:.0f}% of the matrix-multiply rate")
+    names = [w.strip() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
+    rows, notes = [], []
+    for name in names:
+        model = WORKLOADS[name]
+        # The 4.2M check takes minutes: one run, said so in the table.
+        reps = 1 if name == "MLP 4.2M" else args.repeats
+
+        def med(code, reps=reps, model=model, **kw):
+            return median_of(reps, code, model=model, **kw)
+
+        j = med(JGC, wrong=False)
+        slow = med(TORCH, fast=False, limit=args.torch_limit)
+        fast = med(TORCH, fast=True, limit=args.torch_limit)
+        loop = med(NUMPY_LOOP, limit=args.torch_limit) if name in ("W1", "W2") else None
+        cg = med(CHECK_GRADS)
+        rows.append((name, j, slow, loop, fast, cg, reps))
+        notes.append(f"{name}: {j['note']}")
+        if name == "CNN":
+            w = med(JGC, wrong=True)
+            # Its mismatch is the right answer, not a false alarm: the note names the entry.
+            rows.append(("CNN, one wrong entry", dict(w, ok=None), None, None, None, None, reps))
+            notes.append(f"CNN, one wrong entry: named {w['bad']}")
+        print(f"  measured {name}: jgc {_time(j)} (ok={j['ok']}, peak RSS {j['rss']:.0f} MiB)",
+              flush=True)
+    print("\nEvery entry checked (float64; fresh processes, compilation included; medians of "
+          f"{args.repeats}, ~ = estimated from the measured forward time):\n")
+    head = ("| workload | n | jgc full | peak RSS | torch slow | vs torch slow | NumPy loop "
+            "| vs NumPy loop | torch fast (1 direction) | check_grads (1 direction) |")
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    for name, j, slow, loop, fast, cg, reps in rows:
+        runs = "" if reps > 1 else " (1 run)"
+        print(f"| {name} | {j['n']:,} | {_time(j)}{runs} | {j['rss']:.0f} MiB | {_time(slow)} | "
+              f"{_ratio(slow, j)} | {_time(loop)} | {_ratio(loop, j)} | {_time(fast)} | "
+              f"{_time(cg)} |")
+    print("\nHow jgc evaluated each workload (its report's note):")
+    for n in notes:
+        print(f"  {n}")
 
 
 if __name__ == "__main__":
