@@ -237,6 +237,18 @@ def test_structural_rules_agree_with_dense_after_a_contraction(name, a, b, c, dt
     assert_agree(f, rng.normal(size=(3, c)), dtype, structural=prims)
 
 
+@pytest.mark.parametrize("old, new, groups", [
+    # unit axes join the group before them
+    ((4, 2), (2, 1, 2, 1, 2), [([0], [0, 1, 2, 3]), ([1], [4])]),
+    ((2, 2, 2), (4, 2), [([0, 1], [0]), ([2], [1])]),
+    ((3,), (1, 3, 1), [([0], [0, 1, 2])]),
+    ((2, 3, 4), (24,), [([0, 1, 2], [0])]),
+    ((4, 6), (6, 4), [([0, 1], [0, 1])]),  # one group: the sizes meet only at the end
+])
+def test_reshape_axis_groups(old, new, groups):
+    assert structured._groups(old, new) == groups
+
+
 @SETTINGS
 @given(st.sampled_from(sorted(STRUCTURAL)), DTYPES)
 def test_structural_rules_on_the_leaf_itself(name, dtype):

@@ -413,15 +413,21 @@ def broadcast_in_dim(eqn: Eqn, ins, bases):
 def _groups(old: tuple[int, ...], new: tuple[int, ...]):
     """The axes of a reshape in groups whose sizes multiply to the same number:
     [(old axes, new axes)], or None when a reshape cannot be grouped (it always can for
-    row-major reshapes of equal sizes; size-1 axes join the current group)."""
+    row-major reshapes of equal sizes). Size-1 axes join the group before them."""
     groups, i, j = [], 0, 0
     while i < len(old) or j < len(new):
         ga, gb, pa, pb = [], [], 1, 1
         while True:
-            if pa == pb and (ga or gb) and not (i < len(old) and old[i] == 1 and pa == pb) \
-                    and not (j < len(new) and new[j] == 1):
-                break
-            if pa <= pb and i < len(old):
+            if pa == pb and (ga or gb):  # a complete group: it takes the unit axes after it
+                if i < len(old) and old[i] == 1:
+                    ga.append(i)
+                    i += 1
+                elif j < len(new) and new[j] == 1:
+                    gb.append(j)
+                    j += 1
+                else:
+                    break
+            elif (pa <= pb or j >= len(new)) and i < len(old):
                 ga.append(i)
                 pa *= old[i]
                 i += 1
@@ -429,10 +435,6 @@ def _groups(old: tuple[int, ...], new: tuple[int, ...]):
                 gb.append(j)
                 pb *= new[j]
                 j += 1
-            elif i < len(old):
-                ga.append(i)
-                pa *= old[i]
-                i += 1
             else:
                 break
         if pa != pb:
