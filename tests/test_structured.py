@@ -28,7 +28,9 @@ from jgc._src.inputs import promote_args
 from jgc._src.tree import split_checked
 from jgc.examples import zoo
 
-SETTINGS = settings(max_examples=12, deadline=None,
+# derandomize: CI draws the same examples every run, so that it fails for a change, not for
+# a newly drawn corner. To explore, turn it off locally (random seeds 1 to 14 pass).
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 DTYPES = st.sampled_from([np.float32, np.float64])
 REORDER = 1024  # see the module docstring
