@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 import jgc
 
@@ -66,3 +67,14 @@ def test_enable_compilation_cache_sets_and_returns_the_directory(tmp_path, monke
     finally:  # this test asked for the change; the rest of the suite did not
         for k, v in saved.items():
             jax.config.update(k, v)
+
+
+def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    with pytest.raises(jgc.InputError, match="not_a_dir.*cannot be created.*writable"):
+        jgc.enable_compilation_cache(blocker / "xla")
+    assert jax.config.jax_compilation_cache_dir != str(blocker / "xla")  # nothing changed
+    out = subprocess.run([sys.executable, "-c", "import jgc"], capture_output=True, text=True,
+                         env={**os.environ, "JGC_COMPILATION_CACHE": str(blocker)}, timeout=120)
+    assert out.returncode != 0 and "JGC_COMPILATION_CACHE" in out.stderr.splitlines()[-1]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+from jgc._src.tree import InputError
+
 ENV = "JGC_COMPILATION_CACHE"
 
 
@@ -39,7 +41,14 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     In a pytest suite, one line in `conftest.py`: `jgc.enable_compilation_cache()`.
     """
     directory = Path(path).expanduser() if path is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(
+            f"the compilation cache directory {str(directory)!r} cannot be created "
+            f"({type(e).__name__}: {e.strerror or e}); pass enable_compilation_cache(path=...) "
+            f"a writable directory, or set {ENV} to one (1: the default, "
+            f"{str(default_cache_dir())!r})") from e
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -862,11 +862,12 @@ class StructuredEvaluator(DenseEvaluator):
             return super().leaf_perturbed(k, index, step, deadline)
 
     def strategy_note(self) -> str:
-        paths = {k: self.sp.checked_specs()[k].path or "<params>" for k in self.plans}
-        plans = {paths[k]: p for k, p in self.plans.items() if k not in self.failed}
+        specs = self.sp.checked_specs()
+        plans = {specs[k].path or "<params>": p for k, p in self.plans.items()
+                 if k not in self.failed}
         text = structured.describe(plans) if plans else ""
         if self.failed:
-            names = [self.sp.checked_specs()[k].path or "<params>" for k in self.failed]
+            names = [specs[k].path or "<params>" for k in self.failed]
             text += ("; " if text else "") + (
                 f"dense evaluation for {', '.join(names[:4])} (the structured pass failed: "
                 f"{next(iter(self.failed.values()))})")

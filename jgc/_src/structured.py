@@ -32,6 +32,7 @@ pass is cheaper than the dense one, from the work each rule does per perturbatio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,12 @@ class Flat:
     outs: tuple  # ids or Lit
     avals: dict  # id -> jax.ShapeDtypeStruct
     n_top_consts: int  # the first consts are the closed jaxpr's own (passed at run time)
+
+    @functools.cached_property
+    def dense_cost(self) -> float:
+        def shape(a):
+            return np.shape(a.value) if isinstance(a, Lit) else self.avals[a].shape
+        return sum(eqn_cost(e, [shape(a) for a in e.ins]) for e in self.eqns)
 
 
 def flatten(closed) -> Flat:
@@ -345,10 +352,9 @@ def _jaxpr_cost(jaxpr) -> float:
 
 
 def dense_cost(flat: Flat) -> float:
-    """What the dense evaluator computes per perturbation: every equation of the loss."""
-    def shape(a):
-        return np.shape(a.value) if isinstance(a, Lit) else flat.avals[a].shape
-    return sum(eqn_cost(e, [shape(a) for a in e.ins]) for e in flat.eqns)
+    """What the dense evaluator computes per perturbation: every equation of the loss (the
+    same for every leaf: computed once per flattened jaxpr)."""
+    return flat.dense_cost
 
 
 def _widen(x, shape):
