@@ -53,7 +53,7 @@ def _probe_values(ev, sp: Split, plan: pl.Plan, probes) -> list[np.ndarray]:
             t = float(np.max(np.abs(st)))
             vec = np.zeros((1, sp.offsets[k + 1] - sp.offsets[k]))
             vec[0, j] = t
-            values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st)), st / t,
+            values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st), np.int64), st / t,
                                    np.full(len(st), j), np.full(len(st), j + 1)))
         return values
     index = np.concatenate([np.full(len(st), i) for i, st in probes])
