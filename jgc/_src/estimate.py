@@ -322,6 +322,27 @@ def _level(a: Stencil, b: Stencil, coarse_first: bool):
                     persistent=_persistent_jump(large, small))
 
 
+def _walk(levels: list[dict], finest: np.ndarray, walking: np.ndarray, stop: int):
+    """Per probe, from its finest level towards level `stop`, while each coarser level is smooth
+    and agrees with the estimate so far within both error bars: (the level reached, its value,
+    its error bar widened to the largest discrepancy seen on the way)."""
+    pick = lambda key, at: np.choose(at, [lv[key] for lv in levels])  # noqa: E731
+    best = finest.copy()
+    value, error = pick("value", best), pick("error", best)
+    walking = walking.copy()
+    for i in range(len(levels) - 2, stop - 1, -1):
+        lv = levels[i]
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(lv["value"] - value)
+            agree = gap <= TOL_FACTOR * (lv["error"] + error)
+        step = walking & (best == i + 1) & lv["smooth"] & agree
+        best = np.where(step, i, best)
+        value = np.where(step, lv["value"], value)
+        error = np.where(step, np.fmax(lv["error"], gap), error)
+        walking &= step | (best != i + 1)
+    return best, value, error
+
+
 def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     """Per probe: the numerical derivative, its error bar, and whether the loss has a kink.
 
@@ -353,35 +374,24 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     # From the finest level, walk to coarser ones while they are smooth and consistent: the
     # most precise consistent level gives the estimate, with its own error bar, widened to the
     # discrepancy seen on the way.
-    best = finest.copy()
-    value, error = pick("value", best), pick("error", best)
-    walking = ~kink
-    for i in range(len(levels) - 2, -1, -1):
-        lv = levels[i]
-        with np.errstate(invalid="ignore"):
-            gap = np.abs(lv["value"] - value)
-            agree = gap <= TOL_FACTOR * (lv["error"] + error)
-        step = walking & (best == i + 1) & lv["smooth"] & agree
-        best = np.where(step, i, best)
-        value = np.where(step, lv["value"], value)
-        error = np.where(step, np.fmax(lv["error"], gap), error)
-        walking &= step | (best != i + 1)
+    best, value, error = _walk(levels, finest, ~kink, stop=0)
     # Agreeing within a finer level's error bar does not show that the coarse stencils are
     # unbiased below it: a kink at 2/3 of the step biases D by a sixth of the jump while its
     # jump statistic vanishes, and many small kinks crossed at once look like curvature (on a
     # Flax CNN in float32, D(h) = D(2h) three error bars off a correct gradient that D(h/8)
     # confirms). So every refined probe keeps a finer level as support, a second chance for
-    # the checked value (see `compare`): the finest smooth one that still resolves its value
-    # (TOL_FACTOR error bars below |value|: it could tell a 100% error). A bug on a smooth
-    # entry is caught at every level alike.
-    support_value = np.full(len(value), np.nan)
-    support_error = np.full(len(value), np.nan)
-    for i, lv in enumerate(levels[1:], 1):
-        with np.errstate(invalid="ignore"):
-            usable = (i <= finest) & lv["done"] & lv["smooth"] & ~kink & (
-                TOL_FACTOR * lv["error"] < np.abs(lv["value"]))
-        support_value = np.where(usable, lv["value"], support_value)
-        support_error = np.where(usable, lv["error"], support_error)
+    # the checked value (see `compare`): the same walk, stopped at the first refinement level,
+    # so the most precise refinement level consistent with the finest smooth one, if it still
+    # resolves its value (TOL_FACTOR error bars below |value|: it could tell a 100% error).
+    # Not simply the finest level: its error bar is 64x the coarse one in float32, wide enough
+    # to excuse an 8% error (a complex modReLU layer's dropped phase term, on smooth entries
+    # where every level agrees). A bug on a smooth entry is caught at every level alike.
+    refined = finest > 0
+    _, support_value, support_error = _walk(levels, finest, ~kink & refined, stop=1)
+    with np.errstate(invalid="ignore"):
+        usable = refined & ~kink & (TOL_FACTOR * support_error < np.abs(support_value))
+    support_value = np.where(usable, support_value, np.nan)
+    support_error = np.where(usable, support_error, np.nan)
     # The kink range at the finest level; where that is the coarse level, as before.
     low, high = pick("low", finest), pick("high", finest)
     low = np.where(kink, low, np.nan)
@@ -391,7 +401,6 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = sigma * np.sqrt(2 * (4 / 3 / s1.width) ** 2 + 2 * (1 / 3 / s2.width) ** 2)
         sd = np.sqrt(sd ** 2 + ref_truncation ** 2)
-    refined = finest > 0
     nan = np.full(len(value), np.nan)
     return ErrorModel(value, error, kink, low, high, reference, sd, best == 0, support_value,
                       support_error, refined & pick("persistent", finest),
