@@ -19,12 +19,17 @@ The framework suite (--suite frameworks) checks real framework models with float
 CNN, Equinox MLP and conv, an LSTM via lax.scan, attention, LayerNorm and BatchNorm, a relu MLP
 at exact kinks, and the 824k-parameter Flax MNIST CNN) with their correct gradient and ten
 planted bugs, in both precisions and every mode.
+
+The complex suite (--suite complex) checks complex-parameter models written by hand in NumPy and
+jax.numpy (jgc.examples.complex_nets), correct and with their own and the generic planted bugs
+plus the conjugate (the df/dx + i df/dy convention), in complex64 and complex128, every mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import time
 
 import jax
@@ -243,7 +248,10 @@ def planted(g: dict, params: dict, m: int, rng: np.random.Generator):
         p = pick()
         out.append(("x4", with_leaf(p, g[p] * 4), p, "scale"))
     p = pick(lambda p: np.any(params[p] != 0))
-    out.append(("reg extra", with_leaf(p, g[p] + 0.05 * params[p]), p, "regularization"))
+    # The gradient of (lam/2)|theta|^2 is lam * theta, for a complex leaf lam * conj(theta) in
+    # JAX's convention (d/dx - i d/dy of (lam/2)(x^2 + y^2)).
+    reg = np.conj(params[p]) if np.iscomplexobj(params[p]) else params[p]
+    out.append(("reg extra", with_leaf(p, g[p] + 0.05 * reg), p, "regularization"))
     p = pick()
     one = np.array(g[p], copy=True)
     j = np.unravel_index(int(np.argmax(np.abs(one))), one.shape)
@@ -305,56 +313,71 @@ def frameworks(seed: int, mnist: bool) -> None:
             for mode in MODES:
                 if big and mode == "full" and not x64:
                     continue  # dense in float32 (the structured pass is float64 only): hours
-                t = tallies[(dt, mode)]
                 for bug, grad, wrong, pattern in [("correct", g, None, None)] + bugs:
-                    t["checks"] += 1
-                    try:
-                        r = jgc.check_grad(model.loss, model.params, *model.args,
-                                           grad=_unflat(g_tree, grad), x64=x64, mode=mode)
-                    except Exception as e:  # noqa: BLE001 - a refused check verifies nothing
-                        print(f"  error: {model.name} {dt} {mode} {bug}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}")
-                        t["errors"] += 1
-                        t["correct" if bug == "correct" else "bugs"] += 1
-                        t["false alarms"] += bug == "correct"
-                        continue
-                    if bug == "correct":
-                        t["correct"] += 1
-                        t["false alarms"] += not r.ok
-                        t["unresolved"] += r.verdict == "unresolved"
-                        if not r.ok:
-                            print(f"  false alarm: {model.name} {dt} {mode}: {r.verdict} in "
-                                  f"{[x.path for x in r.leaves if not x.ok]}")
-                        continue
-                    named = {x.path for x in r.bad_leaves}
-                    t["bugs"] += 1
-                    t["caught"] += wrong in named
-                    leaf = r.leaf(wrong)
-                    if wrong not in named or named - {wrong}:
-                        print(f"  {'missed' if wrong not in named else 'extra leaves'}: "
-                              f"{model.name} {dt} {mode} {bug} in {wrong} ({leaf.status}, "
-                              f"resolution {leaf.resolution}); named {sorted(named)}")
-                    elif pattern is not None and leaf.pattern != pattern and not (
-                            pattern == "transpose" and mode in ("sample", "directional")):
-                        print(f"  pattern: {model.name} {dt} {mode} {bug} in {wrong}: "
-                              f"{leaf.pattern} {leaf.factor}")
-                    t["missed"] += r.ok
-                    t["wrong leaves"] += bool(named - {wrong})
-                    if bug == "x1.01":
-                        fine = leaf.resolution is not None and leaf.resolution <= 0.01
-                        t["1% resolvable"] += fine
-                        t["1% resolvable caught"] += fine and wrong in named
-                    if pattern == "transpose" and mode in ("sample", "directional"):
-                        pattern = None  # a transpose needs every entry of the leaf
-                    if pattern is not None and wrong in named:
-                        t["patterns expected"] += 1
-                        t["patterns"] += r.leaf(wrong).pattern == pattern
+                    _score(tallies[(dt, mode)], f"{model.name} {dt} {mode} {bug}", bug,
+                           functools.partial(jgc.check_grad, model.loss, model.params,
+                                             *model.args, grad=_unflat(g_tree, grad),
+                                             x64=x64, mode=mode),
+                           wrong, pattern, mode)
     seconds = time.perf_counter() - start
     print(f"framework suite: {len(models)} models x 2 precisions x {len(MODES)} modes, "
           f"{seconds:.0f} s, jax {jax.__version__}, jgc {jgc.__version__}")
     print("models: " + ", ".join(m.name for m in models) + "\n")
-    for dt in ("float64", "float32"):
-        print(f"{dt} (x64={dt == 'float64'}; float32 data):")
+    _table(tallies, {"float64": "float64 (x64=True; float32 data)",
+                     "float32": "float32 (x64=False; float32 data)"})
+
+
+def _score(t: collections.Counter, label: str, bug: str, check, wrong, pattern, mode) -> None:
+    """Runs one check and tallies it: a false alarm for bug == "correct", else whether every
+    wrong leaf (`wrong`: a path or a tuple of paths) was named, and nothing else, with its
+    pattern."""
+    t["checks"] += 1
+    try:
+        r = check()
+    except Exception as e:  # noqa: BLE001 - a refused check verifies nothing
+        print(f"  error: {label}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        t["errors"] += 1
+        t["correct" if bug == "correct" else "bugs"] += 1
+        t["false alarms"] += bug == "correct"
+        return
+    if bug == "correct":
+        t["correct"] += 1
+        t["false alarms"] += not r.ok
+        t["unresolved"] += r.verdict == "unresolved"
+        if not r.ok:
+            print(f"  false alarm: {label}: {r.verdict} in "
+                  f"{[x.path for x in r.leaves if not x.ok]}")
+        return
+    wrong = {wrong} if isinstance(wrong, str) else set(wrong)
+    named = {x.path for x in r.bad_leaves}
+    caught = wrong <= named
+    t["bugs"] += 1
+    t["caught"] += caught
+    if not caught or named - wrong:
+        status = ", ".join(f"{w} {r.leaf(w).status} resolution {r.leaf(w).resolution}"
+                           for w in sorted(wrong))
+        print(f"  {'missed' if not caught else 'extra leaves'}: {label} ({status}); "
+              f"named {sorted(named)}")
+    elif pattern is not None and {r.leaf(w).pattern for w in wrong} != {pattern} and not (
+            pattern == "transpose" and mode in ("sample", "directional")):
+        print(f"  pattern: {label}: {[(r.leaf(w).pattern, r.leaf(w).factor) for w in wrong]}")
+    t["missed"] += r.ok
+    t["wrong leaves"] += bool(named - wrong)
+    if bug == "x1.01":
+        fine = all(r.leaf(w).resolution is not None and r.leaf(w).resolution <= 0.01
+                   for w in wrong)
+        t["1% resolvable"] += fine
+        t["1% resolvable caught"] += fine and caught
+    if pattern == "transpose" and mode in ("sample", "directional"):
+        pattern = None  # a transpose needs every entry of the leaf
+    if pattern is not None and caught:
+        t["patterns expected"] += 1
+        t["patterns"] += {r.leaf(w).pattern for w in wrong} == {pattern}
+
+
+def _table(tallies: dict, titles: dict) -> None:
+    for dt, title in titles.items():
+        print(f"{title}:")
         print(f"  {'mode':12s} {'checks':>7s} {'false alarms':>13s} {'(unresolved)':>13s} "
               f"{'bugs caught':>12s} {'wrong leaves':>13s} {'patterns':>9s} "
               f"{'1% caught where resolvable':>27s}")
@@ -368,9 +391,64 @@ def frameworks(seed: int, mnist: bool) -> None:
         print()
 
 
+# -- the complex suite ------------------------------------------------------------------------
+
+def complex_suite(seed: int) -> None:
+    """Complex parameters: the hand-written examples of jgc.examples.complex_nets (complex
+    least squares, a complex dense layer with modReLU, a Cayley-unitary state preparation), in
+    NumPy and in jax.numpy, each with its correct gradient, its own planted bugs and the ten
+    generic ones plus a conjugated leaf; and a custom_vjp rule on a complex function with a
+    wrong backward (grad=None). complex64 at x64=False and complex128, every mode."""
+    from jgc.examples import complex_nets as cn
+
+    rng = np.random.default_rng(seed)
+    precisions = (("complex128", np.complex128, True), ("complex64", np.complex64, False))
+    tallies = {(name, mode): collections.Counter() for name, _, _ in precisions
+               for mode in MODES}
+    start, n_models = time.perf_counter(), 0
+    for name, make in sorted(cn.COMPLEX.items()):
+        for xp in (np, jnp):
+            for dt, dtype, x64 in precisions:
+                ex = make(xp=xp, dtype=dtype)
+                n_models += 1
+                g = {k: np.asarray(v) for k, v in ex.grad(ex.params, *ex.args).items()}
+                bugs = [(bug, b.grad, tuple(f"{w}" for w in b.wrong), b.pattern)
+                        for bug, b in ex.bugs.items()]
+                flat = {f"['{k}']": v for k, v in g.items()}
+                params = {f"['{k}']": np.asarray(v) for k, v in ex.params.items()}
+                generic = planted(flat, params, ex.args[0].shape[0], rng)
+                c = [p for p, v in flat.items() if np.iscomplexobj(v) and np.any(v.imag)]
+                p = c[int(rng.integers(len(c)))]
+                generic.append(("conjugate", {**flat, p: np.conj(flat[p])}, p, "conjugate"))
+                bugs += [(bug, {k[2:-2]: v for k, v in grad.items()}, wrong, pattern)
+                         for bug, grad, wrong, pattern in generic]
+                for mode in MODES:
+                    for bug, grad, wrong, pattern in [("correct", ex.grad, None, None)] + bugs:
+                        _score(tallies[(dt, mode)],
+                               f"{name} {xp.__name__} {dt} {mode} {bug}", bug,
+                               functools.partial(jgc.check_grad, ex.loss, ex.params,
+                                                 *ex.args, grad=grad, x64=x64, mode=mode),
+                               wrong, pattern, mode)
+    for dt, dtype, x64 in precisions:
+        ex = cn.wrong_complex_custom_vjp(dtype=dtype)
+        n_models += 1
+        for mode in MODES:
+            _score(tallies[(dt, mode)], f"custom_vjp {dt} {mode}", "custom_vjp",
+                   functools.partial(jgc.check_grad, ex.loss, ex.params, *ex.args, x64=x64,
+                                     mode=mode),
+                   "['z']", None, mode)
+    seconds = time.perf_counter() - start
+    print(f"complex suite: {n_models} models x {len(MODES)} modes, {seconds:.0f} s, "
+          f"jax {jax.__version__}, jgc {jgc.__version__}")
+    print("models: " + ", ".join(sorted(cn.COMPLEX)) + " (NumPy and jax.numpy), and a wrong "
+          "custom_vjp rule\n")
+    _table(tallies, {"complex128": "complex128 (x64=True)",
+                     "complex64": "complex64 (x64=False)"})
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="random", choices=["random", "frameworks"])
+    ap.add_argument("--suite", default="random", choices=["random", "frameworks", "complex"])
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="central", choices=["central", "richardson"])
@@ -379,5 +457,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.suite == "frameworks":
         frameworks(args.seed, not args.no_mnist)
+    elif args.suite == "complex":
+        complex_suite(args.seed)
     else:
         run(args.cases, args.seed, args.method)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import programs
-from jgc._src.tree import InputError, Split, match_gradient
+from jgc._src.tree import InputError, Split, flat_output, match_gradient
 
 
 def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):
@@ -106,8 +106,7 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
 
     def f(consts, theta, dynamic):
         parts = [theta[a:b].astype(dt) for a, b, dt in static.segments]
-        outs = ev.traced.evaluate(consts, *parts, *dynamic)
-        return jnp.concatenate([jnp.ravel(o) for o in outs])
+        return flat_output(ev.traced.evaluate(consts, *parts, *dynamic))
 
     def forward():
         def run(consts, theta, dynamic, T):

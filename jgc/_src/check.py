@@ -31,8 +31,11 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
 
     Args:
       loss: `loss(params, *args) -> scalar`, in JAX or NumPy.
-      params: any pytree. Floating-point array leaves are checked; other leaves (ints, bools,
-        None, strings, callables) are held fixed and reported as "skipped".
+      params: any pytree. Floating-point and complex array leaves are checked; other leaves
+        (ints, bools, None, strings, callables) are held fixed and reported as "skipped". A
+        complex leaf is checked along the real and the imaginary direction of each entry, and
+        its gradient is read in JAX's convention, dL/dx - i dL/dy (what jax.grad returns); a
+        gradient in the other convention (PyTorch's .grad) is diagnosed as "conjugate".
       *args: passed to `loss` (and `grad`) unchanged, never perturbed: data, labels, a PRNG key.
       grad: the gradient to check: a function `grad(params, *args)` (JAX or NumPy) returning a
         pytree shaped like params, a ready pytree, or a flat vector in `ravel_pytree` order. With

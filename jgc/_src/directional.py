@@ -163,7 +163,8 @@ class Directional:
             g = np.asarray(checked[k], np.float64).ravel()
             g_ad = None if autodiff is None else np.asarray(autodiff[k], np.float64).ravel()
             outcomes[k] = self.run_leaf(k, g, rounding(checked[k]), g_ad)
-            entries[k] = np.union1d(entries[k], outcomes[k].candidates).astype(np.int64)
+            entries[k] = np.union1d(entries[k], pl.with_partners(
+                self.sp.checked_specs()[k], outcomes[k].candidates)).astype(np.int64)
             if outcomes[k].resolution > COARSE and len(entries[k]) < len(extra[k]):
                 entries[k] = np.union1d(entries[k], extra[k]).astype(np.int64)
                 escalated.append(self.sp.checked_specs()[k].path or "<params>")

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from jgc._src import programs, structured
 from jgc._src.calls import first_line, user_call
-from jgc._src.tree import InputError, Split, tree_pformat
+from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
 # large leaves; more only grows the (chunk x n) perturbation matrix. Small problems take larger
@@ -74,8 +74,8 @@ class Layout:
 
     params_def: Any
     args_def: Any
-    # One (leaf index, start, stop, shape, dtype) per checked leaf.
-    checked: tuple[tuple[int, int, int, tuple[int, ...], str], ...]
+    # One (leaf index, start, stop, real-view shape, dtype, complex) per checked leaf.
+    checked: tuple[tuple[int, int, int, tuple[int, ...], str, bool], ...]
     params_static: tuple[tuple[int, Any], ...]  # non-array leaves, passed as they are
     params_dynamic: tuple[int, ...]  # fixed array leaves of params
     args_static: tuple[tuple[int, Any], ...]
@@ -87,7 +87,8 @@ class Layout:
 def make_layout(sp: Split, dtypes, args) -> tuple[Layout, tuple]:
     """Returns the layout and the fixed array leaves of params and args."""
     checked = tuple(
-        (i, sp.offsets[k], sp.offsets[k + 1], sp.specs[i].shape, str(dtypes[k]))
+        (i, sp.offsets[k], sp.offsets[k + 1], sp.specs[i].view_shape, str(dtypes[k]),
+         sp.specs[i].is_complex)
         for k, i in enumerate(sp.checked))
     fixed = [i for i in range(len(sp.leaves)) if i not in set(sp.checked)]
     p_dyn = tuple(i for i in fixed if _is_array(sp.leaves[i]))
@@ -106,13 +107,16 @@ def assemble(layout: Layout, segments, dynamic, xp=jnp, cast: bool = True):
 
     `cast`: convert each segment to its leaf's evaluation dtype (segments cut from the flat
     vector theta, which holds every leaf in one dtype); traced segments already have theirs.
+    A complex leaf's segment is its real view, rebuilt into the complex array the function sees.
     """
     p_dyn, a_dyn = dynamic
     leaves: list[Any] = [None] * layout.n_params_leaves
-    for seg, (i, _, _, shape, dt) in zip(segments, layout.checked):
+    for seg, (i, _, _, shape, dt, is_complex) in zip(segments, layout.checked):
         leaves[i] = xp.reshape(seg, shape)
         if cast:
             leaves[i] = leaves[i].astype(dt)
+        if is_complex:
+            leaves[i] = merge_parts(xp, leaves[i])
     for i, value in layout.params_static:
         leaves[i] = value
     for i, x in zip(layout.params_dynamic, p_dyn):
@@ -127,7 +131,7 @@ def assemble(layout: Layout, segments, dynamic, xp=jnp, cast: bool = True):
 
 
 def segments_of(layout: Layout, theta) -> list:
-    return [theta[a:b] for _, a, b, _, _ in layout.checked]
+    return [theta[a:b] for _, a, b, *_ in layout.checked]
 
 
 # -- the function's output --------------------------------------------------------------------
@@ -160,17 +164,15 @@ def check_scalar(shape, dtype) -> None:
         raise InputError(
             f"loss must return a scalar, but it returned an array of shape {tuple(shape)}. "
             "Reduce it to one number, e.g. with .mean() or .sum() over the batch.")
+    if np.issubdtype(np.dtype(dtype), np.complexfloating):
+        raise InputError(
+            f"loss must return a real scalar, but it returned a complex one ({np.dtype(dtype)}). "
+            "A gradient (and jax.grad) needs a real-valued loss: return a real quantity such "
+            "as jnp.abs(z) ** 2 or z.real. To check the derivative rules of a complex-valued "
+            "function, use jgc.check_vjp (complex cotangents) or jgc.check_jvp.")
     if not np.issubdtype(np.dtype(dtype), np.floating):
         raise InputError(f"loss must return a real floating-point scalar, but it returned "
                          f"dtype {np.dtype(dtype)}. Return a float loss.")
-
-
-def flat_output(out, xp=jnp):
-    """A vector function's outputs (any pytree of arrays) as one flat vector."""
-    leaves = jax.tree_util.tree_leaves(out)
-    if not leaves:
-        return xp.zeros(0)
-    return xp.concatenate([xp.ravel(xp.asarray(o)) for o in leaves])
 
 
 # -- batched programs over the single trace -------------------------------------------------
@@ -416,7 +418,7 @@ class Evaluator:
         # One dtype for the flat vector: every leaf's values and steps are exact in it.
         self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
         self.theta_np = theta.astype(self.dtype)
-        self.segments = tuple((a, b, str(dt)) for (_, a, b, _, _), dt in
+        self.segments = tuple((a, b, str(dt)) for (_, a, b, *_), dt in
                               zip(self.layout.checked, self.dtypes))
         self.n_evaluations = 0
         self.out_dtype = np.dtype(np.float64)
@@ -524,7 +526,9 @@ class DenseEvaluator(Evaluator):
         self.traced = traced
         outs = traced.closed.out_avals
         self.out_dtype = np.result_type(*[o.dtype for o in outs]) if outs else self.dtype
-        self.out_size = sum(int(np.prod(o.shape, dtype=np.int64)) for o in outs) if vector else 1
+        self.out_size = sum(int(np.prod(o.shape, dtype=np.int64))  # complex: its real view
+                            * (2 if np.issubdtype(o.dtype, np.complexfloating) else 1)
+                            for o in outs) if vector else 1
         self.out_tree = traced.out_tree
         self.memory_budget = (default_memory_budget() if memory_budget is None
                               else int(memory_budget))

@@ -66,7 +66,7 @@ def describe_factor(a: float, batch: int | None) -> str:
 
 
 def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
-                  noun: str = "gradient") -> str:
+                  noun: str = "gradient", autodiff: str = "jax.grad") -> str:
     """One sentence about a mismatched leaf: its pattern (or its extent) and likely cause."""
     p = leaf.path or "<params>"
     what = f"{_the(source, noun)} of {p}"
@@ -88,6 +88,14 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
             body = (f"{what} has an extra term proportional to the parameters, λ ≈ {lam:.3g}: "
                     "regularisation counted twice (λ·θ with a loss of ½λθ² gives λ·θ, not "
                     "2λ·θ), or applied to a parameter the loss does not regularise")
+    elif leaf.pattern == Pattern.CONJUGATE and noun != "gradient":
+        body = (f"{what} is the complex conjugate of the right one: likely one conj() too many "
+                "or too few (the derivative of conj(z) taken as that of z, or the reverse)")
+    elif leaf.pattern == Pattern.CONJUGATE:
+        body = (f"{what} is the complex conjugate of the right one: it is written in the "
+                "∂f/∂x + i·∂f/∂y convention (as PyTorch's .grad holds it), or has one conj() "
+                "too many or too few, where JAX's convention is ∂f/∂x − i·∂f/∂y (jax.grad of a "
+                "real loss returns it); conjugate it (jnp.conj)")
     elif leaf.pattern == Pattern.ZERO:
         body = f"{what} is all zeros: it was never computed, or was overwritten"
     elif leaf.pattern == Pattern.NONFINITE:
@@ -105,9 +113,13 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
                 "single wrong entry: the error is spread over many entries, each too small to "
                 "show alone (a small factor or an extra term across the leaf)")
     elif leaf.n_mismatch == 0:
-        body = (f"{what} is slightly but systematically off: no single entry is outside its "
-                "error bar, but taken together the leaf's entries differ from finite "
-                "differences far more than the measured noise allows")
+        body = (f"{what} is {'' if leaf.pattern is None else 'slightly but '}systematically "
+                "off: no single entry is outside its error bar, but taken together the leaf's "
+                "entries differ from finite differences far more than the measured noise "
+                "allows")
+        if leaf.pattern is None and leaf.autodiff_status == Status.OK:
+            body += (f", while {autodiff} passes the same test (so the finite differences are "
+                     "not biased there)")
     else:
         body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
                 "simple pattern (a wrong formula, a wrong index or a missing path)")
@@ -162,10 +174,11 @@ def diagnosis(leaves: list[LeafReport], agrees: dict[str, bool | None], *, sourc
         lines.append(
             f"Taken together, the residuals of {_paths(rough)} exceed the loss's noise, but in "
             "no systematic pattern (no constant factor, no term proportional to the "
-            "parameters): the steps crossed kinks (relu units switching within h), which "
-            "biases finite differences at random. That is not a gradient bug; every entry "
-            "passed against its own error bar, and the resolution is what single entries "
-            "give.")
+            "parameters): most likely the steps crossed kinks (relu units switching within "
+            "h), which biases finite differences at random, or jax.grad shows the same "
+            "excess. It is not counted as a gradient bug; every entry passed against its own "
+            "error bar, and the resolution is what single entries give (x64=True tells for "
+            "sure).")
     unresolved = [leaf for leaf in leaves if leaf.status == Status.UNRESOLVED]
     if unresolved:
         lines += _unresolved_lines(unresolved, source, noun, autodiff, words.checking_autodiff,
@@ -256,7 +269,7 @@ class _Words:
         return lines
 
     def leaf_lines(self, leaf: LeafReport, with_autodiff: bool) -> list[str]:
-        return ([f"  - {describe_leaf(leaf, self.source, self.batch, self.noun)}."]
+        return ([f"  - {describe_leaf(leaf, self.source, self.batch, self.noun, self.autodiff)}."]
                 + worst_lines(leaf, self.source, with_autodiff, autodiff=self.autodiff))
 
 

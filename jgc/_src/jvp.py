@@ -30,12 +30,20 @@ from jgc._src import compare as cp
 from jgc._src import diagnose as dg
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.evaluate import flat_output, make_evaluator
+from jgc._src.evaluate import make_evaluator
 from jgc._src.inputs import make_options, precision, refuse_unusable
 from jgc._src.probes import Tangents
 from jgc._src.progress import progress_factory
 from jgc._src.report import Report
-from jgc._src.tree import InputError, LeafSpec, flatten, match_gradient, split_checked
+from jgc._src.tree import (
+    InputError,
+    LeafSpec,
+    flat_output,
+    flatten,
+    match_gradient,
+    merge_parts,
+    split_checked,
+)
 from jgc._src.vocab import Mode, Verdict
 
 N_TANGENTS = 2  # seeded random tangents when none are given
@@ -159,7 +167,7 @@ def _output_specs(out) -> list[LeafSpec]:
             specs.append(LeafSpec(path, (), None, False, "not a float"))
             continue
         a = np.asarray(leaf)
-        specs.append(LeafSpec(path or "<out>", tuple(a.shape), str(a.dtype), True))
+        specs.append(LeafSpec(path or "<out>", tuple(a.shape), str(a.dtype), True, plain=True))
     return specs
 
 
@@ -174,7 +182,10 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
       f_jvp: `f_jvp(primals, tangents) -> (out, tangent_out)`, as `jax.jvp` returns. With None,
         `jax.jvp(f)` is checked: how a `jax.custom_jvp` rule is tested.
       primals: a tuple of f's inputs (a single array is a 1-tuple).
-      tangents: a tuple shaped like primals, or None for directions chosen by `mode`.
+      tangents: a tuple shaped like primals, or None for directions chosen by `mode`. Complex
+        primals and outputs are supported, holomorphic or not: a complex input entry is probed
+        along its real and its imaginary direction (a complex tangent x + iy is the direction
+        (x, y)), and a complex output element is compared by its real and imaginary parts.
       x64: evaluate in float64 (restored afterwards).
       mode: without tangents, which directions: "auto"/"directional" `n_tangents` seeded random
         ones, "full" every basis direction (the whole Jacobian), "sample" `samples` basis
@@ -215,7 +226,7 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
         if tangents is not None:
             t = np.concatenate([a.ravel() for a in match_gradient(
                 tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,), sp,
-                primals, "tangents")])
+                primals, "tangents", tangent=True)])
             directions, words = t.astype(np.float64)[None], "1 given"
         else:
             directions, words = _directions(sp, o.mode, seed, n_tangents, samples, 0)
@@ -234,10 +245,14 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
 
 
 def _unflat(sp, plan: pl.Plan, flat: np.ndarray):
+    """A flat real vector (a point or a direction) as a pytree like the primals: a complex
+    leaf rebuilt from its real view, x + iy."""
     leaves = list(sp.leaves)
     for k, i in enumerate(sp.checked):
         a, b = sp.offsets[k], sp.offsets[k + 1]
-        leaves[i] = np.reshape(flat[a:b], sp.specs[i].shape).astype(plan.dtypes[k])
+        leaves[i] = np.reshape(flat[a:b], sp.specs[i].view_shape).astype(plan.dtypes[k])
+        if sp.specs[i].is_complex:
+            leaves[i] = merge_parts(np, leaves[i])
     return jax.tree_util.tree_unflatten(sp.treedef, leaves)
 
 
@@ -301,6 +316,7 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
                          memory_budget=memory_budget, progress=progress, seed=seed)
         refuse_unusable(params=params, args=args)
         sp = split_checked(params)
+        _refuse_complex(sp)
         plan = pl.make_plan(sp, mode=Mode.FULL, x64=x64, eps=eps, samples=0, seed=seed)
         gfun = grad if grad is not None else jax.grad(loss)
         ev = make_evaluator(gfun, sp, plan.theta, plan.dtypes, args, vector=True,
@@ -317,6 +333,17 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
                        autodiff_name="jax's H·v", noun="Hessian-vector product", mode="hvp",
                        method="central differences of the gradient along v (h, 2h, finer "
                               "where needed)", notes=[f"{len(directions)} directions: {words}"])
+
+
+def _refuse_complex(sp) -> None:
+    bad = [s.path or "<params>" for s in sp.checked_specs() if s.is_complex]
+    if bad:
+        raise InputError(
+            f"check_hvp does not take complex parameters yet ({', '.join(bad[:5])}): a "
+            "Hessian-vector product over complex entries has no single convention (holomorphic "
+            "or real-view). Split each into real and imaginary parts, e.g. params = {'re': "
+            "z.real, 'im': z.imag} with z = re + 1j * im inside the loss, or check the "
+            "gradient itself with check_grad, which takes complex parameters.")
 
 
 def _hvp_rule(hvp, sp, plan, ev, params, args) -> Callable:

@@ -6,6 +6,8 @@ residual must be below EXPLAINED (1%) of |g - D| plus the error bar. Patterns (v
   * sign: g = -D (a subtraction reversed);
   * scale: g = a D (a 1/m missing or doubled, a 2 from a square);
   * transpose: g = D.T (X @ dZ.T for X.T @ dZ);
+  * conjugate (complex leaves): g = conj(D), the df/dx + i df/dy convention (PyTorch's .grad)
+    where JAX's is df/dx - i df/dy; in the real view, the imaginary parts' signs flipped;
   * regularization: g = D + lam theta (a term proportional to the parameters added or missing).
 Entry by entry they are fitted by `find_pattern`; over a whole leaf whose entries each pass, by
 `Collective.fit` (reduced precision, the leaf-level chi-squared test).
@@ -76,19 +78,23 @@ def explains(residual, discrepancy, tol) -> bool:
     return np.linalg.norm(residual) <= EXPLAINED * np.linalg.norm(discrepancy) + np.linalg.norm(tol)
 
 
-def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
+def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None, imag=None
                  ) -> tuple[str | None, float | None]:
     """The simplest model that explains g - d, as (pattern, factor).
 
     `smooth` (bool per entry) leaves out entries at kinks, whose central difference is no
     derivative. `full`: every entry of the leaf is present, in order (needed for "transpose").
+    `shape` is the leaf's real-view shape; `imag` (bool per entry, complex leaves only) marks
+    the entries that are imaginary parts.
     """
+    square = _square(shape, imag is not None)
     if smooth is not None and not smooth.all() and smooth.any():
-        if full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
-            both = (smooth.reshape(shape) & smooth.reshape(shape).T).ravel()
+        if full and square:
+            both = (smooth.reshape(shape) & _swap(smooth, shape).reshape(shape)).ravel()
             if both.any() and _is_transpose(g, d, tol, shape, both):
                 return Pattern.TRANSPOSE, None
-        return find_pattern(g[smooth], d[smooth], theta[smooth], tol[smooth], shape, False)
+        return find_pattern(g[smooth], d[smooth], theta[smooth], tol[smooth], shape, False,
+                            imag=None if imag is None else imag[smooth])
     disc = g - d
     if not np.any(np.abs(disc) > tol):
         return None, None
@@ -98,6 +104,10 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
     if np.all(np.abs(g) <= tol) and np.any(np.abs(d) > tol) and (
             not np.any(g) or dd == 0 or abs(float(g @ d) / dd) < ZERO_FACTOR):
         return Pattern.ZERO, 0.0
+    if imag is not None and imag.any():
+        conj = np.where(imag, -d, d)
+        if explains(g - conj, disc, 2 * tol):
+            return Pattern.CONJUGATE, None
     if dd > 0:
         a = float(g @ d) / dd
         if explains(g - a * d, disc, (1 + abs(a)) * tol):
@@ -106,8 +116,7 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
             if a < 0 and explains(g + d, disc, 2 * tol):
                 return Pattern.SIGN, -1.0
             return Pattern.SCALE, a
-    if (full and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1
-            and _is_transpose(g, d, tol, shape, np.ones(len(g), bool))):
+    if full and square and _is_transpose(g, d, tol, shape, np.ones(len(g), bool)):
         return Pattern.TRANSPOSE, None
     tt = float(theta @ theta)
     if tt > 0:
@@ -120,8 +129,20 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None
 def _is_transpose(g, d, tol, shape, keep) -> bool:
     """g = d.T on the entries `keep` (whose transposed positions are trusted too), and d is not
     symmetric there (else a transpose changes nothing)."""
-    dt = d.reshape(shape).T.ravel()
+    dt = _swap(d, shape)
     disc = (g - d)[keep]
     return (not explains((d - dt)[keep], disc, tol[keep])
             and explains((g - dt)[keep], disc, 2 * tol[keep]))
 
+
+
+def _square(shape, is_complex: bool) -> bool:
+    """A square matrix leaf (in a complex leaf's real view, with the parts' axis last)."""
+    matrix = shape[:-1] if is_complex else shape
+    return len(matrix) == 2 and matrix[0] == matrix[1] and matrix[0] > 1
+
+
+def _swap(a, shape) -> np.ndarray:
+    """The matrix transpose of a leaf's flat entries (the parts' axis of a complex view stays
+    last)."""
+    return np.swapaxes(np.reshape(a, shape), 0, 1).ravel()

@@ -27,7 +27,7 @@ from jgc._src.inputs import Options, in_precision, promote_args, refuse_unusable
 from jgc._src.probes import Coordinates
 from jgc._src.progress import progress_factory
 from jgc._src.report import Report
-from jgc._src.tree import InputError, Split, match_gradient, split_checked
+from jgc._src.tree import InputError, Split, complex_value, match_gradient, split_checked
 from jgc._src.vocab import Method, Mode
 
 
@@ -101,9 +101,18 @@ def prepare(loss: Callable, params, args: tuple, grad, o: Options) -> Check | Re
     calls.require_function(loss)
     refuse_unusable(params=params, args=args, grad=grad)
     sp = split_checked(params)
+    if o.method == Method.COMPLEX:
+        complexstep.refuse_complex_leaves(sp)
     plan = pl.make_plan(sp, mode=o.mode, x64=o.x64, eps=o.eps, samples=o.samples, seed=o.seed,
                         method=o.method)
     notes = []
+    complex_leaves = [s.path or "<params>" for s in sp.checked_specs() if s.is_complex]
+    if complex_leaves:
+        notes.append(f"complex: {', '.join(complex_leaves[:4])}"
+                     f"{', ...' if len(complex_leaves) > 4 else ''} checked along the real and "
+                     "the imaginary direction of each entry (each counts as two checked "
+                     "entries), and compared in JAX's convention ∂f/∂x − i·∂f/∂y, as jax.grad "
+                     "returns it")
     half = [s.path or "<params>" for s in sp.checked_specs() if s.dtype in pl.HALF]
     if half and not o.x64:
         notes.append(f"{', '.join(half)} {'is' if len(half) == 1 else 'are'} half precision: "
@@ -163,7 +172,8 @@ def _f0_and_gradients(ev: Evaluator, sp: Split, params, grad, o: Options):
 
 
 def _to_leaves(sp: Split, flat: np.ndarray) -> list[np.ndarray]:
-    return [flat[sp.offsets[k]:sp.offsets[k + 1]].reshape(sp.specs[i].shape)
+    """A flat vector over the checked leaves, cut into their real views."""
+    return [flat[sp.offsets[k]:sp.offsets[k + 1]].reshape(sp.specs[i].view_shape)
             for k, i in enumerate(sp.checked)]
 
 
@@ -317,13 +327,15 @@ def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, s
 
 
 def header(check: Check) -> cp.Header:
-    return cp.Header(check.gradients.source, precision_name(check.plan),
+    return cp.Header(check.gradients.source, precision_name(check.plan, check.sp),
                      method_name(check.options.method, check.full_stencils), check.plan.mode,
                      check.plan.step_rule, check.sp.n)
 
 
-def precision_name(plan: pl.Plan) -> str:
-    names = sorted({str(d) for d in plan.dtypes})
+def precision_name(plan: pl.Plan, sp: Split) -> str:
+    """The evaluation dtypes, e.g. 'float64 (x64)'; a complex leaf's as complex128."""
+    names = sorted({str(np.result_type(d, np.complex64) if s.is_complex else d)
+                    for d, s in zip(plan.dtypes, sp.checked_specs())})
     return "/".join(names) + (" (x64)" if plan.x64 else "")
 
 
@@ -375,6 +387,8 @@ def numerical_grad(loss: Callable, params, args: tuple, o: Options):
     calls.require_function(loss)
     refuse_unusable(params=params, args=args)
     sp = split_checked(params)
+    if o.method == Method.COMPLEX:
+        complexstep.refuse_complex_leaves(sp)
     plan = pl.make_plan(sp, mode=Mode.FULL, x64=o.x64, eps=o.eps, samples=0, seed=0,
                         method=o.method)
     args, _ = promote_args(args, o.x64)
@@ -391,4 +405,6 @@ def numerical_grad(loss: Callable, params, args: tuple, o: Options):
     out = [None] * len(sp.specs)
     for k, (i, leaf) in enumerate(zip(sp.checked, _to_leaves(sp, value))):
         out[i] = leaf.astype(plan.dtypes[k])
+        if sp.specs[i].is_complex:  # df/dx - i df/dy: JAX's convention, as jax.grad returns
+            out[i] = complex_value(out[i])
     return jax.tree_util.tree_unflatten(sp.treedef, out)

@@ -26,7 +26,7 @@ import zlib
 import jax
 import numpy as np
 
-from jgc._src.tree import Split
+from jgc._src.tree import Split, real_view
 from jgc._src.vocab import Method, Mode
 
 HALF = ("float16", "bfloat16")
@@ -41,7 +41,9 @@ DEFAULT_SAMPLES = 16  # Entries per leaf in mode="sample" (the CS231n notes chec
 
 
 def eval_dtype(dtype: str, x64: bool) -> np.dtype:
-    """The dtype a leaf is evaluated in.
+    """The (real) dtype a leaf is evaluated in; a complex leaf's is its parts' dtype (its real
+    view is what is perturbed; the loss sees the complex array rebuilt in the matching complex
+    dtype, so complex64 becomes complex128 under x64).
 
     float64 under x64. Otherwise the leaf's own dtype as JAX would hold it under the current
     configuration (float64 becomes float32 unless the user enabled x64 globally), with half
@@ -50,6 +52,8 @@ def eval_dtype(dtype: str, x64: bool) -> np.dtype:
     """
     if x64:
         return np.dtype(np.float64)
+    if np.issubdtype(np.dtype(dtype), np.complexfloating):
+        dtype = str(np.finfo(np.dtype(dtype)).dtype)  # complex64 -> float32
     if dtype in HALF:
         return np.dtype(np.float32)
     return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(dtype)))
@@ -86,7 +90,7 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
     specs = sp.checked_specs()
     dtypes = tuple(eval_dtype(s.dtype, x64) for s in specs)
     theta = np.concatenate(
-        [np.asarray(sp.leaves[i], dtype=np.float64).ravel() for i in sp.checked] or [np.zeros(0)])
+        [real_view(sp.leaves[i]).ravel() for i in sp.checked] or [np.zeros(0)])
     if mode in (Mode.FULL, Mode.AUTO):  # "auto" decides once it has timed one evaluation
         entries = [np.arange(spec.size) for spec in specs]
     else:
@@ -150,22 +154,36 @@ LARGEST_FRACTION = 0.25
 def sample_entries(sp: Split, samples: int, seed: int, magnitudes=None) -> list[np.ndarray]:
     """Up to `samples` entries of each checked leaf, seeded by the leaf's path, so that adding
     a leaf does not move any other leaf's sample. With `magnitudes` (one array per checked
-    leaf: the gradient's), a quarter of each sample are the largest entries, the rest random."""
+    leaf: the gradient's), a quarter of each sample are the largest entries, the rest random.
+
+    In a complex leaf a sample is of complex entries, each with both parts (so that every
+    sampled entry's complex derivative is known): up to `samples` real-view entries."""
     out = []
     for k, spec in enumerate(sp.checked_specs()):
-        if spec.size <= samples:
+        parts = 2 if spec.is_complex else 1
+        count, n = -(-samples // parts), spec.n_entries  # ceil: 0 stays 0 (directional)
+        if spec.size <= samples or n <= count:
             out.append(np.arange(spec.size))
             continue
         top = np.zeros(0, np.int64)
         if magnitudes is not None:
-            size = np.nan_to_num(np.abs(np.asarray(magnitudes[k], np.float64).ravel()),
-                                 nan=np.inf)
-            top = np.argsort(-size, kind="stable")[:int(math.ceil(samples * LARGEST_FRACTION))]
+            mag = np.abs(np.asarray(magnitudes[k], np.float64)).reshape(n, parts).max(axis=1)
+            size = np.nan_to_num(mag, nan=np.inf)
+            top = np.argsort(-size, kind="stable")[:int(math.ceil(count * LARGEST_FRACTION))]
         rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
-        rest = np.setdiff1d(np.arange(spec.size), top)
-        pick = rng.choice(rest, size=samples - len(top), replace=False)
-        out.append(np.sort(np.concatenate([top, pick])).astype(np.int64))
+        rest = np.setdiff1d(np.arange(n), top)
+        pick = np.sort(np.concatenate([top, rng.choice(rest, size=count - len(top),
+                                                        replace=False)])).astype(np.int64)
+        out.append(with_partners(spec, pick * parts))
     return out
+
+
+def with_partners(spec, entries: np.ndarray) -> np.ndarray:
+    """Real-view entries of a leaf, with the other part of every complex entry among them."""
+    entries = np.asarray(entries, np.int64)
+    if not spec.is_complex:
+        return entries
+    return np.union1d(entries, entries ^ 1)  # the parts of entry j are 2j and 2j + 1
 
 
 def steps(plan: Plan, sp: Split, k: int, scale: float = 1.0, method: str | None = None

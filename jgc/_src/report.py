@@ -31,8 +31,15 @@ class LeafReport:
         where jax.grad is unavailable or is itself the gradient being checked).
       n_mismatch, n_kink: how many checked entries are mismatches, and sit on kinks.
       pattern, factor: None or "scale" | "sign" | "transpose" | "regularization" | "zero" |
-        "nonfinite"; the factor (checked / numerical) for scale and sign, the coefficient for
+        "nonfinite" | "conjugate" (complex leaves: the checked gradient is the conjugate of the
+        right one); the factor (checked / numerical) for scale and sign, the coefficient for
         regularization.
+
+    Complex leaves (dtype complex64/complex128) are checked along the real and the imaginary
+    direction of each entry: n_checked, n_mismatch and n_kink count those directions (two per
+    entry), while worst_index indexes the leaf itself and the values at it are complex, in JAX's
+    convention df/dx - i df/dy (what jax.grad of a real loss returns); a part that was not
+    checked is NaN. to_dict() writes a complex value as {"real": ..., "imag": ...}.
       autodiff_status: how jax.grad compares with the numerical derivative on this leaf.
       reason: why the leaf was skipped.
       worst: up to five (index, numerical, checked, autodiff) rows, worst first.
@@ -210,12 +217,17 @@ def _jsonable(x):
         return x if np.isfinite(x) else str(x)
     if isinstance(x, np.integer):
         return int(x)
+    if isinstance(x, (complex, np.complexfloating)):  # a complex leaf's value: JSON has none
+        return {"real": _jsonable(x.real), "imag": _jsonable(x.imag)}
     return x
 
 
-def fmt_num(x: float | None) -> str:
+def fmt_num(x: float | complex | None) -> str:
+    """A value in the tables: six significant digits; a complex one as '5-4j'."""
     if x is None:
         return "-"
+    if isinstance(x, complex):
+        return f"{x.real:.6g}{'-' if np.signbit(x.imag) else '+'}{abs(x.imag):.6g}j"
     if x == 0:
         return "0"
     return f"{x: .6e}"
@@ -312,7 +324,7 @@ def _shape(leaf: LeafReport) -> str:
 
 def _classic_scale(r: Report) -> str:
     """What the classic single number means (CS231n's rule of thumb), at this precision."""
-    if "float64" in r.precision:
+    if "float64" in r.precision or "complex128" in r.precision:
         return ("the classic single number: in float64 < 1e-7 is expected for a correct "
                 "smooth loss, 1e-7..1e-4 is suspicious, > 1e-2 is almost surely a bug; kinks "
                 "raise it without any bug, which is why jgc judges each entry instead")

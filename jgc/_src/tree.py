@@ -1,9 +1,10 @@
 """Stage 1, `split`: which leaves of a pytree are checked, and how a gradient pytree maps onto them.
 
-A leaf is *checked* when it is a floating-point array (NumPy or JAX, any shape, including
-scalars and empty arrays) or a Python float. Every other leaf (ints, bools, None, strings, the
-callables an Equinox module holds) is held fixed and reported as "skipped". Paths are formatted
-once, with `jax.tree_util.keystr`, and that format is used everywhere in jgc.
+A leaf is *checked* when it is a floating-point or complex array (NumPy or JAX, any shape,
+including scalars and empty arrays) or a Python float or complex. Every other leaf (ints,
+bools, None, strings, the callables an Equinox module holds) is held fixed and reported as
+"skipped". Paths are formatted once, with `jax.tree_util.keystr`, and that format is used
+everywhere in jgc.
 """
 
 from __future__ import annotations
@@ -35,10 +36,37 @@ class LeafSpec:
     dtype: str | None  # None for non-array leaves.
     checked: bool
     reason: str = ""  # Why a leaf is skipped, e.g. "int32 array" or "str".
+    # A complex leaf's view holds a value's (Re, Im) (check_jvp's outputs), not a gradient's
+    # (df/dx, df/dy) = (Re g, -Im g): how its complex values are rebuilt for the report.
+    plain: bool = False
+
+    @property
+    def is_complex(self) -> bool:
+        return self.dtype is not None and self.dtype.startswith("complex")
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The shape of the real view the stages work on: shape + (2,) for a complex leaf
+        (the real and the imaginary part of each entry), else shape."""
+        return (*self.shape, 2) if self.is_complex else self.shape
 
     @property
     def size(self) -> int:
+        """Real entries in the view: twice the entries of a complex leaf."""
+        return int(np.prod(self.view_shape, dtype=np.int64))
+
+    @property
+    def n_entries(self) -> int:
+        """Entries of the leaf itself (complex entries count once)."""
         return int(np.prod(self.shape, dtype=np.int64))
+
+    def entry_name(self, j: int) -> str:
+        """Real-view entry j as "[0, 2]", or "[0, 2] (imaginary part)" in a complex leaf."""
+        idx = np.unravel_index(int(j), self.view_shape)
+        text = f"[{', '.join(str(int(i)) for i in idx[:len(self.shape)])}]"
+        if self.is_complex:
+            text += " (imaginary part)" if idx[-1] else " (real part)"
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +90,60 @@ class Split:
         """The entry at a position of the flat vector, as "['W1'][0, 2]"."""
         k = int(np.searchsorted(self.offsets, flat_index, side="right")) - 1
         spec = self.specs[self.checked[k]]
-        idx = np.unravel_index(int(flat_index) - self.offsets[k], spec.shape)
-        return f"{spec.path or '<params>'}[{', '.join(str(int(i)) for i in idx)}]"
+        return f"{spec.path or '<params>'}{spec.entry_name(int(flat_index) - self.offsets[k])}"
 
 
 def is_float_leaf(x) -> bool:
-    """True for the leaves jgc checks: floating-point arrays and Python floats."""
-    if isinstance(x, float):
+    """True for the leaves jgc checks: floating-point and complex arrays, Python floats and
+    complex numbers."""
+    if isinstance(x, (float, complex)):
         return True
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-        return jax.numpy.issubdtype(x.dtype, np.floating)
+        return jax.numpy.issubdtype(x.dtype, np.inexact)
     return False
+
+
+def real_view(x) -> np.ndarray:
+    """A leaf's values as float64 in its real view: (Re, Im) on a new last axis if complex."""
+    a = np.asarray(x)
+    if np.iscomplexobj(a):
+        return np.stack([a.real, a.imag], axis=-1).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def gradient_view(g: np.ndarray) -> np.ndarray:
+    """A complex gradient in JAX's convention (df/dx - i df/dy) as its real view (df/dx,
+    df/dy), in the gradient's own real precision (its rounding enters the error model)."""
+    return np.stack([g.real, -g.imag], axis=-1)
+
+
+def complex_value(view: np.ndarray) -> np.ndarray:
+    """Inverse of gradient_view: (df/dx, df/dy) on the last axis -> df/dx - i df/dy."""
+    return view[..., 0] - 1j * view[..., 1]
+
+
+def flat_output(out, xp=jax.numpy):
+    """A vector function's outputs (any pytree of arrays) as one flat real vector: a complex
+    output leaf by its real view, the real and imaginary part of each element in turn (the
+    order tree.LeafSpec.view_shape gives check_jvp's output leaves)."""
+    leaves = jax.tree_util.tree_leaves(out)
+    if not leaves:
+        return xp.zeros(0)
+    return xp.concatenate([xp.ravel(_real_view(xp, xp.asarray(o))) for o in leaves])
+
+
+def _real_view(xp, o):
+    if xp.iscomplexobj(o):
+        return xp.stack([xp.real(o), xp.imag(o)], axis=-1)
+    return o
+
+
+def merge_parts(xp, view):
+    """The complex array whose real view is `view` (real and imaginary parts on the last axis),
+    in NumPy or traced JAX."""
+    if xp is np:
+        return view[..., 0] + 1j * view[..., 1]  # NumPy 2: float32 parts give complex64
+    return jax.lax.complex(view[..., 0], view[..., 1])
 
 
 def _describe(x) -> tuple[tuple[int, ...], str | None, str]:
@@ -81,6 +152,8 @@ def _describe(x) -> tuple[tuple[int, ...], str | None, str]:
         return tuple(x.shape), str(x.dtype), f"{x.dtype} array"
     if isinstance(x, float):
         return (), "float64", "float"
+    if isinstance(x, complex):
+        return (), "complex128", "complex"
     return (), None, type(x).__name__
 
 
@@ -91,18 +164,11 @@ def flatten(tree) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def split(params: ArrayTree) -> Split:
-    """Splits `params` into checked and fixed leaves. Complex leaves are refused."""
+    """Splits `params` into checked and fixed leaves (complex leaves by their real view)."""
     pairs, treedef = flatten(params)
     specs, checked, offsets = [], [], [0]
     for i, (path, leaf) in enumerate(pairs):
         shape, dtype, what = _describe(leaf)
-        if dtype is not None and jax.numpy.issubdtype(np.dtype(dtype), np.complexfloating):
-            raise InputError(
-                f"params{path} is a complex array ({dtype}). jgc checks real parameters only. "
-                "Split it into real and imaginary parts, e.g. "
-                "params = {'re': z.real, 'im': z.imag} "
-                "and build z = re + 1j * im inside the loss."
-            )
         ok = is_float_leaf(leaf)
         specs.append(LeafSpec(path, shape, dtype, ok, "" if ok else what))
         if ok:
@@ -122,7 +188,7 @@ def split_checked(params: ArrayTree, name: str = "params") -> Split:
             f"{name} has no floating-point leaves to check"
             + (f" (its leaves: {found})" if sp.specs else " (it is empty)")
             + ". Pass the trainable parameters as float arrays, e.g. "
-            "{'W': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}.")
+            "{'W': jnp.zeros((3, 4)), 'b': jnp.zeros(4)} (complex arrays are checked too).")
     if sp.n == 0:
         empty = ", ".join(f"{s.path or '<params>'} (shape {s.shape})" for s in sp.checked_specs())
         raise InputError(
@@ -150,8 +216,8 @@ def leaf_pformat(x) -> str:
     shape, dtype, what = _describe(x)
     if dtype is None:
         return what
-    if isinstance(x, float):
-        return "float"
+    if isinstance(x, (float, complex)):
+        return type(x).__name__
     return f"{short_dtype(dtype)}[{','.join(map(str, shape))}]"
 
 
@@ -189,16 +255,21 @@ _GRAD_FIX = (
 )
 
 
-def match_gradient(grad, sp: Split, params, what: str = "grad") -> list[np.ndarray]:
+def match_gradient(grad, sp: Split, params, what: str = "grad", tangent: bool = False
+                   ) -> list[np.ndarray]:
     """Maps a gradient (a pytree like params, or a flat vector) onto the checked leaves.
 
-    Returns one NumPy array per checked leaf, a copy in the gradient's own floating dtype (its
-    precision enters the error model). Leaves of the gradient at skipped paths
-    (None, zeros, float0, ...) are ignored. Raises InputError, naming the first difference, on a
-    wrong structure, a missing or extra key, a wrong shape, or a non-numeric leaf.
+    Returns one NumPy array per checked leaf in its real view (see the module doc), a copy in
+    the gradient's own floating dtype (its precision enters the error model). A complex leaf's
+    gradient is read in JAX's convention, df/dx - i df/dy; with `tangent` (a direction, not a
+    gradient: check_jvp's tangents) as x + iy, unconjugated. Leaves of the gradient at skipped
+    paths (None, zeros, float0, ...) are ignored. Raises InputError, naming the first
+    difference, on a wrong structure, a missing or extra key, a wrong shape, or a non-numeric
+    leaf.
     """
     if _is_flat_vector(grad, sp):
-        return _split_flat(np.asarray(grad), sp, params, what)
+        return [_as_view(a, s, what, tangent) for a, s in
+                zip(_split_flat(np.asarray(grad), sp, params, what), sp.checked_specs())]
     pairs, _ = flatten(grad)
     by_path = dict(pairs)
     param_paths = [s.path for s in sp.specs]
@@ -217,17 +288,17 @@ def match_gradient(grad, sp: Split, params, what: str = "grad") -> list[np.ndarr
             raise structure_error(what, params, grad,
                                   f"{what}{spec.path} is None but params{spec.path} is a "
                                   f"checked {_spec_fmt(spec)} leaf", _GRAD_FIX)
-        arr = _as_real_array(leaf, spec, what)
+        arr = _as_array(leaf, spec, what)
         if arr.shape != spec.shape:
             squeezed = np.empty(spec.shape).squeeze().shape
-            if arr.size == spec.size and arr.squeeze().shape == squeezed:
+            if arr.size == spec.n_entries and arr.squeeze().shape == squeezed:
                 hint = " (same entries, different shape: reshape it to the parameter's shape)"
             else:
                 hint = ""
             raise structure_error(what, params, grad,
                                   f"{what}{spec.path} has shape {arr.shape} but params{spec.path} "
                                   f"has shape {spec.shape}{hint}", _GRAD_FIX)
-        out.append(arr)
+        out.append(_as_view(arr, spec, what, tangent))
     return out
 
 
@@ -235,18 +306,34 @@ def _spec_fmt(spec: LeafSpec) -> str:
     return f"{short_dtype(spec.dtype)}[{','.join(map(str, spec.shape))}]"
 
 
-def _as_real_array(leaf, spec: LeafSpec, what: str) -> np.ndarray:
+def _as_array(leaf, spec: LeafSpec, what: str) -> np.ndarray:
     try:
         arr = np.array(leaf, copy=True)  # A copy: the user's arrays are never touched.
     except Exception as e:  # noqa: BLE001 - anything that is not array-like.
         raise InputError(f"{what}{spec.path} is a {type(leaf).__name__}, not an array: {e}") from e
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise InputError(f"{what}{spec.path} has dtype {arr.dtype}; expected a floating-point "
-                         f"array of shape {spec.shape}.")
-    if np.iscomplexobj(arr):
-        raise InputError(f"{what}{spec.path} is complex ({arr.dtype}) but params{spec.path} is "
-                         "real. Return the real gradient (for a real loss, its real part).")
-    return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
+        raise InputError(f"{what}{spec.path} has dtype {arr.dtype}; expected a "
+                         f"{'complex' if spec.is_complex else 'floating-point'} array of shape "
+                         f"{spec.shape}.")
+    return arr
+
+
+def _as_view(arr: np.ndarray, spec: LeafSpec, what: str, tangent: bool) -> np.ndarray:
+    """One gradient leaf, already shaped like its parameter, as the real view of the stages."""
+    if not spec.is_complex:
+        if np.iscomplexobj(arr):
+            if np.any(arr.imag):
+                raise InputError(
+                    f"{what}{spec.path} is complex ({arr.dtype}) but params{spec.path} is "
+                    "real. Return the real gradient (for a real loss, its real part).")
+            arr = arr.real
+        return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
+    if not np.issubdtype(arr.dtype, np.inexact):
+        arr = arr.astype(np.float64)
+    # A real array for a complex parameter is read as complex with a zero imaginary part: the
+    # check then says whether that part is right (a `.real` taken by mistake shows as wrong).
+    z = arr if np.iscomplexobj(arr) else arr.astype(np.result_type(arr.dtype, np.complex64))
+    return np.stack([z.real, z.imag], axis=-1) if tangent else gradient_view(z)
 
 
 def _is_flat_vector(grad, sp: Split) -> bool:
@@ -259,20 +346,21 @@ def _is_flat_vector(grad, sp: Split) -> bool:
 def _split_flat(vec: np.ndarray, sp: Split, params, what: str) -> list[np.ndarray]:
     """A flat vector in ravel_pytree order: either over the checked leaves or over every array."""
     array_specs = [s for s in sp.specs if s.dtype is not None]
-    n_all = sum(s.size for s in array_specs)
-    if vec.size == sp.n:
+    n_all = sum(s.n_entries for s in array_specs)
+    n_checked = sum(s.n_entries for s in sp.checked_specs())
+    if vec.size == n_checked:
         layout = sp.checked_specs()
     elif vec.size == n_all:
         layout = array_specs
     else:
         raise InputError(
-            f"{what} is a flat vector of length {vec.size}, but params has {sp.n} checked "
+            f"{what} is a flat vector of length {vec.size}, but params has {n_checked} checked "
             f"(floating-point) entries and {n_all} entries in ravel_pytree order.\n"
             f"  params: {tree_pformat(params)}\n{_GRAD_FIX}")
-    if not np.issubdtype(vec.dtype, np.floating):
+    if not np.issubdtype(vec.dtype, np.inexact):
         vec = vec.astype(np.float64)
     out, start = {}, 0
     for spec in layout:
-        out[spec.path] = vec[start:start + spec.size].reshape(spec.shape).copy()
-        start += spec.size
+        out[spec.path] = vec[start:start + spec.n_entries].reshape(spec.shape).copy()
+        start += spec.n_entries
     return [out[s.path] for s in sp.checked_specs()]

@@ -3,6 +3,12 @@
 A layer y = f(x1, x2, ...) with a hand-written backward (dy -> dx1, dx2, ...) is checked by
 contracting its output with a cotangent c: the scalar L(x) = sum(f(x) * c) has gradient
 vjp(c, x), so the whole check_grad pipeline applies with params = primals.
+
+Complex primals, outputs and cotangents follow JAX's convention: the VJP is the transpose of
+the JVP under the real pairing <a, b> = Re(sum(a * b)) (no conjugation), so the contraction is
+L(x) = Re(sum(f(x) * c)), whose gradient in JAX's convention (df/dx - i df/dy, per complex
+input entry) is exactly vjp(c, x): Re(c * jvp(t)) = Re(vjp(c) * t) for every tangent t. For a
+holomorphic f that is vjp(c) = c * f'(z), as jax.vjp returns it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jgc._src.tree import InputError, tree_pformat
 
 def _contract(out, cot):
     leaves_o, leaves_c = jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot)
-    return sum((o * c).sum() for o, c in zip(leaves_o, leaves_c))
+    return sum((o * c).real.sum() for o, c in zip(leaves_o, leaves_c))
 
 
 def _call(fn, primals, *first):
@@ -78,7 +84,11 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
       primals: the inputs of f: a tuple (leaves named "[0]", "[1]", ...), a NamedTuple (".x",
         ".w") or a dict, passed as keyword arguments (f(**primals), f_vjp(cotangent,
         **primals); leaves named "['x']", "['w']"). A single array is taken as a 1-tuple.
-      cotangent: the output cotangent to contract with; None draws a seeded standard normal.
+      cotangent: the output cotangent to contract with; None draws a seeded standard normal
+        (complex, with independent real and imaginary parts, for a complex output).
+      Complex primals, outputs and cotangents follow JAX's convention (the module doc): for a
+        holomorphic f, f_vjp(c, z) = c * f'(z), as jax.vjp gives; a VJP written as
+        conj(c) * f'(z) or conj(c * f'(z)) is diagnosed as "conjugate".
       x64, seed, **options: as for `check_grad` (mode, eps, rtol, atol, samples).
 
     Returns:
@@ -103,15 +113,12 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         out = calls.user_call("f(*primals)", _call, f, primals,
                               context=f"primals: {tree_pformat(primals)}")
         if cotangent is None:
-            rng = np.random.default_rng(seed)
-            dtype = pl.eval_dtype(_dtype_of(out), x64)
-            cotangent = jax.tree_util.tree_map(
-                lambda o: rng.standard_normal(np.shape(o)).astype(dtype), out)
+            cotangent = _random_cotangent(out, seed, x64)
         else:
             _check_cotangent(out, cotangent)
         # The loss is a sum of mixed-sign terms and may cancel to ~0; its rounding error scales
         # with sum |f * c|, not |sum f * c|, so that is the magnitude the error model uses.
-        f_scale = float(sum(np.abs(np.asarray(o, np.float64) * np.asarray(c, np.float64)).sum()
+        f_scale = float(sum((np.abs(np.asarray(o)) * np.abs(np.asarray(c))).sum()
                             for o, c in zip(jax.tree_util.tree_leaves(out),
                                             jax.tree_util.tree_leaves(cotangent))))
         grad = None if f_vjp is None else _vjp_as_grad(f_vjp, primals)
@@ -131,11 +138,22 @@ def _with_defaults(options: dict, seed: int) -> dict:
     return opts
 
 
-def _dtype_of(out) -> str:
-    leaves = jax.tree_util.tree_leaves(out)
-    dts = [np.asarray(o).dtype for o in leaves]
-    floats = [d for d in dts if np.issubdtype(d, np.floating)]
-    return str(np.result_type(*floats)) if floats else "float64"
+def _random_cotangent(out, seed: int, x64: bool):
+    """A seeded standard normal cotangent shaped like f's output, in its precision: real for a
+    real output, complex (independent real and imaginary parts) for a complex one."""
+    rng = np.random.default_rng(seed)
+    leaves = [np.asarray(o) for o in jax.tree_util.tree_leaves(out)]
+    floats = [o.dtype for o in leaves if np.issubdtype(o.dtype, np.inexact)]
+    real = pl.eval_dtype(str(np.result_type(*floats)) if floats else "float64", x64)
+
+    def draw(o):
+        shape = np.shape(o)
+        if np.iscomplexobj(o):
+            c = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+            return c.astype(np.result_type(real, np.complex64))
+        return rng.standard_normal(shape).astype(real)
+
+    return jax.tree_util.tree_map(draw, out)
 
 
 def _check_cotangent(out, cot) -> None:

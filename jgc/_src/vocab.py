@@ -114,6 +114,7 @@ class Pattern(_Vocab):
     REGULARIZATION = "regularization"
     ZERO = "zero"
     NONFINITE = "nonfinite"
+    CONJUGATE = "conjugate"
 
 
 class Mode(_Vocab):
