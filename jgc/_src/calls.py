@@ -89,7 +89,8 @@ def autodiff(ev) -> tuple[np.ndarray | None, str | None, BaseException | None]:
         g = program(ev.consts, ev.theta, ev.dyn)
     except Exception as e:  # noqa: BLE001 - report why, check the rest.
         return None, f"jax.grad failed: {first_line(e)}", e
-    return np.asarray(g), None, None  # In its own dtype: its precision enters the error model.
+    # In its own dtype: its precision enters the error model.
+    return programs.to_host(g), None, None
 
 
 def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
@@ -125,7 +126,8 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
         try:
             program = programs.compiled(name, build, static, (ev.traced,),
                                         (ev.consts, ev.theta, ev.dyn, T))
-            return np.asarray(program(ev.consts, ev.theta, ev.dyn, T), np.float64), None
+            return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)).astype(
+                np.float64), None
         except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
             why = why or f"jax.jvp failed: {first_line(e)}"
     return None, why

@@ -290,6 +290,17 @@ def default_memory_budget() -> int:
     return int(min(max(available // 4, 256 * 2**20), 2**30))
 
 
+def agreed_budget(budget: int) -> int:
+    """The memory budget every process uses: under jax.distributed the smallest of theirs
+    (memory is per process), so that all choose the same chunks and run the same programs; a
+    different chunk on one process would leave the others waiting at a collective."""
+    if not programs.multiprocess():
+        return budget
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.array([budget], np.int64))))
+
+
 def activation_bytes(jaxpr) -> int:
     """An upper bound on the memory one evaluation of the loss touches: the sum of every
     intermediate value's size in its jaxpr (XLA fuses and frees most of them)."""
@@ -383,8 +394,14 @@ class Deadline:
         # A program's first chunk alone does not decide, unless it was already slow: the
         # second is cheap next to the budget and gives the steady rate.
         first = len(self.chunks) == 1 and seconds < self.seconds / 4
-        if predicted > max(self.seconds, directional) and not first:
-            per_eval = (self.execution + to_do) / max(self.total, 1)
+        per_eval = (self.execution + to_do) / max(self.total, 1)
+        slow = predicted > max(self.seconds, directional) and not first
+        if programs.multiprocess():  # one decision for all: process 0's (timings differ)
+            from jax.experimental import multihost_utils
+
+            slow, predicted, directional, per_eval = multihost_utils.broadcast_one_to_all(
+                np.array([slow, predicted, directional, per_eval], np.float64)).tolist()
+        if slow:
             raise TooSlow(predicted, directional, per_eval)
 
 
@@ -530,8 +547,8 @@ class DenseEvaluator(Evaluator):
                             * (2 if np.issubdtype(o.dtype, np.complexfloating) else 1)
                             for o in outs) if vector else 1
         self.out_tree = traced.out_tree
-        self.memory_budget = (default_memory_budget() if memory_budget is None
-                              else int(memory_budget))
+        self.memory_budget = agreed_budget(default_memory_budget() if memory_budget is None
+                                           else int(memory_budget))
         self.progress = progress
         self.batched = True
         self.devices = jax.devices()
@@ -696,7 +713,7 @@ class DenseEvaluator(Evaluator):
                 args = (consts, theta, self.dyn, *rows)
                 program = programs.compiled("complex", lambda: _program_complex(traced, static),
                                             static, (traced,), args)
-                out.append(np.asarray(program(*args)).ravel())
+                out.append(programs.to_host(program(*args)).ravel())
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
             raise InputError(why.format(first_line(e))) from e
         self.n_evaluations += len(index)
@@ -753,7 +770,7 @@ class DenseEvaluator(Evaluator):
             if program is None:
                 program = self._compile(kind, build, static, rows, deadline)
             started = time.perf_counter()
-            values = np.asarray(program(self.consts, self.theta, self.dyn, *rows))
+            values = programs.to_host(program(self.consts, self.theta, self.dyn, *rows))
             out.append(values.reshape(chunk, -1) if self.vector else values.ravel())
             if deadline is not None:
                 deadline.observe(min(chunk, m - s), chunk, time.perf_counter() - started)

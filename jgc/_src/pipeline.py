@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jgc._src import calls, complexstep, explain, noise
+from jgc._src import calls, complexstep, explain, noise, programs
 from jgc._src import compare as cp
 from jgc._src import diagnose as dg
 from jgc._src import directional as dr
@@ -151,14 +151,20 @@ def prepare(loss: Callable, params, args: tuple, grad, o: Options) -> Check | Re
 def _f0_and_gradients(ev: Evaluator, sp: Split, params, grad, o: Options):
     """f0 here while jax.grad and the user's gradient compile on other threads: XLA releases
     the GIL, and on a small problem compilation is most of the time. Each thread runs under the
-    check's effective precision (JAX's x64 flag is thread-local)."""
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        autodiff_job = pool.submit(in_precision, o.effective_x64, calls.autodiff, ev)
-        grad_job = (pool.submit(in_precision, o.effective_x64, calls.call_gradient, ev, grad)
-                    if calls.is_function(grad) else None)
+    check's effective precision (JAX's x64 flag is thread-local). Under jax.distributed they
+    run one after the other: every process must reach the same collectives in the same order."""
+    if programs.multiprocess():
+        autodiff, why, error = calls.autodiff(ev)
+        call = calls.call_gradient(ev, grad) if calls.is_function(grad) else None
         f0 = ev.at()
-        autodiff, why, error = autodiff_job.result()
-        call = None if grad_job is None else grad_job.result()
+    else:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            autodiff_job = pool.submit(in_precision, o.effective_x64, calls.autodiff, ev)
+            grad_job = (pool.submit(in_precision, o.effective_x64, calls.call_gradient, ev,
+                                    grad) if calls.is_function(grad) else None)
+            f0 = ev.at()
+            autodiff, why, error = autodiff_job.result()
+            call = None if grad_job is None else grad_job.result()
     leaves = None if autodiff is None else tuple(_to_leaves(sp, autodiff))
     if grad is None:
         if autodiff is None:

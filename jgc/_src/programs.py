@@ -149,3 +149,25 @@ def compiled(name: str, build: Callable[[], Callable], static: Hashable,
         program = jax.jit(build()).lower(*args).compile()
         CACHE.put(key, program)
     return program
+
+
+def to_host(x) -> np.ndarray:
+    """A program's output as a NumPy array on this process.
+
+    Under `jax.distributed` (every process runs the same check, SPMD) a batch sharded over the
+    global devices has shards on other processes: they are gathered, so that every process holds
+    the same values. This is a collective, reached by every process in the same order because
+    each runs the same check. On one process it is `np.asarray`.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:  # every process holds all of it: no collective needed
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def multiprocess() -> bool:
+    """Running under jax.distributed with more than one process."""
+    return jax.process_count() > 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
+
 SHOW_AFTER = 2.0  # seconds: a batch that finishes sooner shows no bar
 
 
@@ -24,8 +26,12 @@ def in_notebook() -> bool:
 
 
 def enabled(progress: bool | None) -> bool:
+    """progress=None: bars in a notebook or on a terminal, and under jax.distributed only on
+    process 0 (every process runs the same check)."""
     if progress is not None:
         return bool(progress)
+    if jax.process_index() != 0:
+        return False
     return in_notebook() or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 
 
