@@ -9,7 +9,11 @@ mode="full". Each figure is the median of --repeats fresh processes, imports exc
   * cache, warm: later processes (read instead of compiling);
   * the NumPy loop (CS231n's, every entry) on the same network, for scale.
 
-Run: python benchmarks/cold_start.py [--repeats 5]
+Run: python benchmarks/cold_start.py [--repeats 5] [--light-sweep]
+
+--light-sweep times the first check of MLPs of growing size with XLA's full optimisation and
+with jgc's light options (forced by JGC_XLA_LIGHT), against the predicted work of the dense
+program: the switch point programs.LIGHT_WORK comes from it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import sys
 import tempfile
 
 CHILD = """
-import json, time
+import json, os, time
 from jgc.examples import zoo
 import jgc
-model = zoo.mlp((20, 16, 3), batch=8)
+sizes = tuple(json.loads(os.environ.get("SIZES", "[20, 16, 3]")))
+model = zoo.mlp(sizes, batch=int(os.environ.get("BATCH", "8")))
 grad = zoo.mlp_grad(model)
 t = time.perf_counter()
 r = jgc.check_grad(model.loss, model.params, *model.args, grad=grad, mode="full",
@@ -64,13 +69,52 @@ def run(code: str, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# MLPs of growing work for --light-sweep: (sizes, batch).
+SWEEP = [((20, 16, 3), 8), ((50, 32, 10), 16), ((100, 64, 10), 32), ((256, 64, 10), 32),
+         ((784, 64, 10), 32), ((784, 128, 10), 64)]
+
+
+def light_sweep(repeats: int) -> None:
+    """The first check's time with XLA's full optimisation and with programs.LIGHT_OPTIONS,
+    forced either way (JGC_XLA_LIGHT), against the dense program's predicted work: where light
+    stops paying is programs.LIGHT_WORK."""
+    import jax
+
+    from jgc._src import structured
+    from jgc._src.evaluate import EVALS_PER_ENTRY
+    from jgc.examples import zoo
+
+    print(f"first full check in a fresh process (float64, no cache), medians of {repeats}:\n")
+    print("| MLP, batch | parameters | predicted work | full optimisation | light | light / full |")
+    print("|---|---|---|---|---|---|")
+    for sizes, batch in SWEEP:
+        model = zoo.mlp(sizes, batch=batch)
+        n = sum(v.size for v in model.params.values())
+        with jax.enable_x64(True):
+            jaxpr = jax.make_jaxpr(model.loss)(model.params, *model.args)
+        work = EVALS_PER_ENTRY * n * structured.jaxpr_cost(jaxpr)
+        env = {"SIZES": json.dumps(sizes), "BATCH": str(batch)}
+        full = statistics.median(run(CHILD, {**env, "JGC_XLA_LIGHT": "0"})["first"]
+                                 for _ in range(repeats))
+        light = statistics.median(run(CHILD, {**env, "JGC_XLA_LIGHT": "1"})["first"]
+                                  for _ in range(repeats))
+        print(f"| {'-'.join(map(str, sizes))}, {batch} | {n:,} | {work:.2g} | {full:.3f} s | "
+              f"{light:.3f} s | {light / full:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--light-sweep", action="store_true",
+                    help="measure where light XLA options stop paying (programs.LIGHT_WORK)")
     args = ap.parse_args()
-    plain = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
+    plain = {k: v for k, v in os.environ.items()
+             if k not in ("JGC_COMPILATION_CACHE", "JGC_XLA_LIGHT")}
     os.environ.clear()
     os.environ.update(plain)
+    if args.light_sweep:
+        light_sweep(args.repeats)
+        return
     rows = {"no cache": [run(CHILD, {}) for _ in range(args.repeats)]}
     cold, warm = [], []
     for _ in range(args.repeats):

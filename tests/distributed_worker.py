@@ -13,29 +13,35 @@ import os
 import sys
 
 DEVICES = 2
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
 
-import jax  # noqa: E402
 
-out_path, rest = sys.argv[1], sys.argv[2:]
-if rest != ["single"]:
-    pid, n, port = (int(a) for a in rest)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=n,
-                               process_id=pid, initialization_timeout=60)
+def main(out_path: str, rest: list[str]) -> None:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+    import jax
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import jgc  # noqa: E402
-from jgc.examples import complex_nets, mlp, zoo  # noqa: E402
+    if rest != ["single"]:
+        pid, n, port = (int(a) for a in rest)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=n,
+                                   process_id=pid, initialization_timeout=60)
+    results = {name: stable(report.to_dict()) for name, report in checks()}
+    results["_devices"] = [jax.device_count(), jax.local_device_count(), jax.process_count()]
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    if rest != ["single"]:
+        jax.distributed.shutdown()
 
 
 def checks():
     """(name, report) for every path a check can take: dense (full, sample, directional, auto),
     the structured evaluator, a NumPy loss on the host, complex leaves, check_vjp, check_hvp and
-    check_jvp.
-    """
+    check_jvp (the vjp's backward misses tanh's derivative: a planted bug)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jgc
+    from jgc.examples import complex_nets, mlp, zoo
+
     ex = mlp("tanh")
     bug = ex.bugs["b1_4_over_m"].grad
     yield "dense full", jgc.check_grad(ex.loss, ex.params, *ex.args, grad=bug, mode="full")
@@ -70,9 +76,6 @@ def stable(d: dict) -> dict:
     return d
 
 
-results = {name: stable(report.to_dict()) for name, report in checks()}
-results["_devices"] = [jax.device_count(), jax.local_device_count(), jax.process_count()]
-with open(out_path, "w") as f:
-    json.dump(results, f)
-if rest != ["single"]:
-    jax.distributed.shutdown()
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import programs
+from jgc._src import programs, structured
 from jgc._src.tree import InputError, Split, flat_output, match_gradient
 
 
@@ -65,6 +65,11 @@ class _GradStatic:
     segments: tuple[tuple[int, int, str], ...]
 
 
+# A gradient costs a small multiple of the function (the cheap-gradient principle: 3 to 5
+# evaluations' work in reverse mode); used for the programs' XLA options (programs.light).
+GRAD_WORK = 4.0
+
+
 def autodiff(ev) -> tuple[np.ndarray | None, str | None, BaseException | None]:
     """jax.grad of the evaluator's traced loss at theta, flat, in the evaluation dtype; or
     (None, why, the exception) when it cannot be taken."""
@@ -85,7 +90,7 @@ def autodiff(ev) -> tuple[np.ndarray | None, str | None, BaseException | None]:
 
     try:
         program = programs.compiled("autodiff", build, static, (ev.traced,),
-                                    (ev.consts, ev.theta, ev.dyn))
+                                    (ev.consts, ev.theta, ev.dyn), work=GRAD_WORK * ev.work)
         g = program(ev.consts, ev.theta, ev.dyn)
     except Exception as e:  # noqa: BLE001 - report why, check the rest.
         return None, f"jax.grad failed: {first_line(e)}", e
@@ -103,7 +108,7 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
     if not ev.traceable:
         return None, "f is not traceable by JAX"
     static = _GradStatic(ev.segments)
-    T = jnp.asarray(np.asarray(tangents, ev.dtype))
+    T = jax.device_put(np.asarray(tangents, ev.dtype))
 
     def f(consts, theta, dynamic):
         parts = [theta[a:b].astype(dt) for a, b, dt in static.segments]
@@ -125,7 +130,8 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
     for name, build in builds:
         try:
             program = programs.compiled(name, build, static, (ev.traced,),
-                                        (ev.consts, ev.theta, ev.dyn, T))
+                                        (ev.consts, ev.theta, ev.dyn, T),
+                                        work=GRAD_WORK * ev.work * len(T))
             return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)).astype(
                 np.float64), None
         except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
@@ -164,7 +170,7 @@ def call_gradient(ev, fn: Callable, what: str = "grad(params, *args)") -> Gradie
                     f"copies; it ran twice: JAX's tracer ran it first and stopped at "
                     f"{first_line(e)}")
         else:
-            consts = [jnp.asarray(c) for c in traced.consts]
+            consts = [jax.device_put(c) for c in traced.consts]
             segments = _GradStatic(ev.segments)
 
             def build():
@@ -175,7 +181,8 @@ def call_gradient(ev, fn: Callable, what: str = "grad(params, *args)") -> Gradie
                 return run
 
             program = programs.compiled("call", build, segments, (traced,),
-                                        (consts, ev.theta, ev.dyn))
+                                        (consts, ev.theta, ev.dyn),
+                                        work=structured.jaxpr_cost(traced.closed))
             flat = user_call(what, program, consts, ev.theta, ev.dyn)
             return GradientCall(jax.tree_util.tree_unflatten(traced.out_tree, flat))
     params, args = ev.host_inputs()

@@ -555,6 +555,9 @@ class DenseEvaluator(Evaluator):
         self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
         # Activation memory matters for budgeting large problems only.
         self.act_bytes = activation_bytes(traced.closed.jaxpr) if sp.n > SMALL_BATCHED else 0
+        # The work of one evaluation (structured._cost's units), for the XLA options
+        # (programs.light); infinite with a while loop (unknown trips): fully optimised.
+        self.work = structured.jaxpr_cost(traced.closed)
         self._place()
 
     # -- the single trace, and what programs are given ---------------------------------------
@@ -574,9 +577,11 @@ class DenseEvaluator(Evaluator):
 
     def _place(self) -> None:
         """Puts theta, the fixed leaves and the trace's constants on the device(s) once."""
-        self.theta = jnp.asarray(self.theta_np)
-        self.dyn = tuple(jnp.asarray(x) for x in (*self.dynamic[0], *self.dynamic[1]))
-        self.consts = [jnp.asarray(c) for c in self.traced.consts]
+        # device_put, not jnp.asarray: in this JAX, jnp.asarray compiles a small program per
+        # new shape (about 12 ms each, a third of a tiny check's first call).
+        self.theta = jax.device_put(self.theta_np)
+        self.dyn = tuple(jax.device_put(x) for x in (*self.dynamic[0], *self.dynamic[1]))
+        self.consts = [jax.device_put(c) for c in self.traced.consts]
         self._sharding = None
         if len(self.devices) > 1:
             mesh = Mesh(np.array(self.devices), ("p",))
@@ -671,7 +676,7 @@ class DenseEvaluator(Evaluator):
                              index, step, deadline=deadline)
 
     def vectors(self, vectors: np.ndarray):
-        out = jnp.asarray(np.asarray(vectors, self.dtype))
+        out = jax.device_put(np.asarray(vectors, self.dtype))
         if self._sharding is not None:
             out = jax.device_put(out, NamedSharding(self._sharding.mesh, P()))
         return out
@@ -697,7 +702,7 @@ class DenseEvaluator(Evaluator):
             raise
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
             raise InputError(why.format(first_line(e))) from e
-        theta = jnp.asarray(self.theta_np.astype(np.result_type(*cdtypes)))
+        theta = jax.device_put(self.theta_np.astype(np.result_type(*cdtypes)))
         static = _Static("complex", tuple((a, b, str(dt)) for (a, b, _), dt in
                                           zip(self.segments, cdtypes)), None, False,
                          self.batched, False)
@@ -705,14 +710,15 @@ class DenseEvaluator(Evaluator):
         pad = (-len(index)) % chunk
         idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
         st = np.concatenate([step, np.ones(pad)]).astype(self.dtype)
-        consts = [jnp.asarray(c) for c in traced.consts]
+        consts = [jax.device_put(c) for c in traced.consts]
         out = []
         try:
             for a in range(0, len(idx), chunk):
                 rows = (idx[a:a + chunk][None], st[a:a + chunk][None])
                 args = (consts, theta, self.dyn, *rows)
                 program = programs.compiled("complex", lambda: _program_complex(traced, static),
-                                            static, (traced,), args)
+                                            static, (traced,), args,
+                                            work=4 * self.work * len(index))
                 out.append(programs.to_host(program(*args)).ravel())
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
             raise InputError(why.format(first_line(e))) from e
@@ -780,12 +786,22 @@ class DenseEvaluator(Evaluator):
             bar.close()
         return np.concatenate(out)[:m].astype(np.float64)
 
+    def eval_work(self, leaf: int | None) -> float:
+        """The work of one perturbation of `leaf` (None: any) by its program."""
+        del leaf
+        return self.work
+
     def _compile(self, kind, build, static, rows, deadline):
         started = time.perf_counter()
+        # Expected work of the program over the check: its entries, each evaluated about
+        # EVALS_PER_ENTRY times (2 in a float64 full check, 4 with 2h everywhere in float32,
+        # more where refined), at its per-perturbation work.
+        size = self.sp.n if static.leaf is None else self.leaf_size(static.leaf)
+        work = EVALS_PER_ENTRY * size * self.eval_work(static.leaf)
         try:
             program = programs.compiled(kind, lambda: build(self.traced, static), static,
                                         (self.traced,), (self.consts, self.theta, self.dyn,
-                                                         *rows))
+                                                         *rows), work=work)
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
@@ -800,6 +816,9 @@ class DenseEvaluator(Evaluator):
 
 class _Unbatchable(Exception):
     """The batched program could not be built (the function does not vmap); see __cause__."""
+
+
+EVALS_PER_ENTRY = 4  # a program's expected evaluations per entry of its leaf (see _compile)
 
 
 # The structured evaluator (structured.py) for losses with at least this many parameters: below,
@@ -848,7 +867,7 @@ class StructuredEvaluator(DenseEvaluator):
         static = ("structured_base", self.segments, needed)
         program = programs.compiled(
             "structured_base", lambda: _program_base(flat, self.segments, needed), static,
-            (self.traced,), (self.consts, self.theta, self.dyn))
+            (self.traced,), (self.consts, self.theta, self.dyn), work=self.work)
         values = program(self.consts, self.theta, self.dyn)
         self.bases = dict(zip(needed, values))
 
@@ -860,6 +879,12 @@ class StructuredEvaluator(DenseEvaluator):
         if plan is None or k in self.failed:
             return max((p.dense for p in self.plans.values()), default=1.0)
         return plan.structured if plan.use else plan.dense
+
+    def eval_work(self, leaf: int | None) -> float:
+        plan = None if leaf is None else self.plans.get(leaf)
+        if plan is None or not plan.use or leaf in self.failed:
+            return self.work
+        return plan.structured
 
     def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
         if self.flat is None:

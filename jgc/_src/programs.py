@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -130,23 +131,45 @@ class _Cache:
 CACHE = _Cache(CACHE_SIZE)
 
 
+# Lighter XLA compilation for programs whose whole execution is small: on a tiny check most of
+# the time is XLA's backend (LLVM) optimising code that then runs for microseconds. These two
+# options (per program, no environment variables) cut that compile time while the code runs
+# 2-4x slower, which pays only while the program's execution stays small next to the time
+# saved. LIGHT_WORK is the switch point, in the work units of structured._cost (multiply-adds
+# of contractions, elements elsewhere) summed over every evaluation the program is expected to
+# run; measured with benchmarks/cold_start.py --light-sweep (README, "Cold start").
+LIGHT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+LIGHT_WORK = 1e9
+
+
+def light(work: float | None) -> bool:
+    """Compile with LIGHT_OPTIONS? `work`: the program's predicted total work (None: unknown,
+    so fully optimised). JGC_XLA_LIGHT=1 or 0 forces it either way (for measurements)."""
+    forced = os.environ.get("JGC_XLA_LIGHT", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return work is not None and work <= LIGHT_WORK
+
+
 def compiled(name: str, build: Callable[[], Callable], static: Hashable,
-             traced: tuple[Traced, ...], args: tuple) -> Callable:
+             traced: tuple[Traced, ...], args: tuple, work: float | None = None) -> Callable:
     """The compiled program `build()` for these arguments, from the cache when provably equal.
 
     `build()` returns a function of `args` (a flat tuple of arrays) that evaluates the traced
     user functions in `traced`; `static` is everything else that shapes the program (jgc's own
     choices: chunk sizes, which leaf is batched). A traced function whose key is None (a
-    parameter that cannot be compared) makes the program single-use.
+    parameter that cannot be compared) makes the program single-use. `work`: the program's
+    predicted total work over the check, which decides the XLA options (`light`).
     """
     keys = tuple(t.key for t in traced)
+    options = LIGHT_OPTIONS if light(work) else None
     key = None
     if all(k is not None for k in keys):
         key = (name, static, keys, tuple(_aval_key(a) for a in jax.tree_util.tree_leaves(args)),
-               tuple(d.id for d in jax.devices()))
+               tuple(d.id for d in jax.devices()), options is not None)
     program = CACHE.get(key)
     if program is None:
-        program = jax.jit(build()).lower(*args).compile()
+        program = jax.jit(build()).lower(*args).compile(compiler_options=options)
         CACHE.put(key, program)
     return program
 

@@ -334,16 +334,17 @@ def _cost(name: str, params: dict, in_shapes, out_shapes) -> float:
         spec = params["dimension_numbers"].rhs_spec
         return out * _size([in_shapes[1][a] for a in spec[1:]])
     if name == "scan":
-        return params["length"] * _jaxpr_cost(params["jaxpr"])
+        return params["length"] * jaxpr_cost(params["jaxpr"])
     if name == "cond":
-        return max(_jaxpr_cost(b) for b in params["branches"])
+        return max(jaxpr_cost(b) for b in params["branches"])
     if name == "while":  # an unknown number of trips: never cheaper than the dense pass
         return float("inf")
     inner = next((params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in params), None)
-    return _jaxpr_cost(inner) if inner is not None else out
+    return jaxpr_cost(inner) if inner is not None else out
 
 
-def _jaxpr_cost(jaxpr) -> float:
+def jaxpr_cost(jaxpr) -> float:
+    """The work of one evaluation of a (closed) jaxpr: the sum of its equations' `_cost`."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return sum(_cost(e.primitive.name, e.params,
                      [tuple(getattr(v.aval, "shape", ())) for v in e.invars],
