@@ -321,6 +321,25 @@ def test_structured_agrees_with_dense_on_every_model(name, x64):
     assert any(p.use for p in s.plans.values()), s.strategy_note()  # it was exercised
 
 
+@pytest.mark.parametrize("name", ["mlp_w2", "cnn_mnist", "attention_big"])
+def test_directions_from_the_base_values_agree_with_dense(name):
+    """Directions (whole-leaf perturbations, group testing's sub-ranges) evaluated from the
+    structured pass's base values: the same losses as the dense program, to rounding."""
+    sp, plan, s, d = _evaluators(BENCHMARK_MODELS[name](), True)
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        f0 = d.at()
+        for k in range(len(sp.checked)):
+            size = sp.offsets[k + 1] - sp.offsets[k]
+            vectors = s.vectors(rng.normal(size=(2, size)) * 1e-3)
+            vid, mult = np.array([0, 1, 0, 1]), np.array([1.0, -1.0, 0.5, -0.25])
+            lo, hi = np.array([0, 0, size // 3, 1]), np.array([size, size, size, size // 2 + 1])
+            a = s.along(k, vectors, vid, mult, lo, hi)
+            b = evaluate.DenseEvaluator.along(s, k, vectors, vid, mult, lo, hi)
+            assert np.max(np.abs(a - b)) <= 16 * 2.0 ** -52 * max(1.0, abs(f0)), k
+    assert not s.failed, s.failed
+
+
 def test_big_models_take_the_structured_pass_where_it_pays():
     """The CNN's convolutions and dense layers are structured; the leaves that feed a
     reduce_max over the fixed axis (the last bias, through log-softmax) are dense, and said."""

@@ -53,7 +53,7 @@ from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pfor
 # chunks, which cuts the per-call dispatch overhead that dominates them.
 MAX_CHUNK = 64
 MAX_CHUNK_SMALL = 512
-MIN_CHUNK = 16
+MIN_CHUNK = 2
 MAP_BATCH = 2  # large leaves: perturbations evaluated two at a time within a chunk
 SMALL_BATCHED = 4096  # "small": at most this many batched parameters per perturbation
 # From this many parameters on, each leaf gets its own batched function (a compile each), so that
@@ -730,7 +730,8 @@ class DenseEvaluator(Evaluator):
 
     # -- running a batched program in chunks -------------------------------------------------
     def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays,
-                 deadline: Deadline | None = None, per_bytes: int | None = None) -> np.ndarray:
+                 deadline: Deadline | None = None, per_bytes: int | None = None,
+                 fallback: bool = True) -> np.ndarray:
         """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
 
         A function that cannot be vmapped (the first compilation fails) is run again one
@@ -744,8 +745,8 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except _Unbatchable as e:
-            if per_bytes is not None:  # the structured program: the caller falls back
-                raise
+            if per_bytes is not None or not fallback:  # a structured program: the caller
+                raise  # falls back to the dense one
             self.batched, self.batch_error = False, first_line(e.__cause__)
             static = self._static(kind, leaf, False)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
@@ -786,9 +787,10 @@ class DenseEvaluator(Evaluator):
             bar.close()
         return np.concatenate(out)[:m].astype(np.float64)
 
-    def eval_work(self, leaf: int | None) -> float:
-        """The work of one perturbation of `leaf` (None: any) by its program."""
-        del leaf
+    def eval_work(self, kind: str, leaf: int | None) -> float:
+        """The work of one perturbation of `leaf` (None: any) by a program of `kind`: the
+        whole function's on the dense path."""
+        del kind, leaf
         return self.work
 
     def _compile(self, kind, build, static, rows, deadline):
@@ -797,7 +799,7 @@ class DenseEvaluator(Evaluator):
         # EVALS_PER_ENTRY times (2 in a float64 full check, 4 with 2h everywhere in float32,
         # more where refined), at its per-perturbation work.
         size = self.sp.n if static.leaf is None else self.leaf_size(static.leaf)
-        work = EVALS_PER_ENTRY * size * self.eval_work(static.leaf)
+        work = EVALS_PER_ENTRY * size * self.eval_work(kind, static.leaf)
         try:
             program = programs.compiled(kind, lambda: build(self.traced, static), static,
                                         (self.traced,), (self.consts, self.theta, self.dyn,
@@ -880,9 +882,11 @@ class StructuredEvaluator(DenseEvaluator):
             return max((p.dense for p in self.plans.values()), default=1.0)
         return plan.structured if plan.use else plan.dense
 
-    def eval_work(self, leaf: int | None) -> float:
+    def eval_work(self, kind: str, leaf: int | None) -> float:
+        """The structured program's planned work; every other program (directions, the
+        complex step, dense leaves) evaluates the whole function."""
         plan = None if leaf is None else self.plans.get(leaf)
-        if plan is None or not plan.use or leaf in self.failed:
+        if kind != "structured" or plan is None:
             return self.work
         return plan.structured
 
@@ -905,7 +909,32 @@ class StructuredEvaluator(DenseEvaluator):
             raise
         except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
             self.failed[k] = first_line(e.__cause__)
+            self.n_evaluations -= len(index)  # counted again by the dense program
             return super().leaf_perturbed(k, index, step, deadline)
+
+    def along(self, k, vectors, vid, mult, lo, hi) -> np.ndarray:
+        """Directions in leaf k from the structured pass's base values where the leaf has a
+        plan: the upstream layers are computed once per check, not once per call (group
+        testing makes a hundred small calls on a large leaf)."""
+        if self.flat is None:
+            self._setup()
+        plan = None if k is None else self.plans.get(k)
+        if plan is None or not plan.use or k in self.failed:
+            return super().along(k, vectors, vid, mult, lo, hi)
+        bases = tuple(self.bases[i] for i in plan.needed)
+        vid, lo, hi = (np.asarray(x, np.int64) for x in (vid, lo, hi))
+        mult = np.asarray(mult, np.float64)
+        try:
+            return self._batches(
+                "structured_along", lambda traced, st: _program_structured_along(
+                    self.flat, plan, self.segments, k, self.dtypes[k], st), k,
+                self.leaf_size(k), (bases, vectors), vid, mult, lo, hi, fallback=False)
+        except InputError:
+            raise
+        except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
+            self.failed[k] = first_line(e.__cause__)
+            self.n_evaluations -= len(vid)  # counted again by the dense program
+            return super().along(k, vectors, vid, mult, lo, hi)
 
     def strategy_note(self) -> str:
         specs = self.sp.checked_specs()
@@ -941,6 +970,28 @@ def _program_structured(flat, plan, segments, k: int, dtype):
             return out[:, 0]
 
         return jax.vmap(per_device)(index, step)
+
+    return run
+
+
+def _program_structured_along(flat, plan, segments, k: int, dtype, st: _Static):
+    """As _program_losses_along for leaf k, from the leaf-independent base values: only the
+    equations that depend on the leaf run per direction (the layers upstream of it once per
+    check, not once per call)."""
+    a, b, _ = segments[k]
+
+    def run(consts, theta, dynamic, bases, vectors, vid, mult, lo, hi):
+        del consts, dynamic  # everything the pass reads is in `bases`
+        leaf = theta[a:b]
+        positions = jnp.arange(b - a)
+
+        def one(v, c, lo_, hi_):
+            mask = (positions >= lo_) & (positions < hi_)
+            value = (leaf + jnp.where(mask, c * vectors[v], 0)).astype(dtype)
+            return structured.leaf_losses_dense(flat, list(plan.eqns), flat.invars[k],
+                                                plan.needed, bases, value[None])[0, 0]
+
+        return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)
 
     return run
 

@@ -165,17 +165,34 @@ def sample_entries(sp: Split, samples: int, seed: int, magnitudes=None) -> list[
         if spec.size <= samples or n <= count:
             out.append(np.arange(spec.size))
             continue
+        if count == 0:
+            out.append(np.zeros(0, np.int64))
+            continue
         top = np.zeros(0, np.int64)
         if magnitudes is not None:
             mag = np.abs(np.asarray(magnitudes[k], np.float64)).reshape(n, parts).max(axis=1)
-            size = np.nan_to_num(mag, nan=np.inf)
-            top = np.argsort(-size, kind="stable")[:int(math.ceil(count * LARGEST_FRACTION))]
+            top = _largest(np.nan_to_num(mag, nan=np.inf), int(math.ceil(count * LARGEST_FRACTION)))
         rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
-        rest = np.setdiff1d(np.arange(n), top)
+        rest = np.ones(n, bool)  # the complement of `top`, in order (setdiff1d without its
+        rest[top] = False  # sort: 0.2 s per call on a 3M-entry leaf)
+        rest = np.flatnonzero(rest)
         pick = np.sort(np.concatenate([top, rng.choice(rest, size=count - len(top),
                                                         replace=False)])).astype(np.int64)
         out.append(with_partners(spec, pick * parts))
     return out
+
+
+def _largest(size: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest values, ties to the lower index: the first k of a stable
+    argsort of -size, in O(n) (argsort of a 3M-entry leaf took 0.3 s)."""
+    if k >= len(size):
+        return np.arange(len(size))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    threshold = np.partition(size, len(size) - k)[len(size) - k]
+    above = np.flatnonzero(size > threshold)
+    tied = np.flatnonzero(size == threshold)[:k - len(above)]
+    return np.concatenate([above, tied]).astype(np.int64)
 
 
 def with_partners(spec, entries: np.ndarray) -> np.ndarray:

@@ -105,8 +105,12 @@ class Directions:
         f = self.ev.along(self.k, self.on_device, np.concatenate([vid, vid]),
                           np.concatenate([np.full(n, scale), np.full(n, -scale)]),
                           np.concatenate([lo, lo]), np.concatenate([hi, hi]))
-        plus, minus = exact_displacements(self.x, [scale * self.rows[v] for v in vid])
-        cp, cm = _dots(self.g, plus, lo, hi) / scale, _dots(self.g, minus, lo, hi) / scale
+        # The checked value along the steps actually taken, on each probe's own entries only
+        # (group testing probes ever smaller ranges of a large leaf).
+        cp, cm = np.zeros(n), np.zeros(n)
+        for j, (v, a, b) in enumerate(zip(vid, lo, hi)):
+            (plus,), (minus,) = exact_displacements(self.x[a:b], [scale * self.rows[v][a:b]])
+            cp[j], cm[j] = self.g[a:b] @ plus / scale, self.g[a:b] @ minus / scale
         c = self.checked[where]
         width = np.full(n, scale)
         return es.Sides(f[:n], f[n:], width, width, shift=((cp + cm) / 2 - c, cp - c, cm - c))

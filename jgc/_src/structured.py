@@ -825,14 +825,28 @@ def leaf_losses(flat: Flat, eqns: list[Eqn], leaf_id: int, needed: tuple[int, ..
     """
     env = dict(zip(needed, bases))
     val = (leaf[index] + step).astype(dtype)
-    rep = {leaf_id: Slab(env[leaf_id], (0,), index[:, None].astype(jnp.int32), val)}
+    slab = Slab(env[leaf_id], (0,), index[:, None].astype(jnp.int32), val)
+    return _outputs(flat, eqns, env, leaf_id, slab, index.shape[0])
+
+
+def leaf_losses_dense(flat: Flat, eqns: list[Eqn], leaf_id: int, needed: tuple[int, ...],
+                      bases, values):
+    """The flat outputs with the leaf's segment replaced by each row of `values` (C, size):
+    a perturbation of the whole leaf (a direction). Only the equations that depend on the leaf
+    run, densely; everything upstream is read from `bases` (computed once per check)."""
+    env = dict(zip(needed, bases))
+    return _outputs(flat, eqns, env, leaf_id, Slab(env[leaf_id], (), None, values),
+                    values.shape[0])
+
+
+def _outputs(flat: Flat, eqns: list[Eqn], env: dict, leaf_id: int, slab: Slab, c: int):
+    rep = {leaf_id: slab}
     for eqn in eqns:
         ins = [a.value if isinstance(a, Lit) else rep.get(a, env.get(a)) for a in eqn.ins]
         outs = apply(eqn, ins, [env[i] if i >= 0 else None for i in eqn.outs])
         for i, o in zip(eqn.outs, outs):
             if i >= 0:
                 rep[i] = o
-    c = index.shape[0]
     values = []
     for o in flat.outs:
         if isinstance(o, int) and o in rep:
