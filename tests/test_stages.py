@@ -346,3 +346,35 @@ def test_auto_deadline_predicts_other_leaves_from_their_work():
     with pytest.raises(TooSlow) as e:
         tight.observe(100, 100, 0.01)
     assert e.value.predicted == pytest.approx(1.01 + 800 * 1e-4 + 10 * 1e4 * 1e-4)
+
+
+# -- sampling and the XLA options ---------------------------------------------------------------
+
+def test_largest_entries_match_a_stable_argsort():
+    """plan._largest (a partition, O(n)) picks the same entries as the stable argsort it
+    replaced, ties to the lower index; so samples did not move."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        size = rng.integers(0, 4, n).astype(float)  # many ties
+        for k in (0, 1, int(rng.integers(0, n + 1)), n, n + 3):
+            want = set(np.argsort(-size, kind="stable")[:k].tolist())
+            assert set(pl._largest(size, k).tolist()) == want
+
+
+def test_light_xla_options_follow_the_predicted_work(monkeypatch):
+    from jgc._src import programs
+
+    monkeypatch.delenv("JGC_XLA_LIGHT", raising=False)
+    assert programs.light(1e6) and not programs.light(1e12) and not programs.light(None)
+    monkeypatch.setenv("JGC_XLA_LIGHT", "0")
+    assert not programs.light(1e6)
+    monkeypatch.setenv("JGC_XLA_LIGHT", "1")
+    assert programs.light(1e12)
+    # A tiny check's batch program is compiled light; the key records it.
+    monkeypatch.delenv("JGC_XLA_LIGHT")
+    ex = mlp("tanh", seed=11)
+    programs.CACHE.entries.clear()
+    assert jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad).ok
+    kinds = {key[0]: key[-1] for key in programs.CACHE.entries}
+    assert kinds["losses_at"] is True and kinds["autodiff"] is True

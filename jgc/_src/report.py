@@ -73,9 +73,9 @@ class LeafReport:
     status: str
     max_rel_error: float = 0.0
     worst_index: tuple[int, ...] | None = None
-    numerical: float | None = None
-    checked: float | None = None
-    autodiff: float | None = None
+    numerical: float | complex | None = None  # complex for a complex leaf (JAX's convention)
+    checked: float | complex | None = None
+    autodiff: float | complex | None = None
     n_mismatch: int = 0
     n_kink: int = 0
     pattern: str | None = None
