@@ -19,9 +19,11 @@
   perturbations of a leaf go through structured.py's pass over the same trace, which recomputes
   only what each perturbation changes (a column of a layer's output, one output channel of a
   convolution, a rank-1 update of the next layer), wherever its planned work is at most half
-  the dense pass's. Its values agree with the dense evaluator's to rounding; directions, the
-  complex step and vector functions stay dense. The report's notes say which leaves took which
-  path.
+  the dense pass's. Directions in such a leaf (whole-leaf perturbations: directional mode and
+  its group testing) start from the same pass's leaf-independent base values and run every
+  equation that depends on the leaf densely, so the layers upstream of it are computed once
+  per check. Its values agree with the dense evaluator's to rounding; the complex step and
+  vector functions stay dense. The report's notes say which leaves took which path.
 * `HostEvaluator`: a function JAX cannot trace (plain NumPy forward code), evaluated in a loop on
   the host, with the same results, more slowly.
 
@@ -842,7 +844,8 @@ def structured_chunk(per_bytes: int, budget: int) -> int:
 class StructuredEvaluator(DenseEvaluator):
     """The dense evaluator, except that a leaf's one-entry perturbations go through the
     structured pass (structured.py) wherever it does less work: only what each perturbation
-    changes is recomputed. Directions and the complex step stay dense."""
+    changes is recomputed, and directions in it start from the pass's base values (the
+    upstream layers once per check). The complex step stays dense."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
