@@ -16,18 +16,18 @@ import numpy as np
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.probes import Coordinates, all_steps, global_indices
-from jgc._src.tree import InputError, Split
+from jgc._src.tree import InputError, Split, listing
 from jgc._src.vocab import Method
 
 
 def refuse_complex_leaves(sp: Split) -> None:
     """The complex step perturbs along the imaginary axis, which a complex parameter already
     uses: Im f(z + ih) / h would mix its derivative along Im z into the result."""
-    bad = [s.path or "<params>" for s in sp.checked_specs() if s.is_complex]
+    bad = sp.complex_paths()
     if bad:
         raise InputError(
             f"method='complex' (the complex step) cannot check complex parameters "
-            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): it needs the imaginary "
+            f"({listing(bad, 5)}): it needs the imaginary "
             "axis for its own step, which a complex parameter already uses. Use "
             "method='central' (the default) or 'richardson': they perturb the real and the "
             "imaginary part of each entry separately.")

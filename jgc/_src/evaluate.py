@@ -253,8 +253,7 @@ def _program_losses_along(traced: programs.Traced, st: _Static):
         positions = jnp.arange(base.shape[0])
 
         def one(v, c, a, b):
-            mask = (positions >= a) & (positions < b)
-            value = base + jnp.where(mask, c * vectors[v], 0)
+            value = _displaced(base, positions, vectors, v, c, a, b)
             if st.leaf is None:
                 parts = [value[a:b] for a, b, _ in st.segments]
             else:
@@ -265,6 +264,12 @@ def _program_losses_along(traced: programs.Traced, st: _Static):
         return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)
 
     return run
+
+
+def _displaced(base, positions, vectors, v, c, a, b):
+    """base + c * vectors[v] on entries a..b-1: one row of a direction batch. mult is +-1 or a
+    power of two and the mask 0 or 1, so the value is fl(x + s) for the vector's own entry s."""
+    return base + jnp.where((positions >= a) & (positions < b), c * vectors[v], 0)
 
 
 def _program_complex(traced: programs.Traced, st: _Static):
@@ -296,11 +301,7 @@ def agreed_budget(budget: int) -> int:
     """The memory budget every process uses: under jax.distributed the smallest of theirs
     (memory is per process), so that all choose the same chunks and run the same programs; a
     different chunk on one process would leave the others waiting at a collective."""
-    if not programs.multiprocess():
-        return budget
-    from jax.experimental import multihost_utils
-
-    return int(np.min(multihost_utils.process_allgather(np.array([budget], np.int64))))
+    return int(programs.process_min(budget))
 
 
 def activation_bytes(jaxpr) -> int:
@@ -398,11 +399,9 @@ class Deadline:
         first = len(self.chunks) == 1 and seconds < self.seconds / 4
         per_eval = (self.execution + to_do) / max(self.total, 1)
         slow = predicted > max(self.seconds, directional) and not first
-        if programs.multiprocess():  # one decision for all: process 0's (timings differ)
-            from jax.experimental import multihost_utils
-
-            slow, predicted, directional, per_eval = multihost_utils.broadcast_one_to_all(
-                np.array([slow, predicted, directional, per_eval], np.float64)).tolist()
+        # One decision for every process (jax.distributed): process 0's, as timings differ.
+        slow, predicted, directional, per_eval = programs.from_process_0(
+            [slow, predicted, directional, per_eval])
         if slow:
             raise TooSlow(predicted, directional, per_eval)
 
@@ -747,8 +746,8 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except _Unbatchable as e:
-            if per_bytes is not None or not fallback:  # a structured program: the caller
-                raise  # falls back to the dense one
+            if not fallback:  # a structured program: the caller falls back to the dense one
+                raise
             self.batched, self.batch_error = False, first_line(e.__cause__)
             static = self._static(kind, leaf, False)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
@@ -907,7 +906,7 @@ class StructuredEvaluator(DenseEvaluator):
         try:
             return self._batches("structured", lambda traced, st: _program_structured(
                 self.flat, plan, self.segments, k, self.dtypes[k]), k, 0, (bases,), index, step,
-                deadline=deadline, per_bytes=per_bytes)
+                deadline=deadline, per_bytes=per_bytes, fallback=False)
         except InputError:
             raise
         except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
@@ -989,8 +988,7 @@ def _program_structured_along(flat, plan, segments, k: int, dtype, st: _Static):
         positions = jnp.arange(b - a)
 
         def one(v, c, lo_, hi_):
-            mask = (positions >= lo_) & (positions < hi_)
-            value = (leaf + jnp.where(mask, c * vectors[v], 0)).astype(dtype)
+            value = _displaced(leaf, positions, vectors, v, c, lo_, hi_).astype(dtype)
             return structured.leaf_losses_dense(flat, list(plan.eqns), flat.invars[k],
                                                 plan.needed, bases, value[None])[0, 0]
 

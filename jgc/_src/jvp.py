@@ -40,6 +40,7 @@ from jgc._src.tree import (
     LeafSpec,
     flat_output,
     flatten,
+    listing,
     match_gradient,
     merge_parts,
     split_checked,
@@ -336,10 +337,10 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
 
 
 def _refuse_complex(sp) -> None:
-    bad = [s.path or "<params>" for s in sp.checked_specs() if s.is_complex]
+    bad = sp.complex_paths()
     if bad:
         raise InputError(
-            f"check_hvp does not take complex parameters yet ({', '.join(bad[:5])}): a "
+            f"check_hvp does not take complex parameters yet ({listing(bad, 5)}): a "
             "Hessian-vector product over complex entries has no single convention (holomorphic "
             "or real-view). Split each into real and imaginary parts, e.g. params = {'re': "
             "z.real, 'im': z.imag} with z = re + 1j * im inside the loss, or check the "

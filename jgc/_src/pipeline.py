@@ -27,7 +27,7 @@ from jgc._src.inputs import Options, in_precision, promote_args, refuse_unusable
 from jgc._src.probes import Coordinates
 from jgc._src.progress import progress_factory
 from jgc._src.report import Report
-from jgc._src.tree import InputError, Split, complex_value, match_gradient, split_checked
+from jgc._src.tree import InputError, Split, complex_value, listing, match_gradient, split_checked
 from jgc._src.vocab import Method, Mode
 
 
@@ -106,10 +106,9 @@ def prepare(loss: Callable, params, args: tuple, grad, o: Options) -> Check | Re
     plan = pl.make_plan(sp, mode=o.mode, x64=o.x64, eps=o.eps, samples=o.samples, seed=o.seed,
                         method=o.method)
     notes = []
-    complex_leaves = [s.path or "<params>" for s in sp.checked_specs() if s.is_complex]
+    complex_leaves = sp.complex_paths()
     if complex_leaves:
-        notes.append(f"complex: {', '.join(complex_leaves[:4])}"
-                     f"{', ...' if len(complex_leaves) > 4 else ''} checked along the real and "
+        notes.append(f"complex: {listing(complex_leaves, 4)} checked along the real and "
                      "the imaginary direction of each entry (each counts as two checked "
                      "entries), and compared in JAX's convention ∂f/∂x − i·∂f/∂y, as jax.grad "
                      "returns it")
@@ -121,8 +120,7 @@ def prepare(loss: Callable, params, args: tuple, grad, o: Options) -> Check | Re
     args, promoted = promote_args(args, o.x64)
     if promoted:
         notes.append(f"x64: floating-point arguments were promoted to float64 with the "
-                     f"parameters ({', '.join(promoted[:4])}"
-                     f"{', ...' if len(promoted) > 4 else ''}); pass x64=False to check at "
+                     f"parameters ({listing(promoted, 4)}); pass x64=False to check at "
                      "their own precision")
     ev = make_evaluator(loss, sp, plan.theta, plan.dtypes, args, has_aux=o.has_aux,
                         memory_budget=o.memory_budget, progress=progress_factory(o.progress))
@@ -268,8 +266,8 @@ def directional_phase(check: Check) -> tuple[Check, dict]:
     check = dataclasses.replace(check, plan=plan)
     if escalated:
         check = check.note(
-            f"directional: random directions resolve {', '.join(escalated[:5])}"
-            f"{', ...' if len(escalated) > 5 else ''} no better than {dg.COARSE:.0%}, so jgc "
+            f"directional: random directions resolve {listing(escalated, 5)}"
+            f" no better than {dg.COARSE:.0%}, so jgc "
             f"also checked up to {o.samples} of {'its' if len(escalated) == 1 else 'their'} "
             "entries one by one")
     return check, outcomes

@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.extend.core
 import numpy as np
+from jax.experimental import multihost_utils
 
 CACHE_SIZE = 64  # compiled programs kept; each holds an XLA executable (and its rules alive)
 _ATOMS = (int, float, bool, str, bytes, type(None), np.dtype, np.generic)
@@ -185,8 +186,6 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:  # every process holds all of it: no collective needed
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -194,3 +193,17 @@ def to_host(x) -> np.ndarray:
 def multiprocess() -> bool:
     """Running under jax.distributed with more than one process."""
     return jax.process_count() > 1
+
+
+def process_min(value: float) -> float:
+    """The smallest of every process's `value` (a collective under jax.distributed)."""
+    if not multiprocess():
+        return value
+    return float(np.min(multihost_utils.process_allgather(np.array([value], np.float64))))
+
+
+def from_process_0(values: list) -> list:
+    """Process 0's `values` on every process (a collective under jax.distributed), as floats."""
+    if not multiprocess():
+        return values
+    return multihost_utils.broadcast_one_to_all(np.array(values, np.float64)).tolist()

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jgc._src.tree import listing
+
 # -- the flattened jaxpr ----------------------------------------------------------------------
 
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -907,12 +909,12 @@ def describe(plans: dict[str, LeafPlan]) -> str:
         factor = (f"{min(speed):.0f}x" if round(min(speed)) == round(max(speed))
                   else f"{min(speed):.0f}x to {max(speed):.0f}x")
         text = (f"structured evaluation (only what each perturbation changes is recomputed) for "
-                f"{', '.join(used[:6])}{', ...' if len(used) > 6 else ''}: "
+                f"{listing(used, 6)}: "
                 f"{factor} less work per perturbation")
     if dense:
         why = sorted({f for p in dense for f in plans[p].fallbacks[:1]})
         text += ("; " if text else "") + (
-            f"dense evaluation for {', '.join(dense[:6])}{', ...' if len(dense) > 6 else ''}"
+            f"dense evaluation for {listing(dense, 6)}"
             + (f" (the perturbation spreads at {', '.join(why[:3])})" if why else ""))
     return text
 

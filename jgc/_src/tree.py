@@ -86,11 +86,21 @@ class Split:
     def checked_specs(self) -> list[LeafSpec]:
         return [self.specs[i] for i in self.checked]
 
+    def complex_paths(self) -> list[str]:
+        """The paths of the checked complex leaves."""
+        return [s.path or "<params>" for s in self.checked_specs() if s.is_complex]
+
     def locate(self, flat_index: int) -> str:
         """The entry at a position of the flat vector, as "['W1'][0, 2]"."""
         k = int(np.searchsorted(self.offsets, flat_index, side="right")) - 1
         spec = self.specs[self.checked[k]]
         return f"{spec.path or '<params>'}{spec.entry_name(int(flat_index) - self.offsets[k])}"
+
+
+def listing(names, limit: int) -> str:
+    """Up to `limit` names, comma-separated, with ', ...' when there are more."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def is_float_leaf(x) -> bool:
