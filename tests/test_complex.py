@@ -218,6 +218,8 @@ def test_refusals_name_the_problem():
         jgc.check_grad(lambda z: jnp.sum(jnp.abs(z) ** 2), {"z": z}, method="complex")
     with pytest.raises(jgc.InputError, match=r"\['z'\].*imaginary axis"):
         jgc.numerical_grad(lambda p: jnp.sum(jnp.abs(p["z"]) ** 2), {"z": z}, method="complex")
+    with pytest.raises(jgc.InputError, match=r"tangents\[0\] is complex.*Pass a real tangent"):
+        jgc.check_jvp(jnp.sin, None, (np.ones(2),), (np.ones(2) * 1j,))
     with pytest.raises(jgc.InputError, match="check_hvp does not take complex parameters"):
         jgc.check_hvp(lambda z: jnp.sum(jnp.abs(z) ** 4), z)
 

@@ -335,7 +335,8 @@ def _as_view(arr: np.ndarray, spec: LeafSpec, what: str, tangent: bool) -> np.nd
             if np.any(arr.imag):
                 raise InputError(
                     f"{what}{spec.path} is complex ({arr.dtype}) but params{spec.path} is "
-                    "real. Return the real gradient (for a real loss, its real part).")
+                    "real. " + ("Pass a real tangent for a real input." if tangent else
+                                "Return the real gradient (for a real loss, its real part)."))
             arr = arr.real
         return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
     if not np.issubdtype(arr.dtype, np.inexact):
