@@ -1,3 +1,5 @@
+import gc
+
 import jax
 import numpy as np
 import pytest
@@ -5,10 +7,11 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _config_unchanged():
-    """Every test must leave the global JAX configuration as it found it."""
-    before = (jax.config.jax_enable_x64, jax.config.jax_default_device)
+    """Every test must leave the global JAX configuration, and Python's garbage collector (which
+    a check pauses), as it found them."""
+    before = (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled())
     yield
-    assert (jax.config.jax_enable_x64, jax.config.jax_default_device) == before
+    assert (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled()) == before
 
 
 def snapshot(tree):

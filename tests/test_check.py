@@ -1,5 +1,8 @@
 """check_grad / assert_grad / numerical_grad on every kind of pytree and gradient."""
 
+import concurrent.futures
+import gc
+import threading
 import typing
 
 import jax
@@ -193,6 +196,57 @@ def test_x64_restored_after_interrupt():
     with pytest.raises(KeyboardInterrupt):
         jgc.check_grad(loss, {"a": np.ones(2)}, grad=lambda p: p)
     assert jax.config.jax_enable_x64 is False
+
+
+@pytest.mark.parametrize("outcome", ["ok", "error", "interrupt"])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_garbage_collector_paused_during_a_check_and_restored(outcome, enabled):
+    ex = mlp("tanh", xp=np)
+    seen = []
+
+    def loss(p, X, Y):  # a NumPy loss runs on the host, in this thread, during the check
+        seen.append(gc.isenabled())
+        if outcome == "interrupt":
+            raise KeyboardInterrupt
+        return ex.loss(p, X, Y)
+
+    grad = ex.grad if outcome != "error" else (lambda p, X, Y: 1 / 0)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        if outcome == "ok":
+            assert jgc.check_grad(loss, ex.params, *ex.args, grad=grad).ok
+        else:
+            with pytest.raises(KeyboardInterrupt if outcome == "interrupt" else jgc.InputError):
+                jgc.check_grad(loss, ex.params, *ex.args, grad=grad)
+        assert seen and not any(seen)
+        assert gc.isenabled() is enabled  # restored; a user's disabled collector stays off
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_garbage_collector_restored_after_concurrent_checks():
+    """Two checks on two threads: the collector stays off until the last one returns."""
+    ex = mlp("tanh", xp=np)
+    both_inside = threading.Barrier(2)
+    first_call = threading.local()
+    seen = []
+
+    def loss(p, X, Y):  # a NumPy loss: called on each check's own thread
+        if not getattr(first_call, "done", False):
+            first_call.done = True
+            both_inside.wait(timeout=60)  # both checks are running
+        seen.append(gc.isenabled())
+        return ex.loss(p, X, Y)
+
+    def one(_):
+        return jgc.check_grad(loss, ex.params, *ex.args, grad=ex.grad).ok
+
+    assert gc.isenabled()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(one, range(2)))
+    assert seen and not any(seen)
+    assert gc.isenabled()
 
 
 def test_user_arrays_never_mutated():
