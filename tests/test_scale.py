@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import evaluate, plan, progress
+from jgc._src import evaluate, plan, programs, progress
 from jgc.examples import mlp
 
 SHARD_SCRIPT = textwrap.dedent("""
@@ -200,3 +201,45 @@ def test_second_check_of_larger_model_compiles_nothing():
     with jax.log_compiles(), _count_compiles() as count:
         jgc.check_grad(changed, other, *ex.args, mode="directional")
     assert count() > 0
+
+
+@pytest.mark.parametrize("x64", [True, False])  # the structured pass; the dense per-leaf path
+def test_leaf_programs_compile_together_on_worker_threads(monkeypatch, x64):
+    """The per-leaf programs of a stencil are compiled on worker threads before the loop
+    evaluates them, for exactly the chunks the loop passes: the loop compiles none of them
+    again, the check compiles as many programs as it would one after the other, and the report
+    is the same."""
+    ex = mlp("tanh", width=150)  # n = 23,103: a program per leaf
+    ex_bad = ex.bugs["b2_sign"].grad
+
+    def run(precompile: bool):
+        monkeypatch.setattr(programs, "CACHE", programs._Cache(programs.CACHE_SIZE))
+        if not precompile:
+            monkeypatch.setattr(evaluate.DenseEvaluator, "_precompile", lambda *a: None)
+        threads = []
+        real = programs.compiled
+
+        def spy(name, *a, **kw):
+            before = programs.CACHE.compiles
+            out = real(name, *a, **kw)
+            if programs.CACHE.compiles > before:
+                threads.append((name, threading.current_thread() is threading.main_thread()))
+            return out
+
+        monkeypatch.setattr(programs, "compiled", spy)
+        r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex_bad, mode="full", x64=x64)
+        monkeypatch.undo()
+        return r, threads
+
+    together, threads = run(True)
+    alone, threads_alone = run(False)
+    leaf_kind = "structured" if x64 else "losses_at"
+    on_workers = [name for name, main in threads if name == leaf_kind and not main]
+    assert len(on_workers) == len(ex.params)  # every leaf's program, off the main thread
+    assert sorted(threads) != sorted(threads_alone)
+    assert sorted(name for name, _ in threads) == sorted(name for name, _ in threads_alone)
+    assert together.bad_leaves and [b.path for b in together.bad_leaves] == ["['b2']"]
+    for a, b in zip(together.leaves, alone.leaves):
+        assert (a.path, a.status, a.n_checked, a.pattern) == (b.path, b.status, b.n_checked,
+                                                               b.pattern)
+        assert a.max_rel_error == b.max_rel_error  # the same programs: the same numbers

@@ -34,6 +34,7 @@ vector per evaluation.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import time
@@ -553,6 +554,7 @@ class DenseEvaluator(Evaluator):
         self.progress = progress
         self.batched = True
         self.devices = jax.devices()
+        self._compiled_chunks: set = set()  # (static, chunk) of programs _precompile compiled
         self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
         # Activation memory matters for budgeting large problems only.
         self.act_bytes = activation_bytes(traced.closed.jaxpr) if sp.n > SMALL_BATCHED else 0
@@ -656,6 +658,7 @@ class DenseEvaluator(Evaluator):
         if deadline is not None:
             for k in leaves:
                 deadline.expect(int(k), int(np.sum(leaf_of == k)), self.leaf_work(int(k)))
+        self._precompile([(int(k), int(np.sum(leaf_of == k))) for k in leaves], deadline)
         for done, k in enumerate(leaves):
             sel = leaf_of == k
             if deadline is not None:
@@ -671,10 +674,59 @@ class DenseEvaluator(Evaluator):
         del k
         return 1.0
 
+    def leaf_program(self, k: int) -> _LeafProgram:
+        """How leaf k's perturbations are evaluated: the dense batched program."""
+        return _LeafProgram("losses_at", _program_losses_at)
+
     def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
         """Perturbations of checked leaf k (indices within the leaf), by its batched program."""
-        return self._batches("losses_at", _program_losses_at, k, self.leaf_size(k), (),
-                             index, step, deadline=deadline)
+        lp = self.leaf_program(k)
+        return self._batches(lp.kind, lp.build, k, self._batched(k, lp), lp.extra, index, step,
+                             deadline=deadline, per_bytes=lp.per_bytes, fallback=lp.fallback)
+
+    def _batched(self, k: int, lp: _LeafProgram) -> int:
+        """Entries each perturbation of leaf k's program carries: the leaf, or none."""
+        return self.leaf_size(k) if lp.copies_leaf else 0
+
+    def _precompile(self, counts: list[tuple[int, int]], deadline: Deadline | None) -> None:
+        """Compiles the programs that these (leaf, evaluations) will run, on worker threads.
+
+        Per-leaf programs are otherwise compiled one after the other as the loop reaches each
+        leaf, and XLA releases the GIL while it compiles: on W2 (four leaves) compilation is
+        most of a full check. Each program is compiled for exactly the first chunk `_chunks`
+        will pass it, so the loop then finds it in the program cache. A program that fails here
+        (a function that does not vmap, a rule that cannot trace) is left to the loop, which
+        handles and reports it. The wall time counts as the deadline's compilation. Not under
+        jax.distributed, where every process compiles in the same order.
+        """
+        jobs = []
+        for k, m in counts:
+            lp = self.leaf_program(k)
+            batched = self._batched(k, lp)
+            static = self._static(lp.kind, k, batched > SMALL_BATCHED)
+            chunk, per_device, devices = self._chunk_shape(m, batched, lp.per_bytes)
+            if (static, chunk) in self._compiled_chunks:
+                continue
+            self._compiled_chunks.add((static, chunk))
+            arrays = (np.zeros(chunk, np.int32), np.zeros(chunk, self.dtype))
+            rows = (*lp.extra, *self._rows(arrays, 0, chunk, devices, per_device))
+            jobs.append((lp.kind, lp.build, static, rows))
+        if len(jobs) < 2 or programs.multiprocess():
+            return
+        started = time.perf_counter()
+        x64 = bool(jax.config.jax_enable_x64)  # thread-local: the workers run under the same
+
+        def compile_one(job):
+            with jax.enable_x64(x64):
+                try:
+                    self._compile(*job, None)
+                except Exception:  # noqa: BLE001 - the loop compiles it again and handles it
+                    pass
+
+        with concurrent.futures.ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+            list(pool.map(compile_one, jobs))
+        if deadline is not None:
+            deadline.compiling += time.perf_counter() - started
 
     def vectors(self, vectors: np.ndarray):
         out = jax.device_put(np.asarray(vectors, self.dtype))
@@ -752,13 +804,24 @@ class DenseEvaluator(Evaluator):
             static = self._static(kind, leaf, False)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
-    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
-                per_bytes: int | None = None) -> np.ndarray:
-        m = len(arrays[0])
+    def _chunk_shape(self, m: int, batched: int, per_bytes: int | None) -> tuple[int, int, int]:
+        """(chunk, per device, devices) of a batched call over m perturbations."""
         per_device = (self.chunk_size(m, batched) if per_bytes is None
                       else structured_chunk(per_bytes, self.memory_budget))
         devices = len(self.devices) if self.batched else 1
-        chunk = per_device * devices
+        return per_device * devices, per_device, devices
+
+    def _rows(self, padded, s: int, chunk: int, devices: int, per_device: int) -> list:
+        """Chunk s..s+chunk of the padded arrays, split over the devices (sharded if several)."""
+        parts = [p[s:s + chunk].reshape(devices, per_device, *p.shape[1:]) for p in padded]
+        if self._sharding is not None and self.batched:
+            parts = [jax.device_put(p, self._sharding) for p in parts]
+        return parts
+
+    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
+                per_bytes: int | None = None) -> np.ndarray:
+        m = len(arrays[0])
+        chunk, per_device, devices = self._chunk_shape(m, batched, per_bytes)
         pad = (-m) % chunk
         padded = []
         for a in arrays:
@@ -771,10 +834,7 @@ class DenseEvaluator(Evaluator):
         if deadline is not None:
             deadline.next_program(deadline.current)
         for s in range(0, m + pad, chunk):
-            parts = [p[s:s + chunk].reshape(devices, per_device, *p.shape[1:]) for p in padded]
-            if self._sharding is not None and self.batched:
-                parts = [jax.device_put(p, self._sharding) for p in parts]
-            rows = (*extra, *parts)
+            rows = (*extra, *self._rows(padded, s, chunk, devices, per_device))
             if program is None:
                 program = self._compile(kind, build, static, rows, deadline)
             started = time.perf_counter()
@@ -815,6 +875,22 @@ class DenseEvaluator(Evaluator):
             deadline.compiling += time.perf_counter() - started
             deadline.compiled += 1
         return program
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafProgram:
+    """How one leaf's perturbations are evaluated: the program's kind and builder, its extra
+    inputs, the memory per perturbation that sizes its chunks (None: the dense rule), whether a
+    failure to vmap falls back to one perturbation at a time (False: the caller falls back to
+    the dense program), and whether each perturbation carries a copy of the leaf (the dense
+    program's `batched` entries; the structured program takes only indices and steps)."""
+
+    kind: str
+    build: Callable
+    extra: tuple = ()
+    per_bytes: int | None = None
+    fallback: bool = True
+    copies_leaf: bool = True
 
 
 class _Unbatchable(Exception):
@@ -892,21 +968,30 @@ class StructuredEvaluator(DenseEvaluator):
             return self.work
         return plan.structured
 
-    def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
+    def leaf_program(self, k: int) -> _LeafProgram:
+        """The structured program where leaf k has a plan that pays, else the dense one."""
         if self.flat is None:
             self._setup()
         plan = self.plans.get(k)
         if plan is None or not plan.use or k in self.failed:
-            return super().leaf_perturbed(k, index, step, deadline)
+            return super().leaf_program(k)
         bases = tuple(self.bases[i] for i in plan.needed)
         # Memory per perturbation: its planned work in elements (an upper bound on what it
         # holds: a contraction's work counts its multiply-adds), held about 4 times over (a
         # slab's values, its change, an operand gathered for it, the rule's output).
         per_bytes = int(4 * max(plan.structured, 1) * self.dtype.itemsize)
+        return _LeafProgram("structured", lambda traced, st: _program_structured(
+            self.flat, plan, self.segments, k, self.dtypes[k]), (bases,), per_bytes, False,
+            copies_leaf=False)
+
+    def leaf_perturbed(self, k: int, index, step, deadline=None) -> np.ndarray:
+        lp = self.leaf_program(k)
+        if lp.kind != "structured":
+            return super().leaf_perturbed(k, index, step, deadline)
         try:
-            return self._batches("structured", lambda traced, st: _program_structured(
-                self.flat, plan, self.segments, k, self.dtypes[k]), k, 0, (bases,), index, step,
-                deadline=deadline, per_bytes=per_bytes, fallback=False)
+            return self._batches(lp.kind, lp.build, k, self._batched(k, lp), lp.extra, index,
+                                 step, deadline=deadline, per_bytes=lp.per_bytes,
+                                 fallback=lp.fallback)
         except InputError:
             raise
         except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
