@@ -9,11 +9,15 @@ mode="full". Each figure is the median of --repeats fresh processes, imports exc
   * cache, warm: later processes (read instead of compiling);
   * the NumPy loop (CS231n's, every entry) on the same network, for scale.
 
-Run: python benchmarks/cold_start.py [--repeats 5] [--light-sweep]
+Run: python benchmarks/cold_start.py [--repeats 5] [--light-sweep] [--compile-options]
 
 --light-sweep times the first check of MLPs of growing size with XLA's full optimisation and
 with jgc's light options (forced by JGC_XLA_LIGHT), against the predicted work of the dense
 program: the switch point programs.LIGHT_WORK comes from it.
+
+--compile-options times XLA's compilation of W1's two programs (the loss batch and jax.grad)
+under full optimisation and under programs.LIGHT_OPTIONS, with and without each option (the
+fastest of 3 compilations each), and the compiled batch's execution time.
 """
 
 from __future__ import annotations
@@ -102,11 +106,67 @@ def light_sweep(repeats: int) -> None:
               f"{light:.3f} s | {light / full:.2f} |")
 
 
+COMPILE_OPTIONS = """
+import json, random, time
+import jax
+from jgc.examples import zoo
+import jgc
+from jgc._src import programs
+captured = []
+real = programs.compiled
+def spy(name, build, static, traced, args, work=None):
+    captured.append((name, build, args))
+    return real(name, build, static, traced, args, work)
+programs.compiled = spy
+model = zoo.mlp((20, 16, 3), batch=8)
+jgc.check_grad(model.loss, model.params, *model.args, grad=zoo.mlp_grad(model), mode="full",
+               progress=False)
+light = dict(programs.LIGHT_OPTIONS)
+level0 = {k: v for k, v in light.items() if k != "xla_cpu_use_fusion_emitters"}
+variants = {"full optimisation": {}, "level 0, no expensive LLVM passes": level0,
+            "+ classic emitter (LIGHT_OPTIONS)": light,
+            "classic emitter alone": {"xla_cpu_use_fusion_emitters": False}}
+rows = []
+with jax.enable_x64(True):
+    lowered = {name: (jax.jit(build()).lower(*args), args) for name, build, args in captured}
+    for label, options in variants.items():
+        row = {"variant": label}
+        for name, (low, args) in lowered.items():
+            times = []
+            for _ in range(3):
+                # A distinct, inert option value: JAX's in-process cache must not answer.
+                o = {**options, "xla_cpu_collective_timeout_seconds": random.randint(10**3, 10**6)}
+                t = time.perf_counter()
+                program = low.compile(compiler_options=o)
+                times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(20):
+                jax.block_until_ready(program(*args))
+            row[name] = (min(times), (time.perf_counter() - t) / 20)
+        rows.append(row)
+print(json.dumps(rows))
+"""
+
+
+def compile_options() -> None:
+    """XLA compile and execution times of W1's programs under each option set."""
+    rows = run(COMPILE_OPTIONS, {})
+    names = [k for k in rows[0] if k != "variant"]
+    print("W1's programs, compile time (fastest of 3) and execution time per call:\n")
+    print("| options | " + " | ".join(f"{n}: compile | {n}: run" for n in names) + " |")
+    print("|---|" + "---|---|" * len(names))
+    for r in rows:
+        cells = " | ".join(f"{r[n][0] * 1e3:.0f} ms | {r[n][1] * 1e3:.2f} ms" for n in names)
+        print(f"| {r['variant']} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--light-sweep", action="store_true",
                     help="measure where light XLA options stop paying (programs.LIGHT_WORK)")
+    ap.add_argument("--compile-options", action="store_true",
+                    help="time XLA's compilation of W1's programs under each option set")
     args = ap.parse_args()
     plain = {k: v for k, v in os.environ.items()
              if k not in ("JGC_COMPILATION_CACHE", "JGC_XLA_LIGHT")}
@@ -114,6 +174,9 @@ def main() -> None:
     os.environ.update(plain)
     if args.light_sweep:
         light_sweep(args.repeats)
+        return
+    if args.compile_options:
+        compile_options()
         return
     rows = {"no cache": [run(CHILD, {}) for _ in range(args.repeats)]}
     cold, warm = [], []

@@ -714,7 +714,8 @@ class DenseEvaluator(Evaluator):
         if len(jobs) < 2 or programs.multiprocess():
             return
         started = time.perf_counter()
-        x64 = bool(jax.config.jax_enable_x64)  # thread-local: the workers run under the same
+        # JAX's x64 flag is thread-local: the workers run under this thread's.
+        x64 = bool(jax.config.jax_enable_x64)
 
         def compile_one(job):
             with jax.enable_x64(x64):

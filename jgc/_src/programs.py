@@ -136,14 +136,15 @@ CACHE = _Cache(CACHE_SIZE)
 # the time is XLA's CPU backend compiling code that then runs for microseconds. Per program (no
 # environment variables): optimisation level 0 without LLVM's expensive passes, and XLA's
 # classic elemental emitter for fused loops instead of its newer MLIR fusion emitters. Measured
-# on W1's two programs (benchmarks/cold_start.py): compile 94 + 73 ms full, 86 + 74 ms with the
-# first two options, 43 + 29 ms with all three, while the code runs up to ~2.5x slower. That
-# pays only while the program's execution stays small next to the time saved. LIGHT_WORK is the
-# switch point, in the work units of structured._cost (multiply-adds of contractions, elements
-# elsewhere) summed over every evaluation the program is expected to run; measured with
-# benchmarks/cold_start.py --light-sweep (README, "Cold start"). Both emitters implement the
-# same HLO; results may differ in the last bits of transcendental functions, as between any two
-# XLA versions, which the error model's rounding bounds already allow for.
+# on W1's two programs (benchmarks/cold_start.py --compile-options): compile 94 + 73 ms fully
+# optimised, 86 + 74 ms with the first two options, 43 + 29 ms with all three, while the code
+# runs up to ~2.5x slower. That pays only while the program's execution stays small next to the
+# time saved. LIGHT_WORK is the switch point, in the work units of structured._cost
+# (multiply-adds of contractions, elements elsewhere) summed over every evaluation the program
+# is expected to run; measured with benchmarks/cold_start.py --light-sweep (README, "Cold
+# start"). Both emitters implement the same HLO; results may differ in the last bits of
+# transcendental functions, as between any two XLA versions, which the error model's rounding
+# bounds already allow for.
 LIGHT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                  "xla_cpu_use_fusion_emitters": False}
 LIGHT_WORK = 1e9
