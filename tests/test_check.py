@@ -200,11 +200,11 @@ def test_x64_restored_after_interrupt():
 
 @pytest.mark.parametrize("outcome", ["ok", "error", "interrupt"])
 @pytest.mark.parametrize("enabled", [True, False])
-def test_garbage_collector_paused_during_a_check_and_restored(outcome, enabled):
-    ex = mlp("tanh", xp=np)
+def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
+    ex = mlp("tanh")
     seen = []
 
-    def loss(p, X, Y):  # a NumPy loss runs on the host, in this thread, during the check
+    def loss(p, X, Y):  # a JAX loss: this Python runs while jgc traces it
         seen.append(gc.isenabled())
         if outcome == "interrupt":
             raise KeyboardInterrupt
@@ -225,17 +225,57 @@ def test_garbage_collector_paused_during_a_check_and_restored(outcome, enabled):
         (gc.enable if was else gc.disable)()
 
 
+class _Node:
+    """A from-scratch autograd's graph node: its backward closure refers to the node itself, a
+    reference cycle that only the cyclic garbage collector frees."""
+
+    live = created = peak = 0
+
+    def __init__(self, data, children=()):
+        self.data, self.children, self.backward = data, children, lambda: self
+        _Node.live += 1
+        _Node.created += 1
+        _Node.peak = max(_Node.peak, _Node.live)
+
+    def __del__(self):
+        _Node.live -= 1
+
+
+def test_host_code_keeps_the_garbage_collector():
+    """A NumPy loss that builds a graph of cyclic nodes per evaluation (micrograd-style): the
+    collector keeps freeing them during the check. Paused for the whole check, every node of
+    every evaluation stayed alive (12,649 here; a 320-parameter version held 4.3 GB)."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(4, 10))
+
+    def loss(W, X):
+        total = 0.0
+        for x in X:
+            for j in range(W.shape[1]):
+                acc = _Node(0.0)
+                for i in range(W.shape[0]):
+                    w = float(W[i, j])  # concrete: JAX cannot trace this loss, the host runs it
+                    acc = _Node(acc.data + w * x[i], (acc, _Node(w), _Node(x[i])))
+                total += acc.data ** 2
+        return total
+
+    W = rng.normal(size=(10, 2)) * 0.1
+    _Node.live = _Node.created = _Node.peak = 0
+    assert jgc.check_grad(loss, W, X, grad=lambda W, X: 2 * X.T @ (X @ W)).ok
+    assert _Node.created > 10_000
+    assert _Node.peak < _Node.created / 4
+
+
 def test_garbage_collector_restored_after_concurrent_checks():
-    """Two checks on two threads: the collector stays off until the last one returns."""
-    ex = mlp("tanh", xp=np)
-    both_inside = threading.Barrier(2)
-    first_call = threading.local()
+    """Two checks tracing on two threads at once: the collector stays off until the last trace
+    ends, and is back on after both."""
+    ex = mlp("tanh")
+    both_tracing = threading.Barrier(2)
     seen = []
 
-    def loss(p, X, Y):  # a NumPy loss: called on each check's own thread
-        if not getattr(first_call, "done", False):
-            first_call.done = True
-            both_inside.wait(timeout=60)  # both checks are running
+    def loss(p, X, Y):
+        if not seen:
+            both_tracing.wait(timeout=60)  # the first trace of each check, at the same time
         seen.append(gc.isenabled())
         return ex.loss(p, X, Y)
 

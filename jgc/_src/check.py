@@ -12,7 +12,7 @@ from typing import Any
 import chex
 
 from jgc._src import pipeline
-from jgc._src.inputs import check_scope, make_options
+from jgc._src.inputs import make_options, precision
 from jgc._src.plan import DEFAULT_SAMPLES
 from jgc._src.report import Report
 from jgc._src.tree import ArrayTree
@@ -79,7 +79,7 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
     >>> jgc.check_grad(loss, p, x).ok  # grad=None: checks jax.grad itself
     True
     """
-    with check_scope(x64) as effective:
+    with precision(x64) as effective:
         options = make_options(x64=x64, mode=mode, method=method, eps=eps, rtol=rtol,
                                atol=atol, samples=samples, seed=seed,
                                memory_budget=memory_budget, progress=progress,
@@ -142,6 +142,6 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
     >>> [round(float(v), 6) for v in g["a"]]
     [2.0, -4.0]
     """
-    with check_scope(x64):
+    with precision(x64):
         options = make_options(x64=x64, method=method, eps=eps, has_aux=has_aux)
         return pipeline.numerical_grad(loss, params, args, options)

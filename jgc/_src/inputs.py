@@ -1,11 +1,9 @@
-"""What a check is given, before anything is evaluated: its scope (precision and the garbage
-collector), and inputs jgc cannot use.
+"""What a check is given, before anything is evaluated: precision, and inputs jgc cannot use.
 
 * Precision. `x64=True` evaluates in float64 and restores JAX's setting afterwards, even on
   error. JAX's x64 flag is thread-local, and jgc compiles jax.grad and the user's gradient on
   worker threads, so the *effective* flag of the calling thread is captured once and every
   thread of the check runs under it: one check, one precision.
-* Garbage collector. Python's cyclic collector is paused for the check (`collector_paused`).
 * Promotion. Under x64 the checked parameters are evaluated in float64, and floating-point
   arguments (a float32 batch X) are promoted with them, so that the loss sees one dtype (JAX
   refuses, for example, a float64 kernel with a float32 image in a convolution).
@@ -17,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
-import threading
 from collections.abc import Iterator
 
 import jax
@@ -29,9 +25,8 @@ from jgc._src.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
 
 
 @contextlib.contextmanager
-def check_scope(x64: bool) -> Iterator[bool]:
-    """A check's scope: float64 for its duration (x64=True) and the cyclic garbage collector
-    paused, both restored afterwards even on error.
+def precision(x64: bool) -> Iterator[bool]:
+    """Float64 for the duration of a check (x64=True), restored afterwards even on error.
 
     Yields the effective x64 flag, for `in_precision` on other threads. `jax.enable_x64` is a
     context manager over the config option: on exit it restores the value it found, whether the
@@ -41,39 +36,8 @@ def check_scope(x64: bool) -> Iterator[bool]:
         raise InputError(f"x64={x64!r}: expected True (check in float64, the default) or False "
                          "(check at the parameters' own precision).")
     effective = True if x64 else bool(jax.config.jax_enable_x64)
-    with collector_paused(), jax.enable_x64(effective):
+    with jax.enable_x64(effective):
         yield effective
-
-
-_paused = {"checks": 0, "was_enabled": False}
-_paused_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while any check runs; back on (if it was on) when
-    the last one returns or raises. Reference counting still frees everything acyclic at once.
-
-    Why: a check traces and compiles its programs in one burst, and the objects that burst
-    allocates trigger full (generation-2) collections, each of which walks every object the
-    process holds. JAX's import alone is ~120k objects, ~60 ms a walk on this machine; W1's
-    first check in a fresh process ran two of them (0.12 s of its 0.28 s) and they freed almost
-    nothing. Paused, the collector runs once after the check, when allocation next triggers it.
-    The cost: cyclic garbage made during a check (a caught exception's traceback, tracer
-    cycles) is freed when the check returns, not during it.
-    """
-    with _paused_lock:
-        if _paused["checks"] == 0:
-            _paused["was_enabled"] = gc.isenabled()
-            gc.disable()
-        _paused["checks"] += 1
-    try:
-        yield
-    finally:
-        with _paused_lock:
-            _paused["checks"] -= 1
-            if _paused["checks"] == 0 and _paused["was_enabled"]:
-                gc.enable()
 
 
 def in_precision(effective: bool, fn, *args):

@@ -31,7 +31,7 @@ from jgc._src import diagnose as dg
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import make_evaluator
-from jgc._src.inputs import check_scope, make_options, refuse_unusable
+from jgc._src.inputs import make_options, precision, refuse_unusable
 from jgc._src.probes import Tangents
 from jgc._src.progress import progress_factory
 from jgc._src.report import Report
@@ -213,7 +213,7 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
         raise InputError("f_jvp must be a function f_jvp(primals, tangents) -> (out, "
                          "tangent_out), or None to check jax.jvp of f.")
     primals = tuple(primals) if isinstance(primals, (tuple, list)) else (primals,)
-    with check_scope(x64):
+    with precision(x64):
         o = make_options(x64=x64, mode=mode, eps=eps, samples=samples,
                          memory_budget=memory_budget, progress=progress, seed=seed)
         refuse_unusable(primals=primals, tangents=tangents)
@@ -312,7 +312,7 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
     """
     start = time.perf_counter()
     calls.require_function(loss)
-    with check_scope(x64):
+    with precision(x64):
         o = make_options(x64=x64, mode=mode, eps=eps, samples=samples,
                          memory_budget=memory_budget, progress=progress, seed=seed)
         refuse_unusable(params=params, args=args)

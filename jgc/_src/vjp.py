@@ -20,7 +20,7 @@ import numpy as np
 
 from jgc._src import calls, pipeline
 from jgc._src import plan as pl
-from jgc._src.inputs import check_scope, make_options
+from jgc._src.inputs import make_options, precision
 from jgc._src.report import Report
 from jgc._src.tree import InputError, tree_pformat
 
@@ -109,7 +109,7 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         primals = tuple(primals)
     elif not isinstance(primals, (tuple, dict)):
         primals = (primals,)
-    with check_scope(x64) as effective:
+    with precision(x64) as effective:
         out = calls.user_call("f(*primals)", _call, f, primals,
                               context=f"primals: {tree_pformat(primals)}")
         if cotangent is None:
