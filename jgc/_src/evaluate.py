@@ -593,8 +593,11 @@ class DenseEvaluator(Evaluator):
             self.theta, self.dyn, self.consts = jax.device_put(
                 (self.theta, self.dyn, self.consts), replicated)
 
-    def _static(self, kind: str, leaf: int | None, sequential: bool) -> _Static:
-        return _Static(kind, self.segments, leaf, sequential, self.batched, self.vector)
+    def _static(self, kind: str, leaf: int | None, batched: int) -> _Static:
+        """What shapes a program besides its inputs. `batched`: the entries each perturbation
+        carries; above SMALL_BATCHED the perturbations are mapped sequentially (see `_map`)."""
+        return _Static(kind, self.segments, leaf, batched > SMALL_BATCHED, self.batched,
+                       self.vector)
 
     # -- memory -------------------------------------------------------------------------------
     def bytes_per_evaluation(self, batched: int) -> int:
@@ -703,13 +706,13 @@ class DenseEvaluator(Evaluator):
         for k, m in counts:
             lp = self.leaf_program(k)
             batched = self._batched(k, lp)
-            static = self._static(lp.kind, k, batched > SMALL_BATCHED)
+            static = self._static(lp.kind, k, batched)
             chunk, per_device, devices = self._chunk_shape(m, batched, lp.per_bytes)
             if (static, chunk) in self._compiled_chunks:
                 continue
             self._compiled_chunks.add((static, chunk))
-            arrays = (np.zeros(chunk, np.int32), np.zeros(chunk, self.dtype))
-            rows = (*lp.extra, *self._rows(arrays, 0, chunk, devices, per_device))
+            empty = self._padded((np.zeros(0, np.int64), np.zeros(0)), chunk)  # index, step
+            rows = (*lp.extra, *self._rows(empty, 0, chunk, devices, per_device))
             jobs.append((lp.kind, lp.build, static, rows))
         if len(jobs) < 2 or programs.multiprocess():
             return
@@ -792,7 +795,7 @@ class DenseEvaluator(Evaluator):
         perturbation at a time, and `batch_error` says why.
         """
         self.n_evaluations += len(arrays[0])
-        static = self._static(kind, leaf, batched > SMALL_BATCHED)
+        static = self._static(kind, leaf, batched)
         try:
             return self._chunks(kind, build, static, batched, extra, arrays, deadline,
                                 per_bytes)
@@ -802,7 +805,7 @@ class DenseEvaluator(Evaluator):
             if not fallback:  # a structured program: the caller falls back to the dense one
                 raise
             self.batched, self.batch_error = False, first_line(e.__cause__)
-            static = self._static(kind, leaf, False)
+            static = self._static(kind, leaf, 0)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
     def _chunk_shape(self, m: int, batched: int, per_bytes: int | None) -> tuple[int, int, int]:
@@ -819,17 +822,23 @@ class DenseEvaluator(Evaluator):
             parts = [jax.device_put(p, self._sharding) for p in parts]
         return parts
 
-    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
-                per_bytes: int | None = None) -> np.ndarray:
-        m = len(arrays[0])
-        chunk, per_device, devices = self._chunk_shape(m, batched, per_bytes)
-        pad = (-m) % chunk
+    def _padded(self, arrays, pad: int) -> list[np.ndarray]:
+        """The arrays in the programs' dtypes (int32 indices, the check's float dtype), each
+        followed by `pad` zero rows."""
         padded = []
         for a in arrays:
             a = np.asarray(a)
             dtype = np.int32 if np.issubdtype(a.dtype, np.integer) else self.dtype
             filler = np.zeros((pad, *a.shape[1:]), dtype)
             padded.append(np.concatenate([a.astype(dtype), filler]))
+        return padded
+
+    def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
+                per_bytes: int | None = None) -> np.ndarray:
+        m = len(arrays[0])
+        chunk, per_device, devices = self._chunk_shape(m, batched, per_bytes)
+        pad = (-m) % chunk
+        padded = self._padded(arrays, pad)
         out, program = [], None
         bar = self.progress.start(m) if self.progress is not None else None
         if deadline is not None:
