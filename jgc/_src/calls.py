@@ -70,32 +70,55 @@ class _GradStatic:
 GRAD_WORK = 4.0
 
 
+def _evaluations(ev):
+    """How a differentiating program evaluates the function, in order of preference: the
+    check's one trace (every program sees the same function), then the user's function traced
+    afresh inside the program, as `jax.jit(jax.grad(loss))` would. The second is for what JAX
+    cannot differentiate through a stored trace: a custom_jvp whose rule closes over a value of
+    the tracing pass (jax.scipy.special.expn's order, a nondiff_argnums argument), which is a
+    dead tracer once that pass has ended."""
+    def stored(consts, parts, dynamic):
+        return ev.traced.evaluate(consts, *parts, *dynamic)
+
+    def fresh(consts, parts, dynamic):
+        del consts  # the fresh trace compiles its own in (the program is keyed on them)
+        out = ev.fn_flat(*parts, *dynamic)
+        return [out] if not ev.vector else jax.tree_util.tree_leaves(out)
+
+    # A program differentiating through custom rules is keyed on its own trace (programs.py).
+    return (("", stored, ev.traced.has_rules), ("_fresh", fresh, True))
+
+
 def autodiff(ev) -> tuple[np.ndarray | None, str | None, BaseException | None]:
     """jax.grad of the evaluator's traced loss at theta, flat, in the evaluation dtype; or
     (None, why, the exception) when it cannot be taken."""
     if not ev.traceable:
         return None, "the loss is not traceable by JAX", None
     static = _GradStatic(ev.segments)
+    failure = None
+    for suffix, evaluate, by_program in _evaluations(ev):
+        def build(evaluate=evaluate):
+            def run(consts, theta, dynamic):
+                def f(t):
+                    parts = [t[a:b].astype(dt) for a, b, dt in static.segments]
+                    (out,) = evaluate(consts, parts, dynamic)
+                    return jnp.reshape(out, ())
 
-    def build():
-        def run(consts, theta, dynamic):
-            def f(t):
-                parts = [t[a:b].astype(dt) for a, b, dt in static.segments]
-                (out,) = ev.traced.evaluate(consts, *parts, *dynamic)
-                return jnp.reshape(out, ())
+                return jax.grad(f)(theta)
 
-            return jax.grad(f)(theta)
+            return run
 
-        return run
-
-    try:
-        program = programs.compiled("autodiff", build, static, (ev.traced,),
-                                    (ev.consts, ev.theta, ev.dyn), work=GRAD_WORK * ev.work)
-        g = program(ev.consts, ev.theta, ev.dyn)
-    except Exception as e:  # noqa: BLE001 - report why, check the rest.
-        return None, f"jax.grad failed: {first_line(e)}", e
-    # In its own dtype: its precision enters the error model.
-    return programs.to_host(g), None, None
+        try:
+            program = programs.compiled("autodiff" + suffix, build, static, (ev.traced,),
+                                        (ev.consts, ev.theta, ev.dyn), work=GRAD_WORK * ev.work,
+                                        by_program=by_program)
+            g = program(ev.consts, ev.theta, ev.dyn)
+        except Exception as e:  # noqa: BLE001 - report why, check the rest.
+            failure = e  # the last: jax.grad of the function as the user calls it
+            continue
+        # In its own dtype: its precision enters the error model.
+        return programs.to_host(g), None, None
+    return None, f"jax.grad failed: {first_line(failure)}", failure
 
 
 def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
@@ -110,32 +133,37 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
     static = _GradStatic(ev.segments)
     T = jax.device_put(np.asarray(tangents, ev.dtype))
 
-    def f(consts, theta, dynamic):
-        parts = [theta[a:b].astype(dt) for a, b, dt in static.segments]
-        return flat_output(ev.traced.evaluate(consts, *parts, *dynamic))
+    def builds(evaluate):
+        def f(consts, theta, dynamic):
+            parts = [theta[a:b].astype(dt) for a, b, dt in static.segments]
+            return flat_output(evaluate(consts, parts, dynamic))
 
-    def forward():
-        def run(consts, theta, dynamic, T):
-            return jax.vmap(lambda t: jax.jvp(lambda x: f(consts, x, dynamic), (theta,),
-                                              (t,))[1])(T)
-        return run
+        def forward():
+            def run(consts, theta, dynamic, T):
+                return jax.vmap(lambda t: jax.jvp(lambda x: f(consts, x, dynamic), (theta,),
+                                                  (t,))[1])(T)
+            return run
 
-    def reverse():
-        def run(consts, theta, dynamic, T):
-            return jax.vmap(lambda t: jax.grad(lambda x: f(consts, x, dynamic) @ t)(theta))(T)
-        return run
+        def reverse():
+            def run(consts, theta, dynamic, T):
+                return jax.vmap(lambda t: jax.grad(
+                    lambda x: f(consts, x, dynamic) @ t)(theta))(T)
+            return run
 
-    builds = (("jvp", forward), ("rev", reverse)) if hessian else (("jvp", forward),)
+        return (("jvp", forward), ("rev", reverse)) if hessian else (("jvp", forward),)
+
     why = None
-    for name, build in builds:
-        try:
-            program = programs.compiled(name, build, static, (ev.traced,),
-                                        (ev.consts, ev.theta, ev.dyn, T),
-                                        work=GRAD_WORK * ev.work * len(T))
-            return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)).astype(
-                np.float64), None
-        except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
-            why = why or f"jax.jvp failed: {first_line(e)}"
+    for suffix, evaluate, by_program in _evaluations(ev):
+        for name, build in builds(evaluate):
+            try:
+                program = programs.compiled(name + suffix, build, static, (ev.traced,),
+                                            (ev.consts, ev.theta, ev.dyn, T),
+                                            work=GRAD_WORK * ev.work * len(T),
+                                            by_program=by_program)
+                return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)).astype(
+                    np.float64), None
+            except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
+                why = why or f"jax.jvp failed: {first_line(e)}"
     return None, why
 
 

@@ -754,7 +754,7 @@ class DenseEvaluator(Evaluator):
         why = ("method='complex' needs a loss that JAX can evaluate at complex parameters, "
                "but it raised {}. Use method='central' (or 'richardson').")
         try:
-            traced = programs.trace(self._fn_flat, *self.avals(cdtypes))
+            traced = programs.trace(self.fn_flat, *self.avals(cdtypes))
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
@@ -782,7 +782,9 @@ class DenseEvaluator(Evaluator):
         self.n_evaluations += len(index)
         return np.concatenate(out)[:len(index)].astype(np.float64)
 
-    def _fn_flat(self, *flat):
+    def fn_flat(self, *flat):
+        """The user's function of the trace's flat inputs (a loss's scalar, aux dropped), for
+        tracing it afresh."""
         return _traceable(self.fn, self.vector, self.has_aux)(*self.call_args(flat))
 
     # -- running a batched program in chunks -------------------------------------------------
