@@ -132,7 +132,9 @@ def test_numpy_gradient_of_numpy_loss_runs_exactly_once():
     assert r.ok and len(calls) == 1
 
 
-def test_jax_gradient_runs_once_and_numpy_gradient_of_jax_loss_says_why_twice():
+def test_jax_and_numpy_gradients_of_a_jax_loss_each_run_once():
+    """The gradient function is called once: JAX code traced and compiled, NumPy code (read from
+    its code, here through a helper) called on the host, never traced first."""
     calls = []
 
     def jax_grad(p, X):
@@ -144,11 +146,49 @@ def test_jax_gradient_runs_once_and_numpy_gradient_of_jax_loss_says_why_twice():
 
     def numpy_grad(p, X):
         calls.append(1)
-        return tanh_grad(p, X)
+        return tanh_grad(p, X)  # a NumPy helper from another module
 
     r = jgc.check_grad(tanh_loss, W, X, grad=numpy_grad)
-    assert r.ok and len(calls) == 2
-    assert any("it ran twice: JAX's tracer ran it first and stopped at" in n for n in r.notes)
+    assert r.ok and len(calls) == 1
+    assert not any("traceable" in n for n in r.notes), r.notes
+
+
+class _NumpyGrad:
+    """A callable object: its code cannot be read before calling it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, p, X):
+        self.calls += 1
+        return tanh_grad(p, X)
+
+
+def test_a_gradient_whose_code_does_not_tell_is_traced_first_and_the_note_says_where():
+    grad = _NumpyGrad()
+    r = jgc.check_grad(tanh_loss, W, X, grad=grad)
+    assert r.ok and grad.calls == 2
+    note = next(n for n in r.notes if "is not traceable by JAX" in n)
+    assert "it converts its inputs to NumPy at conftest.py:" in note, note
+    assert "TracerArrayConversionError" not in note and "JAX's tracer had run it" in note
+
+
+def test_numpy_code_is_read_from_names_helpers_and_closures():
+    from jgc._src.calls import numpy_code
+
+    def helper(z):
+        return np.maximum(z, 0)
+
+    def hand(p, X):
+        return X.T @ helper(X @ p)
+
+    scale = np.float64(2.0)
+    assert numpy_code(hand) and numpy_code(tanh_grad)
+    assert numpy_code(lambda p, X: scale * np.tanh(p))
+    assert not numpy_code(lambda p, X: jnp.tanh(p))
+    assert not numpy_code(lambda p, X: np.tanh(p) + jnp.ones(1))  # both: traced first
+    assert not numpy_code(lambda p, X: X.T @ p)  # neither: traced first
+    assert not numpy_code(_NumpyGrad())
 
 
 # -- jax.grad that cannot be taken ------------------------------------------------------------

@@ -174,7 +174,10 @@ def test_chunks_fit_the_memory_budget_and_grow_with_it():
     assert small.chunk_size(m, sp.n) * per <= 8 * 2**10
     assert large.chunk_size(m, sp.n) > small.chunk_size(m, sp.n)
     tiny, _ = _evaluator(16)
-    with pytest.raises(InputError, match="memory budget.*mode='directional'"):
+    with pytest.raises(InputError, match=r"memory_budget=16: one perturbed evaluation of this "
+                       r"loss needs about .* KiB .*more than the budget of 16 bytes, and every "
+                       r"mode evaluates at least one at a time. Raise memory_budget to at least "
+                       rf"{per} bytes"):
         tiny.chunk_size(m, sp.n)
 
 

@@ -1,7 +1,8 @@
 """The public checks of a loss's gradient: check_grad, assert_grad and numerical_grad.
 
 Thin layers over the pipeline (pipeline.py): each validates its options, enters the check's
-precision (restored afterwards, even on error), and runs the stages.
+precision (restored afterwards, even on error), describes what it checks as a `Subject` and runs
+the stages.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 import chex
 
-from jgc._src import pipeline
-from jgc._src.inputs import make_options, precision
+from jgc._src import calls, pipeline
+from jgc._src.inputs import make_options
 from jgc._src.plan import DEFAULT_SAMPLES
+from jgc._src.prepare import Subject, precision
 from jgc._src.report import Report
 from jgc._src.tree import ArrayTree
 from jgc._src.vocab import Verdict
@@ -79,12 +81,14 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
     >>> jgc.check_grad(loss, p, x).ok  # grad=None: checks jax.grad itself
     True
     """
-    with precision(x64) as effective:
+    calls.require_function(loss)
+    with precision(x64) as prec:
         options = make_options(x64=x64, mode=mode, method=method, eps=eps, rtol=rtol,
                                atol=atol, samples=samples, seed=seed,
                                memory_budget=memory_budget, progress=progress,
-                               has_aux=has_aux, effective_x64=effective)
-        return pipeline.run(loss, params, args, grad, options)
+                               has_aux=has_aux)
+        subject = Subject(loss, params, args, given=(("grad", grad),), has_aux=has_aux)
+        return pipeline.run(subject, grad, options, prec)
 
 
 def _chex_asserts_enabled() -> bool:
@@ -142,6 +146,8 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
     >>> [round(float(v), 6) for v in g["a"]]
     [2.0, -4.0]
     """
-    with precision(x64):
+    calls.require_function(loss)
+    with precision(x64) as prec:
         options = make_options(x64=x64, method=method, eps=eps, has_aux=has_aux)
-        return pipeline.numerical_grad(loss, params, args, options)
+        return pipeline.numerical_grad(Subject(loss, params, args, has_aux=has_aux), options,
+                                       prec)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import diagnose as dg
@@ -26,7 +27,7 @@ def leaf_rounding(a) -> np.ndarray:
     """Per entry of a gradient leaf (flattened): the rounding error it carries in its own
     dtype, bounded on the scale of the leaf's largest entry (see estimate.rounding)."""
     a = np.asarray(a)
-    eps = pl.machine_eps(a.dtype) if np.issubdtype(a.dtype, np.floating) else 0.0
+    eps = pl.machine_eps(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else 0.0
     a = a.ravel().astype(np.float64)
     finite = np.isfinite(a)
     # A non-finite entry is a mismatch of its own (estimate.compare); it must not widen the

@@ -294,6 +294,8 @@ def triage(leaves: list[LeafReport], agrees: dict[str, bool | None],
     opinion); with no mismatch the verdict is ok, or unresolved where a leaf is."""
     bad = [leaf for leaf in leaves if leaf.status == Status.MISMATCH]
     if not bad:
+        if any(leaf.status == Status.PRECISION for leaf in leaves):
+            return Triage(Verdict.PRECISION, [], [], [])
         unresolved = any(leaf.status == Status.UNRESOLVED for leaf in leaves)
         return Triage(Verdict.UNRESOLVED if unresolved else Verdict.OK, [], [], [])
     wrong, suspect, conflict = [], [], []

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from jgc._src.vocab import Entry, Method
@@ -448,7 +449,7 @@ def zero_bound(leaves) -> float:
     finite = [np.abs(a[np.isfinite(a)].astype(np.float64)) for a in arrays]
     scale = max((float(a.max()) for a in finite if a.size), default=0.0)
     eps = max((float(np.finfo(a.dtype).eps) for a in arrays
-               if np.issubdtype(a.dtype, np.floating)), default=0.0)
+               if jnp.issubdtype(a.dtype, jnp.floating)), default=0.0)
     return float(TOL_FACTOR * KAPPA * eps * scale)
 
 

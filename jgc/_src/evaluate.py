@@ -173,7 +173,7 @@ def check_scalar(shape, dtype) -> None:
             "A gradient (and jax.grad) needs a real-valued loss: return a real quantity such "
             "as jnp.abs(z) ** 2 or z.real. To check the derivative rules of a complex-valued "
             "function, use jgc.check_vjp (complex cotangents) or jgc.check_jvp.")
-    if not np.issubdtype(np.dtype(dtype), np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise InputError(f"loss must return a real floating-point scalar, but it returned "
                          f"dtype {np.dtype(dtype)}. Return a float loss.")
 
@@ -286,6 +286,14 @@ def _program_complex(traced: programs.Traced, st: _Static):
         return _map(one, (index, step), False, st.batched)
 
     return run
+
+
+def nbytes(n: float) -> str:
+    """A size for messages: '512 bytes', '3.5 KiB', '240 MiB', '1.5 GiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} byte{'s' if int(n) != 1 else ''}"
 
 
 def default_memory_budget() -> int:
@@ -614,11 +622,12 @@ class DenseEvaluator(Evaluator):
         by_memory = self.memory_budget // per
         if by_memory < 1:
             raise InputError(
-                f"one perturbed evaluation needs about {per / 2**20:.0f} MiB, more than the "
-                f"memory budget of {self.memory_budget / 2**20:.0f} MiB, so a full check of "
-                f"{self.sp.n:,} parameters cannot run. Use mode='directional' (random directions "
-                "per leaf, then group testing to find a wrong entry) or mode='sample', or raise "
-                "memory_budget.")
+                f"memory_budget={self.memory_budget}: one perturbed evaluation of this loss "
+                f"needs about {nbytes(per)} (a copy of the perturbed parameters and the loss's "
+                f"intermediates), more than the budget of {nbytes(self.memory_budget)}, and "
+                "every mode evaluates at least one at a time. Raise memory_budget to at least "
+                f"{per} bytes, or pass None for the default (a quarter of the available "
+                "memory, 256 MiB to 1 GiB).")
         limit = MAX_CHUNK if batched > SMALL_BATCHED else MAX_CHUNK_SMALL
         chunk = int(min(limit, by_memory))
         if batched <= SMALL_BATCHED:
@@ -1144,5 +1153,11 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
 
 
 def _copy_arrays(tree):
-    """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays."""
-    return jax.tree_util.tree_map(lambda x: np.array(x) if _is_array(x) else x, tree)
+    """NumPy copies of the array leaves, so a host function cannot mutate the user's arrays. A
+    typed PRNG key has no NumPy form: it is passed as it is (JAX arrays are immutable)."""
+    def copy(x):
+        if not _is_array(x) or jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+            return x
+        return np.array(x)
+
+    return jax.tree_util.tree_map(copy, tree)

@@ -162,12 +162,13 @@ def diagnosis(leaves: list[LeafReport], agrees: dict[str, bool | None], *, sourc
     """
     words = _Words(source, noun, autodiff, batch)
     t = triage(leaves, agrees, words.checking_autodiff)
-    if t.verdict in (Verdict.OK, Verdict.UNRESOLVED):
+    if t.verdict in (Verdict.OK, Verdict.UNRESOLVED, Verdict.PRECISION):
         lines = words.agreement(leaves)
     else:
         lines = words.mismatches(t, has_autodiff, autodiff_why)
         if t.suspect or t.conflict or words.checking_autodiff:
             lines.append(_numerics_advice(eps))
+    lines += precision_lines([leaf for leaf in leaves if leaf.own_dtype is not None], words)
     rough = [leaf for leaf in leaves
              if leaf.unexplained_excess and leaf.status != Status.MISMATCH]
     if rough:
@@ -271,6 +272,36 @@ class _Words:
     def leaf_lines(self, leaf: LeafReport, with_autodiff: bool) -> list[str]:
         return ([f"  - {describe_leaf(leaf, self.source, self.batch, self.noun, self.autodiff)}."]
                 + worst_lines(leaf, self.source, with_autodiff, autodiff=self.autodiff))
+
+
+def precision_lines(leaves: list[LeafReport], words: _Words) -> list[str]:
+    """Leaves whose gradient fails at the precision the model runs in (userprecision.py)."""
+    if not leaves:
+        return []
+    dtype = leaves[0].own_dtype
+    the = words.the
+    lines = [f"{_sentence(the)} is right in float64 but not in {dtype}, the precision your "
+             f"model runs in, in {_paths(leaves)}:"]
+    for leaf in leaves:
+        index, v64, v_own = leaf.own_worst
+        n = leaf.own_n_nonfinite or leaf.own_n_bad
+        what = (f"{n} non-finite entr{'y' if n == 1 else 'ies'}" if leaf.own_n_nonfinite else
+                f"{n} entr{'y' if n == 1 else 'ies'} off by more than half of {dtype}'s digits")
+        also = ""
+        if leaf.own_autodiff_too is not None and not words.checking_autodiff:
+            also = (f"; {words.autodiff} fails there too, so the loss's own {dtype} computation "
+                    "is the cause" if leaf.own_autodiff_too else
+                    f"; {words.autodiff} is right there, so the {dtype} computation of "
+                    f"{the} is the cause")
+        lines.append(f"  - {leaf.path or '<params>'}: {what}, worst at {index}: {v_own:.6g} in "
+                     f"{dtype} where float64 gives {v64:.6g}{also}.")
+    lines.append(
+        f"In {dtype} the gradient overflows, divides by zero or cancels where float64 does not: "
+        "typically a branch that jnp.where discards but still differentiates (exp(100) * 0 is "
+        f"NaN in the gradient: compute the branch on a safe input, the double-where trick), a "
+        "log or sqrt of an underflowed value, or a large sum cancelling. Fix it there, or train "
+        "in float64; this check ran in float64, where the gradient is right.")
+    return lines
 
 
 def _numerics_advice(eps: float | None) -> str:

@@ -1,9 +1,7 @@
-"""What a check is given, before anything is evaluated: precision, and inputs jgc cannot use.
+"""What a check is given, before anything is evaluated: options, and inputs jgc cannot use.
 
-* Precision. `x64=True` evaluates in float64 and restores JAX's setting afterwards, even on
-  error. JAX's x64 flag is thread-local, and jgc compiles jax.grad and the user's gradient on
-  worker threads, so the *effective* flag of the calling thread is captured once and every
-  thread of the check runs under it: one check, one precision.
+* Options. The user's settings, validated once (`make_options`): every bad value is an
+  InputError naming the option and the values it accepts.
 * Promotion. Under x64 the checked parameters are evaluated in float64, and floating-point
   arguments (a float32 batch X) are promoted with them, so that the loss sees one dtype (JAX
   refuses, for example, a float64 kernel with a float32 image in a convolution).
@@ -13,39 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
+import numbers
 
 import jax
 import numpy as np
 
 from jgc._src.tree import InputError
 from jgc._src.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
-
-
-@contextlib.contextmanager
-def precision(x64: bool) -> Iterator[bool]:
-    """Float64 for the duration of a check (x64=True), restored afterwards even on error.
-
-    Yields the effective x64 flag, for `in_precision` on other threads. `jax.enable_x64` is a
-    context manager over the config option: on exit it restores the value it found, whether the
-    body returned or raised (KeyboardInterrupt included).
-    """
-    if not isinstance(x64, bool):
-        raise InputError(f"x64={x64!r}: expected True (check in float64, the default) or False "
-                         "(check at the parameters' own precision).")
-    effective = True if x64 else bool(jax.config.jax_enable_x64)
-    with jax.enable_x64(effective):
-        yield effective
-
-
-def in_precision(effective: bool, fn, *args):
-    """fn(*args) under the check's effective x64 flag (for worker threads, which do not see
-    the calling thread's setting)."""
-    with jax.enable_x64(effective):
-        return fn(*args)
-
 
 _TRANSFORMED = (
     "jgc checks must be called outside jax.jit, jax.grad, jax.vmap and other transformations: "
@@ -92,6 +65,8 @@ def promote_args(args: tuple, x64: bool) -> tuple[tuple, list[str]]:
     def up(path, x):
         if not isinstance(x, (np.ndarray, np.generic, jax.Array)):
             return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):  # a typed PRNG key: as it is
+            return x
         dt = np.dtype(x.dtype)
         if jax.numpy.issubdtype(dt, np.floating) and dt != np.float64:
             target = np.float64
@@ -109,7 +84,8 @@ def promote_args(args: tuple, x64: bool) -> tuple[tuple, list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """A check's options, validated once (see check_grad for their meaning)."""
+    """A check's options, as the user set them, validated once (see check_grad for their
+    meaning)."""
 
     x64: bool = True
     mode: Mode = Mode.AUTO
@@ -122,9 +98,6 @@ class Options:
     memory_budget: int | None = None
     progress: bool | None = None
     has_aux: bool = False
-    f_scale: float = 0.0  # a magnitude of the loss's terms, when known (check_vjp)
-    source: str = "hand-written"  # what a gradient function is called in the report
-    effective_x64: bool = True  # the x64 flag the check runs under (see `precision`)
 
     @property
     def user_tolerance(self) -> bool:
@@ -138,6 +111,14 @@ class Options:
         return self.eps is None and not self.user_tolerance
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def make_options(**kw) -> Options:
     """Options from the user's keywords, with an InputError naming any bad one."""
     mode = Mode.parse(kw.pop("mode", "auto"), "mode", MODE_ADVICE)
@@ -145,23 +126,44 @@ def make_options(**kw) -> Options:
     opts = Options(mode=mode, method=method, **kw)
     for name in ("rtol", "atol"):
         v = getattr(opts, name)
-        if v is not None and not (np.isfinite(v) and v >= 0):
+        if v is not None and not (_is_number(v) and np.isfinite(v) and v >= 0):
             raise InputError(f"{name}={v!r}: expected a non-negative number, or None to use the "
                              "error model.")
-    if opts.eps is not None and not (np.isfinite(opts.eps) and opts.eps > 0):
+    if opts.eps is not None and not (_is_number(opts.eps) and np.isfinite(opts.eps)
+                                     and opts.eps > 0):
         raise InputError(f"eps={opts.eps!r}: the step must be a positive finite number, or None "
                          "to choose it from each leaf's dtype and magnitude.")
     budget = opts.memory_budget
-    if budget is not None and (isinstance(budget, bool) or not isinstance(
-            budget, (int, float, np.integer, np.floating)) or not np.isfinite(budget)
-            or budget < 1):
+    if budget is not None and not (_is_number(budget) and np.isfinite(budget) and budget >= 1):
         raise InputError(f"memory_budget={budget!r}: expected a positive number of bytes for one "
                          "batch of perturbed evaluations (e.g. 2**30 for 1 GiB), or None for the "
                          "default (a quarter of the available memory, 256 MiB to 1 GiB).")
+    if not (_is_int(opts.seed) and opts.seed >= 0):
+        raise InputError(f"seed={opts.seed!r}: expected a non-negative integer (it seeds the "
+                         "sampled entries and the random directions; default 0).")
     samples = opts.samples
-    if mode == Mode.SAMPLE and (isinstance(samples, bool) or not isinstance(
-            samples, (int, np.integer)) or samples < 1):
-        raise InputError(f"samples={samples!r}: mode='sample' checks `samples` entries per leaf, "
-                         "so it must be a positive integer (default 16). A check of zero "
-                         "entries would verify nothing.")
+    if not (_is_int(samples) and samples >= 1):
+        raise InputError(f"samples={samples!r}: mode='sample' checks `samples` entries per leaf "
+                         "(and mode='auto' as many when it falls back to directions), so it must "
+                         "be a positive integer (default 16). A check of zero entries would "
+                         "verify nothing.")
+    for name in ("has_aux", "x64"):
+        if not isinstance(getattr(opts, name), bool):
+            raise InputError(f"{name}={getattr(opts, name)!r}: expected True or False.")
+    if opts.progress is not None and not isinstance(opts.progress, bool):
+        raise InputError(f"progress={opts.progress!r}: expected True, False or None (a bar on "
+                         "a terminal or in a notebook, for checks over 2 s).")
     return opts
+
+
+def count_option(name: str, value, mode: Mode, what: str) -> int:
+    """A number of random directions (check_jvp's n_tangents, check_hvp's n_directions): a
+    non-negative integer, positive where the mode draws nothing else."""
+    if not (_is_int(value) and value >= 0):
+        raise InputError(f"{name}={value!r}: expected a non-negative integer, the number of "
+                         f"seeded random {what} (default 2).")
+    if value == 0 and mode == Mode.DIRECTIONAL:
+        raise InputError(f"{name}=0 with mode='directional': that mode checks random {what} "
+                         f"only, so it would check none. Pass {name} >= 1, or mode='full' for "
+                         "every basis direction.")
+    return int(value)

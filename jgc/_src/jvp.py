@@ -19,7 +19,6 @@ direction (d+ + d-) / 2h, exactly the one measured.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import jax
@@ -30,10 +29,9 @@ from jgc._src import compare as cp
 from jgc._src import diagnose as dg
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.evaluate import make_evaluator
-from jgc._src.inputs import make_options, precision, refuse_unusable
+from jgc._src.inputs import count_option, make_options
+from jgc._src.prepare import Check, Subject, precision, prepare
 from jgc._src.probes import Tangents
-from jgc._src.progress import progress_factory
 from jgc._src.report import Report
 from jgc._src.tree import (
     InputError,
@@ -54,11 +52,10 @@ GROUP = 64  # directions evaluated per batch (each a row of the perturbation vec
 
 @dataclasses.dataclass(frozen=True)
 class _Problem:
-    """A vector function of the parameters, the directions to probe it along, and the rule."""
+    """A vector function of the parameters (the carrier's), the directions to probe it along,
+    and the rule."""
 
-    ev: object  # the evaluator of F
-    sp: object
-    plan: pl.Plan
+    check: Check
     directions: np.ndarray  # (T, n)
     effective: bool  # evaluate the rule along the measured (effective) directions
     rule: Callable  # flat direction -> flat checked derivative
@@ -91,29 +88,31 @@ def _directions(sp, mode: Mode, seed: int, n_random: int, samples: int,
     return np.stack(random + basis) if random or basis else np.zeros((0, sp.n)), words
 
 
-def _measure(problem: _Problem, u: float, float64: bool, o):
+def _measure(problem: _Problem) -> list[cp.Compared]:
     """Every direction, in groups: the error model, the checked and jax's derivatives."""
-    parts, f0 = [], problem.ev.at()
+    check = problem.check
+    ev, plan, o, u = check.ev, check.plan, check.options, check.u
+    parts = []
     schedule = es.Schedule(everywhere=True, refine=o.refine, rtol=o.rtol, atol=o.atol)
     for a in range(0, len(problem.directions), GROUP):
         T = problem.directions[a:a + GROUP]
-        h = np.array([pl.tangent_step(problem.plan, t) for t in T])
-        probes = Tangents(problem.ev, problem.plan.theta.astype(problem.ev.dtype), T, h, f0)
+        h = np.array([pl.tangent_step(plan, t) for t in T])
+        probes = Tangents(ev, plan.theta.astype(ev.dtype), T, h, check.f0)
         used = probes.effective if problem.effective else T
         checked = np.concatenate([problem.rule(t) for t in used])
         _require_size(checked, len(T) * probes.m)
         g_round = np.concatenate([cp.leaf_rounding(c) for c in checked.reshape(len(T), -1)])
         autodiff = None
         if problem.use_autodiff:
-            autodiff, _ = calls.autodiff_jvp(problem.ev, used, hessian=problem.hessian)
+            autodiff, _ = calls.autodiff_jvp(ev, used, hessian=problem.hessian)
             autodiff = None if autodiff is None else autodiff.ravel()
-        d = es.differences(0.0, len(checked), probes.noise(u), u, float64)
+        d = es.differences(0.0, len(checked), probes.noise(u), u, check.float64)
         found = es.derivative(probes.evaluate, d, checked, g_round, autodiff, g_round,
                               schedule=schedule,
                               checked_is_autodiff=problem.checked_is_autodiff)
         parts.append(cp.compared(found.model, found.cmp, found.cmp_ad, checked, g_round,
                                  autodiff, g_round, o.rtol, o.atol))
-    return parts, f0
+    return parts
 
 
 def _require_size(checked: np.ndarray, size: int) -> None:
@@ -144,19 +143,19 @@ def _leaves(specs: list[LeafSpec], parts: list[cp.Compared], o):
     return leaves, agrees, c
 
 
-def _report(problem: _Problem, specs, parts, start, o, *, source, autodiff_name, noun, mode,
-            method, notes) -> Report:
-    leaves, agrees, c = _leaves(specs, parts, o)
-    u = max(pl.machine_eps(d) for d in problem.plan.dtypes)
+def _report(problem: _Problem, specs, parts, *, source, autodiff_name, noun, mode, method,
+            notes) -> Report:
+    check = problem.check
+    leaves, agrees, c = _leaves(specs, parts, check.options)
     verdict, text = explain.diagnosis(
         leaves, agrees, source=source, has_autodiff=c.g_ad is not None or source == autodiff_name,
         autodiff_why="f is not traceable by JAX", batch=None, autodiff=autodiff_name, noun=noun,
-        float64=u <= pl.machine_eps(np.float64))
-    header = cp.Header(source, "float64 (x64)" if o.x64 else "float32", method, mode,
-                       "h = 2**k ≈ u**(1/3)·scale (exact)", len(c.g) // max(
-                           len(problem.directions), 1), autodiff_name, noun)
+        float64=check.float64)
+    header = check.header(source, method, mode, autodiff_name, noun,
+                          n_params=len(c.g) // max(len(problem.directions), 1))
     return cp.build_report(leaves, Verdict(verdict), text, header, n_checked=len(c.g),
-                           n_evaluations=problem.ev.n_evaluations, start=start, notes=notes,
+                           n_evaluations=check.ev.n_evaluations, start=check.start,
+                           notes=(*check.notes, *notes),
                            global_rel=cp.global_rel_error(c.g, c.model.value))
 
 
@@ -207,42 +206,52 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
     >>> jgc.check_jvp(f, None, (jnp.linspace(0.1, 1, 4),)).ok
     False
     """
-    start = time.perf_counter()
     calls.require_function(f, "f", "(*primals) -> out", "check_jvp(f, f_jvp, primals, ...)")
     if f_jvp is not None and not callable(f_jvp):
         raise InputError("f_jvp must be a function f_jvp(primals, tangents) -> (out, "
                          "tangent_out), or None to check jax.jvp of f.")
     primals = tuple(primals) if isinstance(primals, (tuple, list)) else (primals,)
-    with precision(x64):
+    if tangents is not None and not isinstance(tangents, (tuple, list)):
+        tangents = (tangents,)
+    with precision(x64) as prec:
         o = make_options(x64=x64, mode=mode, eps=eps, samples=samples,
                          memory_budget=memory_budget, progress=progress, seed=seed)
-        refuse_unusable(primals=primals, tangents=tangents)
-        sp = split_checked(primals, "primals")
-        plan = pl.make_plan(sp, mode=Mode.FULL, x64=x64, eps=eps, samples=0, seed=seed)
-        ev = make_evaluator(lambda p: f(*p), sp, plan.theta, plan.dtypes, (), vector=True,
-                            memory_budget=o.memory_budget, progress=progress_factory(progress))
-        if f_jvp is None and not ev.traceable:
+        n_random = 0 if tangents is not None else count_option("n_tangents", n_tangents,
+                                                                o.mode, "tangents")
+        subject = Subject(lambda p: f(*p), primals, vector=True, name="primals",
+                          fn_name="f(*primals)",
+                          directions=() if tangents is None else (("tangents", tuple(tangents)),))
+        check = prepare(subject, dataclasses.replace(o, mode=Mode.FULL), prec)
+        if isinstance(check, Report):
+            return check
+        if f_jvp is None and not check.ev.traceable:
             raise InputError("f_jvp=None asks jgc to check jax.jvp of f, but JAX cannot trace "
                              "f. Pass your forward-mode rule as f_jvp.")
         if tangents is not None:
             t = np.concatenate([a.ravel() for a in match_gradient(
-                tuple(tangents) if isinstance(tangents, (tuple, list)) else (tangents,), sp,
-                primals, "tangents", tangent=True)])
+                tuple(tangents), check.sp, primals, "tangents", tangent=True)])
             directions, words = t.astype(np.float64)[None], "1 given"
         else:
-            directions, words = _directions(sp, o.mode, seed, n_tangents, samples, 0)
+            directions, words = _directions(check.sp, o.mode, seed, n_random, samples, 0)
+            _require_directions(directions, "n_tangents", o.mode)
         out_holder = {}
-        rule = _jvp_rule(f, f_jvp, sp, plan, out_holder)
-        problem = _Problem(ev, sp, plan, directions, tangents is None, rule, False,
-                           f_jvp is not None and ev.traceable, f_jvp is None)
-        u = max(pl.machine_eps(d) for d in plan.dtypes)
-        parts, _ = _measure(problem, u, u <= pl.machine_eps(np.float64), o)
+        rule = _jvp_rule(f, f_jvp, check, out_holder)
+        problem = _Problem(check, directions, tangents is None, rule, False,
+                           f_jvp is not None and check.ev.traceable, f_jvp is None)
+        parts = _measure(problem)
         specs = _output_specs(out_holder["out"])
         source = "hand-written" if f_jvp is not None else "jax.jvp"
-        return _report(problem, specs, parts, start, o, source=source,
+        return _report(problem, specs, parts, source=source,
                        autodiff_name="jax.jvp", noun="tangent rule", mode="jvp",
                        method="central differences of f along each tangent (h, 2h, finer "
                               "where needed)", notes=[f"{words} tangent(s)"])
+
+
+def _require_directions(directions: np.ndarray, option: str, mode: Mode) -> None:
+    if len(directions) == 0:
+        raise InputError(f"no direction to check: {option}=0 random ones and mode={mode.value!r} "
+                         f"adds no basis direction here. Pass {option} >= 1, or mode='full' for "
+                         "every basis direction.")
 
 
 def _unflat(sp, plan: pl.Plan, flat: np.ndarray):
@@ -257,8 +266,9 @@ def _unflat(sp, plan: pl.Plan, flat: np.ndarray):
     return jax.tree_util.tree_unflatten(sp.treedef, leaves)
 
 
-def _jvp_rule(f, f_jvp, sp, plan, out_holder) -> Callable:
+def _jvp_rule(f, f_jvp, check: Check, out_holder) -> Callable:
     """flat tangent -> flat tangent output of the rule under test (f_jvp, or jax.jvp of f)."""
+    sp, plan = check.sp, check.plan
     primal_tree = _unflat(sp, plan, plan.theta)
 
     def rule(t_flat):
@@ -310,30 +320,67 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
     ...               hvp=lambda p, v: {"w": 6 * p["w"] * v["w"]}).ok
     True
     """
-    start = time.perf_counter()
     calls.require_function(loss)
-    with precision(x64):
+    if grad is not None:
+        calls.require_function(grad, "grad", "(params, *args) -> gradient shaped like params",
+                               "check_hvp(loss, params, *args, grad=..., hvp=...)")
+    with precision(x64) as prec:
         o = make_options(x64=x64, mode=mode, eps=eps, samples=samples,
                          memory_budget=memory_budget, progress=progress, seed=seed)
-        refuse_unusable(params=params, args=args)
+        n_random = count_option("n_directions", n_directions, o.mode, "directions")
         sp = split_checked(params)
         _refuse_complex(sp)
-        plan = pl.make_plan(sp, mode=Mode.FULL, x64=x64, eps=eps, samples=0, seed=seed)
-        gfun = grad if grad is not None else jax.grad(loss)
-        ev = make_evaluator(gfun, sp, plan.theta, plan.dtypes, args, vector=True,
-                            memory_budget=o.memory_budget, progress=progress_factory(progress))
-        directions, words = _directions(sp, o.mode, seed, n_directions, samples,
-                                        BASIS_MAX)
-        rule = _hvp_rule(hvp, sp, plan, ev, params, args)
-        problem = _Problem(ev, sp, plan, directions, True, rule, True,
-                           hvp is not None and ev.traceable, hvp is None)
-        u = max(pl.machine_eps(d) for d in plan.dtypes)
-        parts, _ = _measure(problem, u, u <= pl.machine_eps(np.float64), o)
+        subject = Subject(_checked_gradient(loss, grad, sp), params, args, vector=True,
+                          fn_name="the gradient" if grad is None else "grad(params, *args)")
+        check = prepare(subject, dataclasses.replace(o, mode=Mode.FULL), prec)
+        if isinstance(check, Report):
+            return check
+        directions, words = _directions(check.sp, o.mode, seed, n_random, samples, BASIS_MAX)
+        _require_directions(directions, "n_directions", o.mode)
+        rule = _hvp_rule(hvp, check, params, args)
+        problem = _Problem(check, directions, True, rule, True,
+                           hvp is not None and check.ev.traceable, hvp is None)
+        parts = _measure(problem)
         source = "hand-written" if hvp is not None else "jax's H·v"
-        return _report(problem, list(sp.specs), parts, start, o, source=source,
+        return _report(problem, list(check.sp.specs), parts, source=source,
                        autodiff_name="jax's H·v", noun="Hessian-vector product", mode="hvp",
                        method="central differences of the gradient along v (h, 2h, finer "
                               "where needed)", notes=[f"{len(directions)} directions: {words}"])
+
+
+def _checked_gradient(loss: Callable, grad: Callable | None, sp) -> Callable:
+    """The gradient function whose derivative check_hvp takes, over the checked (float) leaves
+    only, as a list in their order: jax.grad of the loss with respect to them (int and bool
+    leaves are held fixed, as check_grad holds them), or the user's `grad` with its other
+    leaves dropped."""
+    paths = [s.path for s in sp.checked_specs()]
+
+    def pick(tree):
+        by_path = dict(flatten(tree)[0])
+        missing = [p for p in paths if p not in by_path or by_path[p] is None]
+        if missing:
+            raise InputError(f"grad(params, *args) returned no gradient for params"
+                             f"{missing[0]}: it must return a pytree shaped like params, as "
+                             "jax.grad does.")
+        return [by_path[p] for p in paths]
+
+    if grad is not None:
+        return lambda params, *args: pick(grad(params, *args))
+
+    def gradient(params, *args):
+        pairs, treedef = flatten(params)
+        leaves = [x for _, x in pairs]
+        where = [i for i, (p, _) in enumerate(pairs) if p in set(paths)]
+
+        def of_checked(xs):
+            new = list(leaves)
+            for i, x in zip(where, xs):
+                new[i] = x
+            return loss(jax.tree_util.tree_unflatten(treedef, new), *args)
+
+        return jax.grad(of_checked)([leaves[i] for i in where])
+
+    return gradient
 
 
 def _refuse_complex(sp) -> None:
@@ -347,8 +394,10 @@ def _refuse_complex(sp) -> None:
             "gradient itself with check_grad, which takes complex parameters.")
 
 
-def _hvp_rule(hvp, sp, plan, ev, params, args) -> Callable:
+def _hvp_rule(hvp, check: Check, params, args) -> Callable:
     """flat v -> flat H·v of the rule under test (hvp, or jax's own product)."""
+    sp, plan, ev = check.sp, check.plan, check.ev
+    args = check.ev.args  # promoted with the parameters under x64
     p_tree = _unflat(sp, plan, plan.theta)
 
     def rule(v_flat):

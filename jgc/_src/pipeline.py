@@ -1,39 +1,38 @@
 """A gradient check, end to end: split -> plan -> evaluate -> estimate -> compare -> diagnose.
 
-`prepare` builds the carrier, a frozen `Check` holding what every later stage shares: the split,
-the plan, the evaluator (one trace of the loss), f0, the gradients being compared, the measured
-noise and the options. Each later stage is a plain function of it, returning a new Check or its
-own results; nothing flows back up. `run` is the whole check as those stage calls.
+`prepare` (prepare.py) builds the carrier, a frozen `Check` holding what every later stage
+shares: the split, the plan, the evaluator (one trace of the loss), f0 and the options; here the
+gradients being compared (`Gradients`, its `side`) and the measured noise join it. Each stage is
+a plain function of it, returning a new Check or its own results; nothing flows back up. `run`
+is the whole check as those stage calls; `numerical_grad` is the same carrier without anything
+to compare.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from jgc._src import calls, complexstep, explain, noise, programs
+from jgc._src import calls, complexstep, explain, noise, userprecision
 from jgc._src import compare as cp
 from jgc._src import diagnose as dg
 from jgc._src import directional as dr
 from jgc._src import estimate as es
 from jgc._src import plan as pl
-from jgc._src.evaluate import Deadline, Evaluator, TooSlow, make_evaluator
-from jgc._src.inputs import Options, in_precision, promote_args, refuse_unusable
+from jgc._src.evaluate import Deadline, TooSlow
+from jgc._src.inputs import Options
+from jgc._src.prepare import Check, Precision, Subject, prepare
 from jgc._src.probes import Coordinates
-from jgc._src.progress import progress_factory
 from jgc._src.report import Report
-from jgc._src.tree import InputError, Split, complex_value, listing, match_gradient, split_checked
+from jgc._src.tree import InputError, Split, complex_value, listing, match_gradient
 from jgc._src.vocab import Method, Mode
 
 
 @dataclasses.dataclass(frozen=True)
 class Gradients:
-    """The gradients a check compares, per checked leaf."""
+    """The gradients a check compares, per checked leaf (`Check.side` of a gradient check)."""
 
     checked: tuple[np.ndarray, ...]  # in the gradient's own dtype (its rounding counts)
     autodiff: tuple[np.ndarray, ...] | None  # jax.grad as a third opinion, when it is one
@@ -41,53 +40,27 @@ class Gradients:
     autodiff_why: str | None  # why jax.grad is unavailable
     is_autodiff: bool  # the checked gradient is jax.grad itself (grad=None)
     call: calls.GradientCall | None = None
+    own: userprecision.Own | None = None  # the same at the user's own precision
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """The carrier: everything the stages of one check share."""
-
-    sp: Split
-    plan: pl.Plan
-    ev: Evaluator
-    f0: float
-    gradients: Gradients
-    options: Options
-    start: float
-    notes: tuple[str, ...] = ()
-    sigma: float | None = None  # the loss's measured noise level
-    u: float = 0.0  # unit roundoff: the coarser of the parameters' and the loss's dtype
-    float64: bool = True
-
-    def note(self, *lines: str) -> Check:
-        return dataclasses.replace(self, notes=(*self.notes, *lines))
-
-    @property
-    def full_stencils(self) -> bool:
-        """2h at every entry: the leaf-level test (reduced precision) and Richardson need it."""
-        m = self.options.method
-        return m == Method.RICHARDSON or (not self.float64 and m != Method.COMPLEX)
-
-    @property
-    def schedule(self) -> es.Schedule:
-        o = self.options
-        return es.Schedule(o.method, everywhere=self.full_stencils, refine=o.refine,
-                           rtol=o.rtol, atol=o.atol)
-
-
-def run(loss: Callable, params, args: tuple, grad, options: Options) -> Report:
-    """The whole check. Pure: builds copies, never touches the user's arrays or config."""
-    check = prepare(loss, params, args, grad, options)
+def run(subject: Subject, grad, o: Options, prec: Precision,
+        what: str = "grad(params, *args)") -> Report:
+    """The whole check of a gradient. Pure: builds copies, never touches the user's arrays or
+    config. `what`: how the gradient function is named in messages."""
+    check = prepare(subject, o, prec, alongside=_gradient_jobs(grad, what))
     if isinstance(check, Report):  # hidden randomness: nothing can be judged
         return check
+    check = with_gradients(check, grad, what)
+    check = dataclasses.replace(check, side=dataclasses.replace(
+        check.side, own=userprecision.evaluate(check, grad, what)))
     check = measure_noise(choose_entries(check))
     check, found, outcomes = measure(check)
     leaves, agrees = leaf_reports(check, found, outcomes)
+    g = check.side
     verdict, text = explain.diagnosis(
-        leaves, agrees, source=check.gradients.source,
-        has_autodiff=check.gradients.autodiff is not None or check.gradients.is_autodiff,
-        autodiff_why=check.gradients.autodiff_why, batch=batch_size(args),
-        eps=options.eps, float64=check.float64, method=options.method)
+        leaves, agrees, source=g.source, has_autodiff=g.autodiff is not None or g.is_autodiff,
+        autodiff_why=g.autodiff_why, batch=batch_size(subject.args), eps=o.eps,
+        float64=check.float64, method=o.method)
     check, text = closing_notes(check, found, text)
     return cp.build_report(leaves, verdict, text, header(check), n_checked=len(found.g),
                            n_evaluations=check.ev.n_evaluations, start=check.start,
@@ -95,84 +68,33 @@ def run(loss: Callable, params, args: tuple, grad, options: Options) -> Report:
                            global_rel=cp.global_rel_error(found.g, found.model.value))
 
 
-def prepare(loss: Callable, params, args: tuple, grad, o: Options) -> Check | Report:
-    """split -> plan -> evaluate: the carrier, with f0 and the gradients being compared."""
-    start = time.perf_counter()
-    calls.require_function(loss)
-    refuse_unusable(params=params, args=args, grad=grad)
-    sp = split_checked(params)
-    if o.method == Method.COMPLEX:
-        complexstep.refuse_complex_leaves(sp)
-    plan = pl.make_plan(sp, mode=o.mode, x64=o.x64, eps=o.eps, samples=o.samples, seed=o.seed,
-                        method=o.method)
-    notes = []
-    complex_leaves = sp.complex_paths()
-    if complex_leaves:
-        notes.append(f"complex: {listing(complex_leaves, 4)} checked along the real and "
-                     "the imaginary direction of each entry (each counts as two checked "
-                     "entries), and compared in JAX's convention ∂f/∂x − i·∂f/∂y, as jax.grad "
-                     "returns it")
-    half = [s.path or "<params>" for s in sp.checked_specs() if s.dtype in pl.HALF]
-    if half and not o.x64:
-        notes.append(f"{', '.join(half)} {'is' if len(half) == 1 else 'are'} half precision: "
-                     "evaluated in float32, since differences of a half-precision loss are "
-                     "mostly rounding noise (~3 digits)")
-    args, promoted = promote_args(args, o.x64)
-    if promoted:
-        notes.append(f"x64: floating-point arguments were promoted to float64 with the "
-                     f"parameters ({listing(promoted, 4)}); pass x64=False to check at "
-                     "their own precision")
-    ev = make_evaluator(loss, sp, plan.theta, plan.dtypes, args, has_aux=o.has_aux,
-                        memory_budget=o.memory_budget, progress=progress_factory(o.progress))
-    if not ev.traceable:
-        notes.append("the loss is not traceable by JAX (it converts to NumPy), so jgc "
-                     "evaluated it on the host, one perturbation at a time")
-    f0, gradients = _f0_and_gradients(ev, sp, params, grad, o)
-    if ev.batch_error:
-        notes.append(f"the loss cannot be vmapped ({ev.batch_error}), so jgc evaluated the "
-                     "perturbations one at a time inside the compiled program: the slower path")
-    if gradients.call is not None and gradients.call.note:
-        notes.append(gradients.call.note)
-    if not np.isfinite(f0):
-        raise InputError(f"the loss is {f0} at params (before any perturbation). "
-                         f"{_where_not_finite(params, args)}jgc needs a finite loss to compare "
-                         "gradients.")
-    f0_again = ev.at()
-    check = Check(sp, plan, ev, f0, gradients, o, start, tuple(notes))
-    if f0_again != f0:
-        return cp.randomness_report(sp, header(check), f0, f0_again,
-                                    n_evaluations=ev.n_evaluations, start=start, notes=notes)
-    u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
-    return dataclasses.replace(check, u=u, float64=u <= pl.machine_eps(np.float64))
+def _gradient_jobs(grad, what: str) -> tuple:
+    """jax.grad, and the user's gradient function if one is given, compiled alongside f0."""
+    jobs = [calls.autodiff]
+    if calls.is_function(grad):
+        jobs.append(lambda ev: calls.call_gradient(ev, grad, what))
+    return tuple(jobs)
 
 
-def _f0_and_gradients(ev: Evaluator, sp: Split, params, grad, o: Options):
-    """f0 here while jax.grad and the user's gradient compile on other threads: XLA releases
-    the GIL, and on a small problem compilation is most of the time. Each thread runs under the
-    check's effective precision (JAX's x64 flag is thread-local). Under jax.distributed they
-    run one after the other: every process must reach the same collectives in the same order."""
-    if programs.multiprocess():
-        autodiff, why, error = calls.autodiff(ev)
-        call = calls.call_gradient(ev, grad) if calls.is_function(grad) else None
-        f0 = ev.at()
-    else:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            autodiff_job = pool.submit(in_precision, o.effective_x64, calls.autodiff, ev)
-            grad_job = (pool.submit(in_precision, o.effective_x64, calls.call_gradient, ev,
-                                    grad) if calls.is_function(grad) else None)
-            f0 = ev.at()
-            autodiff, why, error = autodiff_job.result()
-            call = None if grad_job is None else grad_job.result()
+def with_gradients(check: Check, grad, what: str) -> Check:
+    """The gradients being compared (`Check.side`), per checked leaf, from the jobs that ran
+    alongside f0."""
+    ev, sp, params = check.ev, check.sp, check.subject.params
+    (autodiff, why, error), *rest = check.side
+    call = rest[0] if rest else None
     leaves = None if autodiff is None else tuple(_to_leaves(sp, autodiff))
     if grad is None:
         if autodiff is None:
             jaxpr = ev.traced.closed.jaxpr if ev.traceable else None
             raise calls.autodiff_failure(why, error, jaxpr) from error
-        return f0, Gradients(leaves, None, "jax.grad", why, True)
-    given = (calls.without_aux(call.out, sp, params, o.has_aux) if call is not None else grad)
-    checked = match_gradient(given, sp, params,
-                             "grad(params, *args)" if call is not None else "grad")
-    return f0, Gradients(tuple(checked), leaves, o.source, why, False, call)
+        return dataclasses.replace(check, side=Gradients(leaves, None, "jax.grad", why, True))
+    given = (calls.without_aux(call.out, sp, params, check.subject.has_aux)
+             if call is not None else grad)
+    checked = match_gradient(given, sp, params, what if call is not None else "grad")
+    if call is not None and call.note:
+        check = check.note(call.note)
+    return dataclasses.replace(
+        check, side=Gradients(tuple(checked), leaves, "hand-written", why, False, call))
 
 
 def _to_leaves(sp: Split, flat: np.ndarray) -> list[np.ndarray]:
@@ -188,7 +110,7 @@ def choose_entries(check: Check) -> Check:
     sp, o, plan = check.sp, check.options, check.plan
     if plan.mode == Mode.SAMPLE:
         plan = dataclasses.replace(plan, entries=tuple(
-            pl.sample_entries(sp, o.samples, o.seed, check.gradients.checked)))
+            pl.sample_entries(sp, o.samples, o.seed, check.side.checked)))
     if plan.mode == Mode.AUTO and not check.ev.traceable:
         plan = dataclasses.replace(plan, mode=Mode.FULL)
     return dataclasses.replace(check, plan=plan)
@@ -199,16 +121,16 @@ def measure_noise(check: Check) -> Check:
     sigma = noise.measure(check.ev, check.sp, check.plan)
     plan = check.plan
     if sigma is not None:
-        g = check.gradients
+        g = check.side
         plan = pl.with_noise(plan, sigma / noise.variation(
-            check.f0, check.options.f_scale, plan.theta, g.autodiff or g.checked))
+            check.f0, check.subject.f_scale, plan.theta, g.autodiff or g.checked))
     return dataclasses.replace(check, sigma=sigma, plan=plan)
 
 
 def measure(check: Check) -> tuple[Check, cp.Compared, dict]:
     """The derivative at the planned probes, by mode: every entry, a sample, or directions and
     group testing (auto: a full check unless its first stencil predicts too long a one)."""
-    sp, o, g = check.sp, check.options, check.gradients
+    sp, o, g = check.sp, check.options, check.side
     plan = check.plan
     if plan.mode == Mode.AUTO:
         factor = 3.0 if o.method == Method.RICHARDSON else 2.0 if check.full_stencils else 1.25
@@ -235,21 +157,21 @@ def measure(check: Check) -> tuple[Check, cp.Compared, dict]:
 
 def coordinate_phase(check: Check, deadline: Deadline | None = None) -> cp.Compared:
     """Every planned entry, one by one: the stencil schedule, or the complex step."""
-    sp, plan, g, o = check.sp, check.plan, check.gradients, check.options
+    sp, plan, g, o = check.sp, check.plan, check.side, check.options
     checked = cp.restricted(plan, list(g.checked))
     g_round = cp.restricted_rounding(plan, list(g.checked))
     g_ad = None if g.autodiff is None else cp.restricted(plan, list(g.autodiff))
     ad_round = 0.0 if g_ad is None else cp.restricted_rounding(plan, list(g.autodiff))
     if o.method == Method.COMPLEX:
         model = complexstep.model(check.ev, sp, plan, check.f0, check.sigma, check.u,
-                                  check.float64, o.f_scale, o.seed)
+                                  check.float64, check.subject.f_scale, o.seed)
         cmp = es.compare(checked, model, o.rtol, o.atol, g_round)
         cmp_ad = None if g_ad is None else es.compare(g_ad, model, o.rtol, o.atol, ad_round)
         return cp.compared(model, cmp, cmp_ad, checked, g_round, g_ad, ad_round, o.rtol,
                            o.atol)
     probes = Coordinates(check.ev, sp, plan, deadline)
     d = es.differences(check.f0, len(probes.index), check.sigma, check.u, check.float64,
-                       o.f_scale)
+                       check.subject.f_scale)
     found = es.derivative(probes.evaluate, d, checked, g_round, g_ad, ad_round,
                           schedule=check.schedule, checked_is_autodiff=g.is_autodiff)
     return cp.compared(found.model, found.cmp, found.cmp_ad, checked, g_round, g_ad, ad_round,
@@ -259,9 +181,10 @@ def coordinate_phase(check: Check, deadline: Deadline | None = None) -> cp.Compa
 def directional_phase(check: Check) -> tuple[Check, dict]:
     """Directions per leaf (directional.py); the entries group testing leaves in doubt, and a
     sample of any leaf the directions resolve no better than COARSE, join the plan."""
-    o, g = check.options, check.gradients
+    o, g = check.options, check.side
     run_ = dr.Directional(check.ev, check.sp, check.plan, check.f0, check.sigma, check.u,
-                          check.float64, o.f_scale, o.seed, check.schedule, g.is_autodiff)
+                          check.float64, check.subject.f_scale, o.seed, check.schedule,
+                          g.is_autodiff)
     plan, outcomes, escalated = run_.phase(g.checked, g.autodiff, o.samples, cp.leaf_rounding)
     check = dataclasses.replace(check, plan=plan)
     if escalated:
@@ -276,13 +199,15 @@ def directional_phase(check: Check) -> tuple[Check, dict]:
 def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
     """One LeafReport per leaf of params, in tree order, and whether the checked gradient
     agrees with jax.grad where it mismatches (for the three-way triage)."""
-    sp, plan, g, o = check.sp, check.plan, check.gradients, check.options
+    sp, plan, g, o = check.sp, check.plan, check.side, check.options
     bounds = cp.Bounds(None if o.user_tolerance else es.zero_bound(g.checked),
                        0.0 if g.autodiff is None else es.zero_bound(g.autodiff),
                        check.full_stencils and check.sigma is not None
                        and not o.user_tolerance)
     leaves, agrees, pos = [], {}, 0
     checked_at = {i: k for k, i in enumerate(sp.checked)}
+    own = userprecision.findings(g.own, g.checked, g.autodiff,
+                                 userprecision.own_dtypes(check) if g.own else ())
     for i, spec in enumerate(sp.specs):
         if i not in checked_at:
             leaves.append(cp.skipped(spec))
@@ -298,13 +223,13 @@ def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
             report, agree_dir = dr.merge(report, outcomes[k],
                                          judge_resolution=bounds.zero is not None)
             agrees[spec.path] = agrees[spec.path] if agree_dir is None else agree_dir
-        leaves.append(report)
+        leaves.append(userprecision.merge(report, own.get(k)))
     return leaves, agrees
 
 
 def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, str]:
     """The notes that depend on the whole check."""
-    g, o, plan, sp = check.gradients, check.options, check.plan, check.sp
+    g, o, plan, sp = check.side, check.options, check.plan, check.sp
     if g.autodiff is None and not g.is_autodiff:
         check = check.note(f"jax.grad is not available as a third opinion: {g.autodiff_why}")
     strategy = check.ev.strategy_note()
@@ -331,16 +256,8 @@ def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, s
 
 
 def header(check: Check) -> cp.Header:
-    return cp.Header(check.gradients.source, precision_name(check.plan, check.sp),
-                     method_name(check.options.method, check.full_stencils), check.plan.mode,
-                     check.plan.step_rule, check.sp.n)
-
-
-def precision_name(plan: pl.Plan, sp: Split) -> str:
-    """The evaluation dtypes, e.g. 'float64 (x64)'; a complex leaf's as complex128."""
-    names = sorted({str(np.result_type(d, np.complex64) if s.is_complex else d)
-                    for d, s in zip(plan.dtypes, sp.checked_specs())})
-    return "/".join(names) + (" (x64)" if plan.x64 else "")
+    return check.header(check.side.source, method_name(check.options.method, check.full_stencils),
+                        check.plan.mode)
 
 
 def method_name(method: Method, full: bool) -> str:
@@ -370,41 +287,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _where_not_finite(params, args) -> str:
-    """Names the inputs holding NaN or Inf, or says that they are all finite."""
-    bad = []
-    for name, tree in (("params", params), ("args", args)):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            a = np.asarray(leaf) if hasattr(leaf, "shape") or isinstance(leaf, float) else None
-            if a is not None and np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-                n = int((~np.isfinite(a)).sum())
-                bad.append(f"{name}{jax.tree_util.keystr(path)} ({n} non-finite entr"
-                           f"{'y' if n == 1 else 'ies'})")
-    if bad:
-        return f"The inputs are not finite: {', '.join(bad[:5])}. Fix or filter them first; "
-    return ("Every input is finite, so the loss itself produces it (log or division at 0, an "
-            "overflow in exp): check the initialisation and the data scale; ")
-
-
-def numerical_grad(loss: Callable, params, args: tuple, o: Options):
+def numerical_grad(subject: Subject, o: Options, prec: Precision):
     """The finite-difference gradient, shaped like params (skipped leaves as None)."""
-    calls.require_function(loss)
-    refuse_unusable(params=params, args=args)
-    sp = split_checked(params)
+    check = prepare(subject, dataclasses.replace(o, mode=Mode.FULL), prec)
+    if isinstance(check, Report):
+        raise InputError(f"{check.diagnosis} numerical_grad cannot differentiate it.")
+    sp, plan, ev = check.sp, check.plan, check.ev
     if o.method == Method.COMPLEX:
-        complexstep.refuse_complex_leaves(sp)
-    plan = pl.make_plan(sp, mode=Mode.FULL, x64=o.x64, eps=o.eps, samples=0, seed=0,
-                        method=o.method)
-    args, _ = promote_args(args, o.x64)
-    ev = make_evaluator(loss, sp, plan.theta, plan.dtypes, args, has_aux=o.has_aux)
-    u = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
-    float64 = u <= pl.machine_eps(np.float64)
-    f0 = ev.at()
-    if o.method == Method.COMPLEX:
-        value = complexstep.values(ev, sp, plan, f0, None, u, float64, 0.0, 0)
+        value = complexstep.values(ev, sp, plan, check.f0, None, check.u, check.float64, 0.0, 0)
     else:
         probes = Coordinates(ev, sp, plan)
-        d = es.differences(f0, len(probes.index), None, u, float64)
+        d = es.differences(check.f0, len(probes.index), None, check.u, check.float64)
         value = es.values(probes.evaluate, d, o.method)
     out = [None] * len(sp.specs)
     for k, (i, leaf) in enumerate(zip(sp.checked, _to_leaves(sp, value))):

@@ -24,6 +24,7 @@ import math
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jgc._src.tree import Split, real_view
@@ -60,7 +61,7 @@ def eval_dtype(dtype: str, x64: bool) -> np.dtype:
 
 
 def machine_eps(dtype) -> float:
-    return float(np.finfo(np.dtype(dtype)).eps)
+    return float(jnp.finfo(dtype).eps)
 
 
 @dataclasses.dataclass(frozen=True)

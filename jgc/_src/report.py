@@ -22,9 +22,11 @@ class LeafReport:
       shape: the leaf's shape.
       dtype: the leaf's dtype name (None for a non-array leaf).
       n_checked: how many entries were checked (0 for skipped leaves).
-      status: "ok" | "kink" | "mismatch" | "unresolved" | "skipped". "unresolved": finite
-        differences could not tell this leaf's gradient from one 2x too large, its negative or
-        zero (`resolution` >= 100%), so nothing was verified.
+      status: "ok" | "kink" | "mismatch" | "unresolved" | "precision" | "skipped".
+        "unresolved": finite differences could not tell this leaf's gradient from one 2x too
+        large, its negative or zero (`resolution` >= 100%), so nothing was verified.
+        "precision": right in float64, but non-finite or inaccurate at the precision the model
+        runs in (see own_dtype).
       max_rel_error: the largest element-wise relative error over the checked entries.
       worst_index: a tuple index into the leaf (the worst mismatch, else the largest error).
       numerical, checked, autodiff: the three values at worst_index (autodiff is jax.grad; None
@@ -62,6 +64,12 @@ class LeafReport:
       zero: the gradient is zero, verified in absolute terms: zero to rounding on the scale of
         the whole gradient, and finite differences consistent with zero (a parameter the loss
         does not depend on). Its resolution is then None: a zero has no relative error.
+      own_dtype, own_n_bad, own_n_nonfinite, own_worst, own_autodiff_too: when x64 promoted the
+        model's float32 (or half, or complex64) inputs, the checked gradient was also evaluated
+        at that precision, the one the model runs in. Where it is non-finite or off by more than
+        half that precision's digits (status "precision": right in float64, wrong there), these
+        say at which dtype, how many entries, the worst (index, float64 value, value at
+        own_dtype), and whether jax.grad fails there the same way.
       rel_errors: the element-wise relative errors, shaped like the leaf (NaN where an entry
         was not checked); what report.plot() draws. Not part of to_dict().
     """
@@ -91,6 +99,11 @@ class LeafReport:
     unexplained_excess: bool = False
     autodiff_disagrees: bool = False
     zero: bool = False
+    own_dtype: str | None = None
+    own_n_bad: int = 0
+    own_n_nonfinite: int = 0
+    own_worst: tuple[Any, ...] | None = None
+    own_autodiff_too: bool | None = None
     rel_errors: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -113,7 +126,8 @@ class Report:
 
     Attributes:
       ok: no leaf is a mismatch (kinks are not failures).
-      verdict: "ok" | "wrong_gradient" | "suspect_numerics" | "disagreement" | "randomness".
+      verdict: "ok" | "wrong_gradient" | "suspect_numerics" | "disagreement" | "randomness" |
+        "unresolved" | "precision" (right in float64, wrong at the model's own precision).
       leaves: one LeafReport per leaf of params, in tree order (skipped leaves included).
       global_rel_error: the classic ||g - g_num|| / (||g|| + ||g_num||) over all checked entries.
       diagnosis: a plain-language explanation and the next step.
@@ -157,11 +171,18 @@ class Report:
         return tuple(leaf for leaf in self.leaves if leaf.status == Status.UNRESOLVED)
 
     @property
+    def precision_leaves(self) -> tuple[LeafReport, ...]:
+        """Leaves right in float64 but wrong at the precision the model runs in."""
+        return tuple(leaf for leaf in self.leaves if leaf.status == Status.PRECISION)
+
+    @property
     def summary(self) -> str:
         """'1 of 4 checked leaves mismatch', 'all 4 checked leaves agree', ..."""
         n = sum(1 for leaf in self.leaves if leaf.status != Status.SKIPPED)
+        own = next((leaf.own_dtype for leaf in self.precision_leaves), None)
         parts = [f"{len(group)} of {n} checked leaves {word}"
                  for group, word in ((self.bad_leaves, "mismatch"),
+                                     (self.precision_leaves, f"fail in {own}"),
                                      (self.unresolved_leaves, "unresolved")) if group]
         return ", ".join(parts) if parts else f"all {n} checked leaves agree"
 
@@ -291,6 +312,8 @@ def leaf_status(leaf: LeafReport) -> str:
         text += " (as a whole)"
     elif status == Status.UNRESOLVED:
         text += f" (resolution {pct(leaf.resolution)})"
+    elif status == Status.PRECISION:
+        text += f" (in {leaf.own_dtype}: {leaf.own_n_bad}/{leaf.n_checked})"
     elif leaf.n_kink:
         text += f" ({leaf.n_kink} at kinks)"
     return text

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ArrayTree = Any  # A pytree whose leaves are arrays (the domain type, as in chex/optax).
@@ -321,7 +322,7 @@ def _as_array(leaf, spec: LeafSpec, what: str) -> np.ndarray:
         arr = np.array(leaf, copy=True)  # A copy: the user's arrays are never touched.
     except Exception as e:  # noqa: BLE001 - anything that is not array-like.
         raise InputError(f"{what}{spec.path} is a {type(leaf).__name__}, not an array: {e}") from e
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if arr.dtype == object or not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool):
         raise InputError(f"{what}{spec.path} has dtype {arr.dtype}; expected a "
                          f"{'complex' if spec.is_complex else 'floating-point'} array of shape "
                          f"{spec.shape}.")
@@ -338,8 +339,8 @@ def _as_view(arr: np.ndarray, spec: LeafSpec, what: str, tangent: bool) -> np.nd
                     "real. " + ("Pass a real tangent for a real input." if tangent else
                                 "Return the real gradient (for a real loss, its real part)."))
             arr = arr.real
-        return arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
-    if not np.issubdtype(arr.dtype, np.inexact):
+        return arr if jnp.issubdtype(arr.dtype, jnp.floating) else arr.astype(np.float64)
+    if not jnp.issubdtype(arr.dtype, jnp.inexact):
         arr = arr.astype(np.float64)
     # A real array for a complex parameter is read as complex with a zero imaginary part: the
     # check then says whether that part is right (a `.real` taken by mistake shows as wrong).
@@ -368,7 +369,7 @@ def _split_flat(vec: np.ndarray, sp: Split, params, what: str) -> list[np.ndarra
             f"{what} is a flat vector of length {vec.size}, but params has {n_checked} checked "
             f"(floating-point) entries and {n_all} entries in ravel_pytree order.\n"
             f"  params: {tree_pformat(params)}\n{_GRAD_FIX}")
-    if not np.issubdtype(vec.dtype, np.inexact):
+    if not jnp.issubdtype(vec.dtype, jnp.inexact):
         vec = vec.astype(np.float64)
     out, start = {}, 0
     for spec in layout:

@@ -16,11 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import calls, pipeline
 from jgc._src import plan as pl
-from jgc._src.inputs import make_options, precision
+from jgc._src.inputs import make_options
+from jgc._src.prepare import Subject, precision
 from jgc._src.report import Report
 from jgc._src.tree import InputError, tree_pformat
 
@@ -48,8 +50,8 @@ def _vjp_as_grad(f_vjp: Callable, primals) -> Callable:
     primals (a tuple in the dict's order is accepted too)."""
     n, names = len(primals), list(primals) if isinstance(primals, dict) else None
 
-    def grad(p, cot):
-        out = calls.user_call("f_vjp(cotangent, *primals)", _call, f_vjp, p, cot)
+    def grad(p, cot):  # called like a gradient function: the caller names what raised
+        out = _call(f_vjp, p, cot)
         if names is not None and isinstance(out, dict):
             return out
         if n == 1 and not isinstance(out, (tuple, list)):
@@ -109,22 +111,26 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         primals = tuple(primals)
     elif not isinstance(primals, (tuple, dict)):
         primals = (primals,)
-    with precision(x64) as effective:
+    with precision(x64) as prec:
+        opts = make_options(**_with_defaults(options, seed), x64=x64)
         out = calls.user_call("f(*primals)", _call, f, primals,
                               context=f"primals: {tree_pformat(primals)}")
-        if cotangent is None:
-            cotangent = _random_cotangent(out, seed, x64)
-        else:
+        given = cotangent is not None
+        if given:
             _check_cotangent(out, cotangent)
+        else:
+            cotangent = _random_cotangent(out, seed, x64)
         # The loss is a sum of mixed-sign terms and may cancel to ~0; its rounding error scales
         # with sum |f * c|, not |sum f * c|, so that is the magnitude the error model uses.
         f_scale = float(sum((np.abs(np.asarray(o)) * np.abs(np.asarray(c))).sum()
                             for o, c in zip(jax.tree_util.tree_leaves(out),
                                             jax.tree_util.tree_leaves(cotangent))))
         grad = None if f_vjp is None else _vjp_as_grad(f_vjp, primals)
-        opts = make_options(**_with_defaults(options, seed), x64=x64, f_scale=f_scale,
-                            effective_x64=effective)
-        return pipeline.run(_contracted_loss(f), primals, (cotangent,), grad, opts)
+        subject = Subject(_contracted_loss(f), primals, (cotangent,), name="primals",
+                          fn_name="f(*primals) contracted with the cotangent",
+                          directions=(("cotangent", cotangent),) if given else (),
+                          f_scale=f_scale)
+        return pipeline.run(subject, grad, opts, prec, what="f_vjp(cotangent, *primals)")
 
 
 def _with_defaults(options: dict, seed: int) -> dict:
@@ -143,7 +149,7 @@ def _random_cotangent(out, seed: int, x64: bool):
     real output, complex (independent real and imaginary parts) for a complex one."""
     rng = np.random.default_rng(seed)
     leaves = [np.asarray(o) for o in jax.tree_util.tree_leaves(out)]
-    floats = [o.dtype for o in leaves if np.issubdtype(o.dtype, np.inexact)]
+    floats = [o.dtype for o in leaves if jnp.issubdtype(o.dtype, jnp.inexact)]
     real = pl.eval_dtype(str(np.result_type(*floats)) if floats else "float64", x64)
 
     def draw(o):

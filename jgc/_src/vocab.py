@@ -48,15 +48,17 @@ class Status(_Vocab):
     MISMATCH = "mismatch"
     UNRESOLVED = "unresolved"
     SKIPPED = "skipped"
+    PRECISION = "precision"  # right in float64, wrong at the user's own precision
 
     @property
     def verified(self) -> bool:
-        """ok and kink are verified; mismatch and unresolved are not; skipped is not checked."""
+        """ok and kink are verified; mismatch, unresolved and precision are not; skipped is not
+        checked."""
         return self in (Status.OK, Status.KINK, Status.SKIPPED)
 
     @property
     def label(self) -> str:
-        return self.value.upper() if self in (Status.MISMATCH, Status.UNRESOLVED) else self.value
+        return self.value if self.verified else self.value.upper()
 
     @property
     def colour(self) -> str:
@@ -64,7 +66,8 @@ class Status(_Vocab):
 
 
 _STATUS_COLOURS = {Status.OK: "#1a7f37", Status.KINK: "#9a6700", Status.MISMATCH: "#cf222e",
-                   Status.UNRESOLVED: "#9a6700", Status.SKIPPED: "#6e7781"}
+                   Status.UNRESOLVED: "#9a6700", Status.SKIPPED: "#6e7781",
+                   Status.PRECISION: "#cf222e"}
 
 
 class Entry(enum.IntEnum):
@@ -88,6 +91,7 @@ class Verdict(_Vocab):
     DISAGREEMENT = "disagreement"
     RANDOMNESS = "randomness"
     UNRESOLVED = "unresolved"
+    PRECISION = "precision"  # right in float64, wrong at the precision the model runs in
 
     @property
     def headline(self) -> str:
@@ -97,12 +101,13 @@ class Verdict(_Vocab):
     @property
     def colour(self) -> str:
         return {Verdict.OK: "#1a7f37", Verdict.WRONG_GRADIENT: "#cf222e",
-                Verdict.DISAGREEMENT: "#cf222e"}.get(self, "#9a6700")
+                Verdict.DISAGREEMENT: "#cf222e", Verdict.PRECISION: "#cf222e"}.get(self, "#9a6700")
 
 
 _HEADLINES = {Verdict.OK: "OK", Verdict.WRONG_GRADIENT: "MISMATCH",
               Verdict.SUSPECT_NUMERICS: "SUSPECT NUMERICS", Verdict.DISAGREEMENT: "MISMATCH",
-              Verdict.RANDOMNESS: "RANDOM LOSS", Verdict.UNRESOLVED: "UNRESOLVED"}
+              Verdict.RANDOMNESS: "RANDOM LOSS", Verdict.UNRESOLVED: "UNRESOLVED",
+              Verdict.PRECISION: "WRONG AT YOUR PRECISION"}
 
 
 class Pattern(_Vocab):
