@@ -9,9 +9,11 @@ import pytest
 def _config_unchanged():
     """Every test must leave the global JAX configuration, and Python's garbage collector (which
     a check pauses), as it found them."""
-    before = (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled())
+    state = lambda: (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled(),
+                     gc.get_threshold())
+    before = state()
     yield
-    assert (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled()) == before
+    assert state() == before
 
 
 def snapshot(tree):

@@ -75,6 +75,51 @@ def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path):
     with pytest.raises(jgc.InputError, match="not_a_dir.*cannot be created.*writable"):
         jgc.enable_compilation_cache(blocker / "xla")
     assert jax.config.jax_compilation_cache_dir != str(blocker / "xla")  # nothing changed
-    out = subprocess.run([sys.executable, "-c", "import jgc"], capture_output=True, text=True,
-                         env={**os.environ, "JGC_COMPILATION_CACHE": str(blocker)}, timeout=120)
-    assert out.returncode != 0 and "JGC_COMPILATION_CACHE" in out.stderr.splitlines()[-1]
+    env = {**os.environ, "JGC_COMPILATION_CACHE": str(blocker)}
+    # Importing warns and runs without the cache; the command line refuses, with one line.
+    out = subprocess.run([sys.executable, "-c", "import jax, jgc; "
+                          "print(jax.config.jax_compilation_cache_dir)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["None"], out.stderr
+    assert "RuntimeWarning: JGC_COMPILATION_CACHE=" in out.stderr
+    assert "jgc runs without the compilation cache" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "jgc", "demo"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    line = [x for x in out.stderr.splitlines() if x.startswith("jgc: error:")]
+    assert line and "JGC_COMPILATION_CACHE=" in line[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("value", ["false", "OFF", "no", "0", ""])
+def test_off_values_of_the_environment_variable_leave_the_cache_off(value, tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import jax, jgc; "
+                          "print(jax.config.jax_compilation_cache_dir)"],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "JGC_COMPILATION_CACHE": value}, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["None"], out.stderr
+    assert not any(tmp_path.iterdir())  # no directory named after the value
+
+
+def test_an_empty_path_is_refused():
+    with pytest.raises(jgc.InputError, match=r"path=''\): an empty path would cache into"):
+        jgc.enable_compilation_cache("")
+
+
+def test_a_second_directory_takes_over(tmp_path):
+    """JAX opens its cache at the first compilation; asked for another directory later, every
+    new program must go there, not to the first."""
+    script = f"""
+import jax, jax.numpy as jnp, pathlib, jgc
+a, b = pathlib.Path({str(tmp_path / "a")!r}), pathlib.Path({str(tmp_path / "b")!r})
+jgc.enable_compilation_cache(a)
+jax.jit(lambda x: x * 2.0)(jnp.ones(3))
+n_a = len(list(a.iterdir()))
+assert jgc.enable_compilation_cache(b) == b
+jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(3))
+print(n_a, len(list(a.iterdir())), len(list(b.iterdir())))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    n_a, n_a_after, n_b = map(int, out.stdout.split())
+    assert n_a >= 1 and n_a_after == n_a and n_b >= 1

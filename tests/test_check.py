@@ -1,6 +1,7 @@
 """check_grad / assert_grad / numerical_grad on every kind of pytree and gradient."""
 
 import concurrent.futures
+import contextlib
 import gc
 import threading
 import typing
@@ -198,6 +199,11 @@ def test_x64_restored_after_interrupt():
     assert jax.config.jax_enable_x64 is False
 
 
+def _automatic() -> bool:
+    """Whether Python collects garbage automatically now (enabled, generation 0 threshold > 0)."""
+    return gc.isenabled() and gc.get_threshold()[0] > 0
+
+
 @pytest.mark.parametrize("outcome", ["ok", "error", "interrupt"])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
@@ -205,13 +211,13 @@ def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
     seen = []
 
     def loss(p, X, Y):  # a JAX loss: this Python runs while jgc traces it
-        seen.append(gc.isenabled())
+        seen.append(_automatic())
         if outcome == "interrupt":
             raise KeyboardInterrupt
         return ex.loss(p, X, Y)
 
     grad = ex.grad if outcome != "error" else (lambda p, X, Y: 1 / 0)
-    was = gc.isenabled()
+    was, thresholds = gc.isenabled(), gc.get_threshold()
     (gc.enable if enabled else gc.disable)()
     try:
         if outcome == "ok":
@@ -220,9 +226,74 @@ def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
             with pytest.raises(KeyboardInterrupt if outcome == "interrupt" else jgc.InputError):
                 jgc.check_grad(loss, ex.params, *ex.args, grad=grad)
         assert seen and not any(seen)
-        assert gc.isenabled() is enabled  # restored; a user's disabled collector stays off
+        # restored: a user's disabled collector stays off, an enabled one collects again
+        assert gc.isenabled() is enabled and gc.get_threshold() == thresholds
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_an_interrupt_anywhere_in_the_pause_leaves_the_collector_as_it_was(step, monkeypatch):
+    """A Ctrl-C (KeyboardInterrupt) raised at each step of pausing and resuming, as Python may
+    raise it between any two bytecodes: the collector's state is restored every time."""
+    from jgc._src import programs
+
+    thresholds = gc.get_threshold()
+    calls = {"n": 0}
+    real_get, real_set = gc.get_threshold, gc.set_threshold
+
+    def tick():
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise KeyboardInterrupt
+
+    def get_threshold():
+        tick()
+        return real_get()
+
+    def set_threshold(*a):
+        real_set(*a)
+        tick()
+
+    monkeypatch.setattr(gc, "get_threshold", get_threshold)
+    monkeypatch.setattr(gc, "set_threshold", set_threshold)
+    with contextlib.suppress(KeyboardInterrupt):
+        with programs.collector_paused():
+            tick()
+    # The interrupt after the pause took effect, before `with` entered its body: the pause
+    # is undone when its context manager is dropped, never left behind.
+    cm = programs.collector_paused()
+    with contextlib.suppress(KeyboardInterrupt):
+        cm.__enter__()
+        tick()
+    del cm
+    monkeypatch.undo()
+    assert gc.get_threshold() == thresholds and gc.isenabled()
+    assert not programs.COLLECTOR._sections and programs.COLLECTOR._saved is None
+
+
+def test_a_user_disabling_the_collector_during_a_pause_keeps_it_disabled():
+    """gc.disable() on one thread while another thread's check has collection paused: the end of
+    the pause must not turn it back on."""
+    from jgc._src import programs
+
+    paused, disabled = threading.Event(), threading.Event()
+
+    def section():
+        with programs.collector_paused():
+            paused.set()
+            assert disabled.wait(timeout=30)
+
+    worker = threading.Thread(target=section)
+    worker.start()
+    assert paused.wait(timeout=30)
+    try:
+        gc.disable()
+        disabled.set()
+        worker.join(timeout=30)
+        assert not gc.isenabled() and gc.get_threshold()[0] > 0
+    finally:
+        gc.enable()
 
 
 class _Node:
@@ -276,17 +347,17 @@ def test_garbage_collector_restored_after_concurrent_checks():
     def loss(p, X, Y):
         if not seen:
             both_tracing.wait(timeout=60)  # the first trace of each check, at the same time
-        seen.append(gc.isenabled())
+        seen.append(_automatic())
         return ex.loss(p, X, Y)
 
     def one(_):
         return jgc.check_grad(loss, ex.params, *ex.args, grad=ex.grad).ok
 
-    assert gc.isenabled()
+    assert _automatic()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert all(pool.map(one, range(2)))
     assert seen and not any(seen)
-    assert gc.isenabled()
+    assert _automatic()
 
 
 def test_user_arrays_never_mutated():

@@ -52,6 +52,18 @@ class UsageError(Exception):
     """A problem with the command line or the user's file: exit status 2, one line on stderr."""
 
 
+def _environment() -> None:
+    """JGC_COMPILATION_CACHE, strictly: importing jgc only warns about a directory it cannot
+    create, while a command that was asked for a cache it cannot have is a usage error."""
+    from jgc._src.cache import enable_from_environment
+    from jgc._src.tree import InputError
+
+    try:
+        enable_from_environment(strict=True)
+    except InputError as e:
+        raise UsageError(str(e)) from e
+
+
 def _load(path: str) -> dict:
     """Runs the user's file. Anything that ends the import early is a usage error (exit 2):
     an exception, sys.exit with any status (a 0 there would read as "all gradients fine"),
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _environment()
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and closed: not an error
         sys.stderr.close()
