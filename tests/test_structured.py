@@ -449,3 +449,43 @@ def test_no_chunk_by_n_array_on_the_structured_path():
     sizes = [int(np.prod(o.aval.shape)) for e in program.jaxpr.eqns for o in e.outvars]
     assert plan.use and max(sizes) <= chunk * 32 * 64  # (chunk, batch, hidden)
     assert max(sizes) < chunk * v.size / 20
+
+
+# -- inputs the structured pass once mishandled --------------------------------------------
+
+def test_a_while_loop_outside_the_perturbed_path_is_computed_once():
+    """A while loop of unknown length (here on the data) made the dense work infinite, and the
+    report's wording of the saving crashed (round(inf))."""
+    rng = np.random.default_rng(0)
+    p = {"W": rng.normal(size=(200, 120)) * 0.1, "b": np.zeros(120)}
+    X = rng.normal(size=(8, 200))
+
+    def loss(p, X):
+        Xn = lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.9), (0, X))[1]
+        return jnp.sum(jnp.tanh(Xn @ p["W"] + p["b"]) ** 2)
+
+    r = jgc.check_grad(loss, p, X, mode="sample")
+    assert r.ok, str(r)
+    assert any("unbounded factor (a while loop runs once per check" in n for n in r.notes)
+
+
+def test_minus_infinity_masks_are_no_nan_on_the_structured_path():
+    """A -inf mask summed over the perturbed axis: the change there is 0, not -inf - -inf."""
+    rng = np.random.default_rng(0)
+    p = {"W": rng.normal(size=(200, 120)) * 0.1, "b": np.zeros(120)}
+    X = rng.normal(size=(8, 200))
+    mask = np.where(np.arange(120) < 60, 0.0, -np.inf)
+
+    def loss(p, X):
+        z = X @ p["W"] + p["b"]
+        return jnp.sum(jnp.exp(jnp.sum(z + mask, axis=1))) + 1e-3 * jnp.sum(z ** 2)
+
+    r = jgc.check_grad(loss, p, X, mode="sample")
+    assert r.ok, str(r)
+    assert any("structured evaluation" in n for n in r.notes)
+    small = np.array([0.0, -np.inf, 0.0])  # the rule itself, against plain evaluation
+    got, want, _ = structured_and_dense(lambda w: jnp.sum(jnp.exp(jnp.sum(
+        X[:, :4] @ w + small, axis=1))) + jnp.sum(w ** 2), rng.normal(size=(4, 3)),
+        np.float64)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=1e-12)

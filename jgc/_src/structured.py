@@ -247,6 +247,13 @@ def dense(s: Slab):
     return jnp.moveaxis(moved, front, tuple(a + 1 for a in s.fixed))
 
 
+def delta(s: Slab):
+    """The change on the hyperplanes, val - base, where the two differ: an entry equal to its
+    base (a -inf mask the perturbation leaves alone) changes by 0, not by -inf - -inf = NaN."""
+    base = hyper(s.base, s.fixed, s.idx)
+    return jnp.where(s.val == base, jnp.zeros((), s.val.dtype), s.val - base)
+
+
 def unfix_unit_axes(s: Slab) -> Slab:
     """Fixed axes of size 1 become spanned: their only coordinate is 0 for every perturbation."""
     unit = [a for a in s.fixed if s.shape[a] == 1]
@@ -514,7 +521,7 @@ def reduce(eqn: Eqn, ins, bases):
     keep = [a for a in range(len(s.shape)) if a not in axes]
     fixed = tuple(keep.index(a) for a in s.fixed if a not in axes)
     idx = s.idx[:, [s.fixed.index(keep[f]) for f in fixed]] if fixed else None
-    change = s.val - hyper(s.base, s.fixed, s.idx)
+    change = delta(s)
     spanned_axes = tuple(1 + s.spanned.index(a) for a in axes if a not in s.fixed)
     change = jnp.sum(change, axis=spanned_axes) if spanned_axes else change
     val = hyper(bases[0], fixed, idx) + change.astype(eqn.dtypes[0])
@@ -618,7 +625,7 @@ def dot_general(eqn: Eqn, ins, bases):
     # No fixed axis contracted: the output on its hyperplane is the contraction of A's values
     # there, computed as the dense pass would. Otherwise base + the contraction of the change.
     direct = not any(x in ac for x in a.fixed)
-    operand = a.val if direct else a.val - hyper(a.base, a.fixed, a.idx)
+    operand = a.val if direct else delta(a)
     spec_a = c_letter + "".join(a_letter[x] for x in a.spanned)
     spec_b = (c_letter if b_fixed else "") + "".join(b_letter[x] for x in b_rest)
     dtype = eqn.dtypes[0]
@@ -706,7 +713,7 @@ def _change(s: Slab, unit_axes: tuple[int, ...]):
     axes) cut down to size 1: only the hyperplane's own coordinate along them is kept."""
     shape = tuple(1 if a in unit_axes else n for a, n in enumerate(s.shape))
     idx = s.idx.at[:, [s.fixed.index(a) for a in unit_axes]].set(0)
-    change = s.val - hyper(s.base, s.fixed, s.idx)
+    change = delta(s)
     return dense(Slab(jnp.zeros(shape, change.dtype), s.fixed, idx, change))
 
 
@@ -906,11 +913,9 @@ def describe(plans: dict[str, LeafPlan]) -> str:
     text = ""
     if used:
         speed = [plans[p].dense / max(plans[p].structured, 1.0) for p in used]
-        factor = (f"{min(speed):.0f}x" if round(min(speed)) == round(max(speed))
-                  else f"{min(speed):.0f}x to {max(speed):.0f}x")
         text = (f"structured evaluation (only what each perturbation changes is recomputed) for "
-                f"{listing(used, 6)}: "
-                f"{factor} less work per perturbation")
+                f"{listing(used, 6)}: {_factor(min(speed), max(speed))} less work per "
+                "perturbation")
     if dense:
         why = sorted({f for p in dense for f in plans[p].fallbacks[:1]})
         text += ("; " if text else "") + (
@@ -919,3 +924,11 @@ def describe(plans: dict[str, LeafPlan]) -> str:
     return text
 
 
+def _factor(low: float, high: float) -> str:
+    """'12x', '3x to 40x'; the dense pass's work is unbounded with a while loop of unknown
+    length that the structured pass runs once per check instead of once per perturbation."""
+    if not np.isfinite(low):
+        return "an unbounded factor (a while loop runs once per check, not per perturbation)"
+    if not np.isfinite(high):
+        return f"{low:.0f}x to an unbounded factor (a while loop runs once per check)"
+    return f"{low:.0f}x" if round(low) == round(high) else f"{low:.0f}x to {high:.0f}x"
