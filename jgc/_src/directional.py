@@ -234,7 +234,8 @@ def merge(report, outcome: LeafOutcome, judge_resolution: bool = True):
     # 100% error verify nothing: a leaf checked by them alone is then unresolved.
     dir_res = outcome.resolution
     resolution = min(np.inf if report.resolution is None else report.resolution, dir_res)
-    changes = dict(max_rel_error=max(report.max_rel_error, float(np.nanmax(rel))),
+    worst_rel = float(np.max(np.nan_to_num(rel, nan=np.inf))) if rel.size else 0.0
+    changes = dict(max_rel_error=max(report.max_rel_error, worst_rel),
                    autodiff_status=ad_status, direction_kinks=n_kink, resolution=resolution)
     if report.status in (Status.OK, Status.KINK) and not report.zero and resolution >= UNRESOLVED \
             and judge_resolution:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable
@@ -799,7 +800,7 @@ class DenseEvaluator(Evaluator):
     # -- running a batched program in chunks -------------------------------------------------
     def _batches(self, kind, build, leaf, batched: int, extra: tuple, *arrays,
                  deadline: Deadline | None = None, per_bytes: int | None = None,
-                 fallback: bool = True) -> np.ndarray:
+                 fallback: bool = True, first=None) -> np.ndarray:
         """Runs a batched program over `arrays` (along axis 0) in fixed-size, padded chunks.
 
         A function that cannot be vmapped (the first compilation fails) is run again one
@@ -809,7 +810,7 @@ class DenseEvaluator(Evaluator):
         static = self._static(kind, leaf, batched)
         try:
             return self._chunks(kind, build, static, batched, extra, arrays, deadline,
-                                per_bytes)
+                                per_bytes, first)
         except InputError:
             raise
         except _Unbatchable as e:
@@ -845,7 +846,9 @@ class DenseEvaluator(Evaluator):
         return padded
 
     def _chunks(self, kind, build, static, batched, extra, arrays, deadline=None,
-                per_bytes: int | None = None) -> np.ndarray:
+                per_bytes: int | None = None, first=None) -> np.ndarray:
+        """`first(seconds, chunk)`, if given, is told how long the first chunk ran (it may
+        raise to abandon the program: `StructuredEvaluator`'s guard)."""
         m = len(arrays[0])
         chunk, per_device, devices = self._chunk_shape(m, batched, per_bytes)
         pad = (-m) % chunk
@@ -860,9 +863,12 @@ class DenseEvaluator(Evaluator):
                 program = self._compile(kind, build, static, rows, deadline)
             started = time.perf_counter()
             values = programs.to_host(program(self.consts, self.theta, self.dyn, *rows))
+            seconds = time.perf_counter() - started
+            if first is not None and s == 0:
+                first(seconds, chunk)
             out.append(values.reshape(chunk, -1) if self.vector else values.ravel())
             if deadline is not None:
-                deadline.observe(min(chunk, m - s), chunk, time.perf_counter() - started)
+                deadline.observe(min(chunk, m - s), chunk, seconds)
             if bar is not None:
                 bar.update(min(chunk, m - s))
         if bar is not None:
@@ -918,6 +924,11 @@ class _Unbatchable(Exception):
     """The batched program could not be built (the function does not vmap); see __cause__."""
 
 
+class _SlowerThanDense(Exception):
+    """A structured program ran slower than the dense one would (its message says by how
+    much): the leaf is evaluated densely instead."""
+
+
 EVALS_PER_ENTRY = 4  # a program's expected evaluations per entry of its leaf (see _compile)
 
 
@@ -950,6 +961,7 @@ class StructuredEvaluator(DenseEvaluator):
         self.plans: dict[int, structured.LeafPlan] = {}
         self.bases: dict[int, Any] = {}
         self.failed: dict[int, str] = {}
+        self.forward_seconds = math.inf  # one plain forward pass: the base values' program
 
     def _setup(self) -> None:
         """Plans every leaf (abstract traces, no compilation), then computes the base values
@@ -969,7 +981,9 @@ class StructuredEvaluator(DenseEvaluator):
         program = programs.compiled(
             "structured_base", lambda: _program_base(flat, self.segments, needed), static,
             (self.traced,), (self.consts, self.theta, self.dyn), work=self.work)
-        values = program(self.consts, self.theta, self.dyn)
+        started = time.perf_counter()
+        values = jax.block_until_ready(program(self.consts, self.theta, self.dyn))
+        self.forward_seconds = time.perf_counter() - started
         self.bases = dict(zip(needed, values))
 
     def leaf_work(self, k: int) -> float:
@@ -999,8 +1013,12 @@ class StructuredEvaluator(DenseEvaluator):
         bases = tuple(self.bases[i] for i in plan.needed)
         # Memory per perturbation: its planned work in elements (an upper bound on what it
         # holds: a contraction's work counts its multiply-adds), held about 4 times over (a
-        # slab's values, its change, an operand gathered for it, the rule's output).
-        per_bytes = int(4 * max(plan.structured, 1) * self.dtype.itemsize)
+        # slab's values, its change, an operand gathered for it, the rule's output), and every
+        # value the pass materialises in full for an operation without a rule (a gather from
+        # an embedding table makes the table dense, per perturbation), held twice (the value
+        # and the primitive's output of its size).
+        per_bytes = int((4 * max(plan.structured, 1) + 2 * plan.materialized)
+                        * self.dtype.itemsize)
         return _LeafProgram("structured", lambda traced, st: _program_structured(
             self.flat, plan, self.segments, k, self.dtypes[k]), (bases,), per_bytes, False,
             copies_leaf=False)
@@ -1012,13 +1030,27 @@ class StructuredEvaluator(DenseEvaluator):
         try:
             return self._batches(lp.kind, lp.build, k, self._batched(k, lp), lp.extra, index,
                                  step, deadline=deadline, per_bytes=lp.per_bytes,
-                                 fallback=lp.fallback)
+                                 fallback=lp.fallback, first=self._guard(k))
         except InputError:
             raise
-        except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
-            self.failed[k] = first_line(e.__cause__)
+        except (_Unbatchable, _SlowerThanDense) as e:  # the dense program, and a note
+            self.failed[k] = (first_line(e.__cause__) if isinstance(e, _Unbatchable)
+                              else str(e))
             self.n_evaluations -= len(index)  # counted again by the dense program
             return super().leaf_perturbed(k, index, step, deadline)
+
+    def _guard(self, k: int):
+        """After the first chunk of leaf k's structured program: abandon it (`_SlowerThanDense`)
+        when it took longer per perturbation than one plain forward pass, what a dense
+        evaluation costs at least. The plan weighs counted work, which an operation slow on
+        this backend can belie; so the structured pass is never slower than the dense one by
+        more than that one chunk (and its compilation)."""
+        def check(seconds: float, chunk: int) -> None:
+            if seconds / chunk > self.forward_seconds:
+                raise _SlowerThanDense(
+                    f"it ran {seconds / chunk * 1e3:.3g} ms per perturbation, more than a "
+                    f"whole forward pass ({self.forward_seconds * 1e3:.3g} ms)")
+        return check
 
     def along(self, k, vectors, vid, mult, lo, hi) -> np.ndarray:
         """Directions in leaf k from the structured pass's base values where the leaf has a
@@ -1051,9 +1083,11 @@ class StructuredEvaluator(DenseEvaluator):
         text = structured.describe(plans) if plans else ""
         if self.failed:
             names = [specs[k].path or "<params>" for k in self.failed]
+            why = next(iter(self.failed.values()))
+            verb = "was abandoned" if "ms per perturbation" in why else "failed"
             text += ("; " if text else "") + (
-                f"dense evaluation for {', '.join(names[:4])} (the structured pass failed: "
-                f"{next(iter(self.failed.values()))})")
+                f"dense evaluation for {', '.join(names[:4])} (the structured pass {verb}: "
+                f"{why})")
         return text
 
 

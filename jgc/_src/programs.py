@@ -38,6 +38,7 @@ import dataclasses
 import gc
 import hashlib
 import os
+import re
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
@@ -307,6 +308,22 @@ CACHE = _Cache(CACHE_SIZE)
 LIGHT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
                  "xla_cpu_use_fusion_emitters": False}
 LIGHT_WORK = 1e9
+# Operations that run much slower under LIGHT_OPTIONS than fully optimised, by the factor each
+# multiplies the program's work with before it is weighed against LIGHT_WORK: run time with the
+# light options over run time fully optimised, measured on 2 CPU cores in float64
+# (benchmarks/cold_start.py --light-ops): a transposed convolution (lhs_dilate) 60x, a
+# scatter-add 6x, a cumulative sum (reduce_window) 7x, a vmapped dynamic_slice 5x, an argsort
+# 3.4x; plain and strided convolutions, dots, pools, elementwise and linear algebra 0.5x to 3x.
+# Each factor is rounded up, so that the light options are taken only where even the slowed
+# execution stays small: they must never cost more than they save.
+LIGHT_SLOWDOWN = (
+    (re.compile(r"lhs_dilate = \[(?!1(, 1)*\])"), 100.0),
+    (re.compile(r"stablehlo\.scatter"), 10.0),
+    (re.compile(r"stablehlo\.reduce_window"), 10.0),
+    (re.compile(r"stablehlo\.dynamic_slice|stablehlo\.dynamic_update_slice"), 10.0),
+    (re.compile(r"stablehlo\.sort"), 5.0),
+    (re.compile(r"stablehlo\.gather"), 5.0),
+)
 
 
 def light(work: float | None) -> bool:
@@ -316,6 +333,13 @@ def light(work: float | None) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return work is not None and work <= LIGHT_WORK
+
+
+def slowdown(text: str) -> float:
+    """How much slower a lowered program (its StableHLO text) may run under LIGHT_OPTIONS: the
+    largest factor of LIGHT_SLOWDOWN among its operations, 1 without any."""
+    return max((factor for pattern, factor in LIGHT_SLOWDOWN if pattern.search(text)),
+               default=1.0)
 
 
 def compiled(name: str, build: Callable[[], Callable], static: Hashable,
@@ -345,7 +369,11 @@ def compiled(name: str, build: Callable[[], Callable], static: Hashable,
     program = CACHE.get(key)
     if program is None:
         with collector_paused():
-            program = jax.jit(build()).lower(*args).compile(compiler_options=options)
+            lowered = jax.jit(build()).lower(*args)
+            if options is not None and os.environ.get("JGC_XLA_LIGHT", "") != "1" and not light(
+                    work * slowdown(lowered.as_text())):
+                options = None
+            program = lowered.compile(compiler_options=options)
         CACHE.put(key, program)
     return program
 

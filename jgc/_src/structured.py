@@ -209,15 +209,18 @@ class Work:
     def __init__(self):
         self.structured = 0.0
         self.dense = 0.0
+        self.materialized = 0.0  # elements made dense per perturbation (`dense`), for memory
         self.fallbacks: list[str] = []
 
 
 _WORK: list[Work] = []
 
 
-def _count(structured: float = 0.0, fallback: str | None = None) -> None:
+def _count(structured: float = 0.0, fallback: str | None = None,
+           materialized: float = 0.0) -> None:
     if _WORK:
         _WORK[-1].structured += structured
+        _WORK[-1].materialized += materialized
         if fallback:
             _WORK[-1].fallbacks.append(fallback)
 
@@ -239,6 +242,7 @@ def dense(s: Slab):
     """The perturbed values in full, (C, *shape)."""
     if not s.fixed:
         return s.val
+    _count(materialized=_size(s.shape))
     c = s.val.shape[0]
     full = jnp.broadcast_to(s.base, (c, *s.shape))
     front = tuple(range(1, 1 + len(s.fixed)))
@@ -687,9 +691,15 @@ def conv(eqn: Eqn, ins, bases):
     kernel whose output feature is fixed changes one output channel, by the convolution of its
     input channel(s) with the kernel's change; a perturbed input whose feature axis is fixed
     changes the output channels of its group, by the convolution of its change with that input
-    channel's kernel slice."""
+    channel's kernel slice.
+
+    A transposed convolution (lhs_dilation > 1) is left to the dense fallback: as one
+    convolution per perturbation, XLA's CPU backend runs it far below its dense throughput
+    (the decoder of tests/test_structured.py: 1.7 ms per perturbation of its kernel against
+    1.8 ms for a whole batched dense evaluation), which the counted work cannot show."""
     p = eqn.params
-    if all(isinstance(x, Slab) for x in ins[:2]) or p["batch_group_count"] != 1:
+    if (all(isinstance(x, Slab) for x in ins[:2]) or p["batch_group_count"] != 1
+            or any(d != 1 for d in p["lhs_dilation"])):
         return None
     dn = p["dimension_numbers"]
     if isinstance(ins[1], Slab):  # the output feature must be fixed, the input one may be
@@ -877,6 +887,7 @@ class LeafPlan:
     structured: float  # work per perturbation (elements)
     dense: float
     fallbacks: tuple[str, ...]
+    materialized: float = 0.0  # elements made dense per perturbation
 
 
 # The structured pass is taken where it does at most half the dense pass's work per
@@ -903,7 +914,7 @@ def plan_leaf(flat: Flat, leaf_id: int, bases_avals: dict, leaf_aval, dtype) -> 
         _WORK.pop()
     use = bool(np.isfinite(work.structured) and work.structured * ADVANTAGE <= work.dense)
     return LeafPlan(use, tuple(eqns), needed, work.structured, work.dense,
-                    tuple(work.fallbacks))
+                    tuple(work.fallbacks), work.materialized)
 
 
 def describe(plans: dict[str, LeafPlan]) -> str:
