@@ -20,6 +20,11 @@ CNN, Equinox MLP and conv, an LSTM via lax.scan, attention, LayerNorm and BatchN
 at exact kinks, and the 824k-parameter Flax MNIST CNN) with their correct gradient and ten
 planted bugs, in both precisions and every mode.
 
+The rules suite (--suite rules, benchmarks/rules.py) checks jax's own differentiation rules (lax,
+jax.numpy, jax.scipy.special, linalg) at inputs inside each op's domain, as jax's tests draw them,
+through check_grad, check_jvp, check_vjp and check_hvp in both precisions, plus labelled points
+where jax's rule is wrong or the point is stationary; --quick runs every fourth case.
+
 The complex suite (--suite complex) checks complex-parameter models written by hand in NumPy and
 jax.numpy (jgc.examples.complex_nets), correct and with their own and the generic planted bugs
 plus the conjugate (the df/dx + i df/dy convention), in complex64 and complex128, every mode.
@@ -448,16 +453,25 @@ def complex_suite(seed: int) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--suite", default="random", choices=["random", "frameworks", "complex"])
+    ap.add_argument("--suite", default="random",
+                    choices=["random", "frameworks", "complex", "rules"])
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="central", choices=["central", "richardson"])
     ap.add_argument("--no-mnist", action="store_true",
                     help="frameworks: leave out the 824k-parameter Flax MNIST CNN")
+    ap.add_argument("--quick", action="store_true", help="rules: every fourth case")
+    ap.add_argument("--only", help="rules: the cases whose name contains this")
+    ap.add_argument("--verbose", action="store_true",
+                    help="rules: print the full report of every case that is not ok")
     args = ap.parse_args()
     if args.suite == "frameworks":
         frameworks(args.seed, not args.no_mnist)
     elif args.suite == "complex":
         complex_suite(args.seed)
+    elif args.suite == "rules":
+        import rules  # benchmarks/rules.py, next to this file
+
+        rules.run(quick=args.quick, seed=args.seed, only=args.only, verbose=args.verbose)
     else:
         run(args.cases, args.seed, args.method)
