@@ -45,6 +45,16 @@ def test_importing_jgc_leaves_the_cache_alone():
     assert out.stdout.split() == ["None", "1.0"], out.stderr
 
 
+def test_importing_jgc_imports_no_jax_until_a_check_is_used():
+    """pytest imports jgc's plugin, so jgc, at start-up wherever jgc is installed."""
+    env = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
+    out = subprocess.run([sys.executable, "-c", "import sys, jgc; print('jax' in sys.modules); "
+                          "from jgc import check_grad; print('jax' in sys.modules, "
+                          "check_grad is jgc.check_grad, 'check_grad' in dir(jgc))"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "True", "True", "True"], out.stderr
+
+
 def test_environment_variable_caches_small_programs_for_the_next_process(tmp_path):
     cache = tmp_path / "xla"
     first = _child({"JGC_COMPILATION_CACHE": str(cache)})

@@ -11,16 +11,15 @@ It changes JAX's global configuration, which is why it is opt-in and never done 
 user's back: by calling it, or by setting JGC_COMPILATION_CACHE (to 1 for the default directory,
 or to a directory) before importing jgc. As JAX's documentation warns, the cache is trusted: do
 not point it at a directory others can write to.
+
+JAX is imported only when the cache is enabled: `import jgc`, which pytest does at start-up for
+jgc's plugin in every project where jgc is installed, stays cheap.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import jax
-
-from jgc._src.tree import InputError
 
 ENV = "JGC_COMPILATION_CACHE"
 
@@ -40,10 +39,14 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
     In a pytest suite, one line in `conftest.py`: `jgc.enable_compilation_cache()`.
     """
+    import jax
+
     directory = Path(path).expanduser() if path is not None else default_cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        from jgc._src.tree import InputError
+
         raise InputError(
             f"the compilation cache directory {str(directory)!r} cannot be created "
             f"({type(e).__name__}: {e.strerror or e}); pass enable_compilation_cache(path=...) "
