@@ -14,6 +14,7 @@ import chex
 from jgc._src import pipeline
 from jgc._src.inputs import make_options, precision
 from jgc._src.plan import DEFAULT_SAMPLES
+from jgc._src.recording import recorded
 from jgc._src.report import Report
 from jgc._src.tree import ArrayTree
 from jgc._src.vocab import Verdict
@@ -21,6 +22,7 @@ from jgc._src.vocab import Verdict
 Loss = Callable[..., Any]  # loss(params, *args) -> scalar
 
 
+@recorded
 def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True,
                mode: str = "auto", method: str = "central", eps: float | None = None,
                rtol: float | None = None, atol: float | None = None,

@@ -21,6 +21,7 @@ import numpy as np
 from jgc._src import calls, pipeline
 from jgc._src import plan as pl
 from jgc._src.inputs import make_options, precision
+from jgc._src.recording import recorded
 from jgc._src.report import Report
 from jgc._src.tree import InputError, tree_pformat
 
@@ -71,6 +72,7 @@ def _is_namedtuple(x) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
+@recorded
 def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
               x64: bool = True, seed: int = 0, **options) -> Report:
     """Checks a hand-written backward `f_vjp` of `f` against finite differences and jax.
