@@ -1,4 +1,5 @@
-"""The opt-in persistent compilation cache: off unless asked, and a second process reuses it."""
+"""The opt-in persistent compilation cache: off unless asked, a second process reuses it, a
+session's cache is undone after it, and a process never reads another's entry half-written."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import jgc
+from jgc._src import cache as jgc_cache
 
 # A tiny check in a fresh process, counting JAX's persistent-cache hits and misses.
 CHILD = """
@@ -88,3 +91,55 @@ def test_a_cache_path_that_is_a_file_is_refused_by_name(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import jgc"], capture_output=True, text=True,
                          env={**os.environ, "JGC_COMPILATION_CACHE": str(blocker)}, timeout=120)
     assert out.returncode != 0 and "JGC_COMPILATION_CACHE" in out.stderr.splitlines()[-1]
+
+
+def test_the_session_cache_restores_jax_settings(tmp_path):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: jax.config.values[name] for name in names}
+    with jgc_cache.compilation_cache(tmp_path / "xla") as directory:
+        assert jax.config.jax_compilation_cache_dir == str(directory) == str(tmp_path / "xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+        jax.jit(lambda x: x * 3.25 + 1)(np.ones(7)).block_until_ready()
+    filled = sorted(directory.iterdir())
+    assert filled  # the block's programs went to its directory
+    assert {name: jax.config.values[name] for name in names} == before
+    jax.jit(lambda x: x * 4.75 - 1)(np.ones(9)).block_until_ready()
+    assert sorted(directory.iterdir()) == filled  # and JAX let go of it afterwards
+
+
+READER = r"""
+import sys, time
+from jax._src.lru_cache import LRUCache
+cache = LRUCache(sys.argv[1], max_size=-1)
+n, size = int(sys.argv[2]), int(sys.argv[3])
+print("ready", flush=True)
+partial = 0
+for i in range(n):
+    deadline = time.monotonic() + 60
+    while (value := cache.get(f"k{i}")) is None or len(value) != size:
+        partial += value is not None
+        if time.monotonic() > deadline:
+            sys.exit("timed out")
+print(partial)
+"""
+
+
+def test_another_process_never_reads_a_partial_entry(tmp_path):
+    """A reader polling JAX's file cache while this process writes 60 entries of 2 MB. Without
+    atomic_entries it read about 1900 truncated ones on a quiet two-core machine."""
+    from jax._src.lru_cache import LRUCache
+
+    put, n, size = LRUCache.put, 60, 2 << 20
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path), str(n), str(size)],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"
+    with jgc_cache.atomic_entries():
+        assert LRUCache.put is not put
+        writer = LRUCache(str(tmp_path), max_size=-1)
+        for i in range(n):
+            writer.put(f"k{i}", bytes([i]) * size)
+    out, _ = reader.communicate(timeout=120)
+    assert reader.returncode == 0 and out.strip() == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"k{i}-cache" for i in range(n))
+    assert LRUCache.put is put  # JAX's own again

@@ -18,10 +18,19 @@ jgc's plugin in every project where jgc is installed, stays cheap.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ENV = "JGC_COMPILATION_CACHE"
+# What enable_compilation_cache sets, and compilation_cache restores.
+_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
 
 
 def default_cache_dir() -> Path:
@@ -65,3 +74,82 @@ def enable_from_environment() -> Path | None:
     if value in ("", "0"):
         return None
     return enable_compilation_cache(None if value == "1" else value)
+
+
+@contextlib.contextmanager
+def compilation_cache(path: str | os.PathLike | None = None) -> Iterator[Path]:
+    """`enable_compilation_cache` for the length of a block (jgc's pytest plugin: a session),
+    with every entry published atomically (`atomic_entries`). Yields the directory.
+
+    Afterwards JAX's previous settings are back, and JAX's cache object is reset so that they
+    take effect: JAX opens its cache once per process, at the first compilation, and would
+    otherwise keep the block's directory (or, on entry, one it opened before the block).
+
+    Raises:
+      InputError: when the directory cannot be created; nothing is changed then.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    saved = {name: jax.config.values[name] for name in _SETTINGS}
+    directory = enable_compilation_cache(path)
+    jax_cache.reset_cache()
+    try:
+        with atomic_entries():
+            yield directory
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        jax_cache.reset_cache()
+
+
+# Several processes sharing one cache directory (pytest -n, two suites on one machine): what JAX
+# 0.10.2 guarantees, read in its source (jax/_src/lru_cache.py: LRUCache.get and .put;
+# jax/_src/compiler.py: _cache_read). With the default jax_compilation_cache_max_size=-1 there is
+# no lock, and put() writes an entry in place (Path.write_bytes: open with truncation, then
+# write) once it finds none. A process reading that key meanwhile gets a truncated entry: JAX
+# fails to decompress it, warns "Error reading persistent compilation cache entry" and compiles
+# again, and a suite run with warnings as errors fails there. Measured here with JAX's LRUCache:
+# a reader polling get() while another process put 200 entries of 4 MB read 16338 truncated
+# ones. Two writers of one key race the same way (their bytes are identical only when the
+# compiled program and its recorded compile time are). JAX locks (with the filelock package)
+# only under a size cap, at the price of a directory scan per write, and a cache filled without
+# the cap then fails every write (jax-ml/jax#39880: missing -atime files). So jgc publishes each
+# entry atomically: JAX's put() writes it into a private staging directory inside the cache, and
+# os.replace moves it into place, so a reader sees no entry or a complete one. The cache stays
+# one shared directory; staging lasts one write.
+@contextlib.contextmanager
+def atomic_entries() -> Iterator[None]:
+    """While active, JAX's file cache publishes every new entry atomically (the comment above);
+    a JAX without `jax._src.lru_cache.LRUCache` is left as it is."""
+    try:
+        from jax._src.lru_cache import LRUCache
+    except ImportError:
+        yield
+        return
+    put = LRUCache.put
+    LRUCache.put = _staged(put)
+    try:
+        yield
+    finally:
+        LRUCache.put = put
+
+
+def _staged(put):
+    """LRUCache.put, writing into a staging directory and moving the files into the cache."""
+
+    @functools.wraps(put)
+    def staged_put(self, key: str, value: bytes) -> None:
+        if getattr(self, "eviction_enabled", True) or "://" in str(self.path):
+            return put(self, key, value)  # a size cap (JAX locks) or a remote file system
+        staging = Path(tempfile.mkdtemp(prefix=".jgc-staging-", dir=str(self.path)))
+        try:
+            staged = copy.copy(self)
+            staged.path = self.path / staging.name
+            put(staged, key, value)
+            for entry in staging.iterdir():
+                os.replace(entry, Path(str(self.path)) / entry.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    return staged_put
