@@ -55,12 +55,12 @@ __all__ = (
 
 
 def __getattr__(name: str):
-    """Imports a public name from its module on first use; later lookups find it directly."""
+    """A public name, from its module (imported on first use). It is looked up there each time
+    rather than kept here, so that jgc never hands out a class of a module that was since
+    re-imported (pytester's in-process runs do that), which `except jgc.InputError` would miss."""
     if name not in _LAZY:
         raise AttributeError(f"module 'jgc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def __dir__() -> list[str]:
