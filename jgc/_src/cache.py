@@ -46,7 +46,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     (`jax_persistent_cache_min_compile_time_secs`, `jax_persistent_cache_min_entry_size_bytes`)
     to 0, so that small programs are cached too. Returns the directory.
 
-    In a pytest suite, one line in `conftest.py`: `jgc.enable_compilation_cache()`.
+    In a pytest suite, `pytest --jgc-cache` (jgc's plugin) does it for the session.
     """
     import jax
 
