@@ -95,16 +95,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def jgc_check():
+def jgc_check() -> _Check:
     """`jgc.assert_grad(loss, params, *args, grad=None, **options)`: returns the Report, or
     raises AssertionError naming every bad leaf. The check is counted in jgc's summary line and,
     with --jgc-reports, written when it fails."""
+    return _Check()
 
-    def check(loss, params, *args, **options):
+
+class _Check:
+    """The jgc_check fixture's value: jgc.assert_grad, with a short repr for tracebacks."""
+
+    def __call__(self, loss, params, *args, **options):
         __tracebackhide__ = True  # pytest's traceback starts at the test's line
         return jgc.assert_grad(loss, params, *args, **options)
 
-    return check
+    def __repr__(self) -> str:
+        return "jgc_check (jgc.assert_grad)"
 
 
 class _Session:
@@ -238,12 +244,12 @@ def _summary(t: _Totals, options: _Options, config: pytest.Config) -> str:
 
 
 def _shown(directory: Path, config: pytest.Config) -> str:
-    """A directory as the summary shows it: relative to where pytest was run, when inside it."""
-    try:
-        shown = directory.relative_to(config.invocation_params.dir)
-    except ValueError:
-        shown = directory
-    return f"{shown}{os.sep}"
+    """A directory as the summary shows it: relative to where pytest was run when inside it,
+    else to the home directory (~/.cache/jgc/xla/)."""
+    for base, prefix in ((config.invocation_params.dir, ""), (Path.home(), f"~{os.sep}")):
+        with contextlib.suppress(ValueError):
+            return f"{prefix}{directory.relative_to(base)}{os.sep}"
+    return f"{directory}{os.sep}"
 
 
 def _write_reports(directory: Path, nodeid: str, records: tuple[recording.Record, ...],
