@@ -10,6 +10,7 @@ The listener is a ContextVar, so it follows the code that runs the test: asyncio
 inside `listening()` see it, other threads do not.
 
 >>> import jax.numpy as jnp, jgc
+>>> from jgc._src.recording import listening
 >>> with listening() as recorder:
 ...     _ = jgc.assert_grad(lambda p: jnp.sum(p ** 2), jnp.ones(3))
 >>> [(r.surface, r.report.ok) for r in recorder.records]
