@@ -39,23 +39,27 @@ def _child(env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_jgc_leaves_the_cache_alone():
+def _printed_without_the_variable(code: str) -> list[str]:
+    """What `code` prints, split into words, in a fresh process without JGC_COMPILATION_CACHE."""
     env = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
-    out = subprocess.run([sys.executable, "-c", "import jax, jgc; "
-                          "print(jax.config.jax_compilation_cache_dir, "
-                          "jax.config.jax_persistent_cache_min_compile_time_secs)"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.stdout.split() == ["None", "1.0"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_importing_jgc_leaves_the_cache_alone():
+    assert _printed_without_the_variable(
+        "import jax, jgc; print(jax.config.jax_compilation_cache_dir, "
+        "jax.config.jax_persistent_cache_min_compile_time_secs)") == ["None", "1.0"]
 
 
 def test_importing_jgc_imports_no_jax_until_a_check_is_used():
     """pytest imports jgc's plugin, so jgc, at start-up wherever jgc is installed."""
-    env = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
-    out = subprocess.run([sys.executable, "-c", "import sys, jgc; print('jax' in sys.modules); "
-                          "from jgc import check_grad; print('jax' in sys.modules, "
-                          "check_grad is jgc.check_grad, 'check_grad' in dir(jgc))"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.stdout.split() == ["False", "True", "True", "True"], out.stderr
+    assert _printed_without_the_variable(
+        "import sys, jgc; print('jax' in sys.modules); from jgc import check_grad; "
+        "print('jax' in sys.modules, check_grad is jgc.check_grad, 'check_grad' in dir(jgc))"
+    ) == ["False", "True", "True", "True"]
 
 
 def test_environment_variable_caches_small_programs_for_the_next_process(tmp_path):
