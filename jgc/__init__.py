@@ -1,20 +1,43 @@
 """jgc: is your gradient right, where is it wrong, and why.
 
 The public API. Everything under `jgc._src` is private and may change without notice.
+
+The checks are imported on first use (PEP 562), so that `import jgc` does not import JAX: pytest
+imports jgc's plugin at start-up in every project where jgc is installed, whether or not its
+tests use jgc.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from jgc._src.cache import enable_compilation_cache as enable_compilation_cache
 from jgc._src.cache import enable_from_environment as _enable_from_environment
-from jgc._src.check import assert_grad as assert_grad
-from jgc._src.check import check_grad as check_grad
-from jgc._src.check import numerical_grad as numerical_grad
-from jgc._src.jvp import check_hvp as check_hvp
-from jgc._src.jvp import check_jvp as check_jvp
-from jgc._src.report import LeafReport as LeafReport
-from jgc._src.report import Report as Report
-from jgc._src.tree import InputError as InputError
 from jgc._src.version import __version__ as __version__
-from jgc._src.vjp import check_vjp as check_vjp
+
+if TYPE_CHECKING:  # the names _LAZY imports on first use, for type checkers and editors
+    from jgc._src.check import assert_grad as assert_grad
+    from jgc._src.check import check_grad as check_grad
+    from jgc._src.check import numerical_grad as numerical_grad
+    from jgc._src.jvp import check_hvp as check_hvp
+    from jgc._src.jvp import check_jvp as check_jvp
+    from jgc._src.report import LeafReport as LeafReport
+    from jgc._src.report import Report as Report
+    from jgc._src.tree import InputError as InputError
+    from jgc._src.vjp import check_vjp as check_vjp
+
+_LAZY = {  # public name -> the private module that defines it
+    "InputError": "jgc._src.tree",
+    "LeafReport": "jgc._src.report",
+    "Report": "jgc._src.report",
+    "assert_grad": "jgc._src.check",
+    "check_grad": "jgc._src.check",
+    "check_hvp": "jgc._src.jvp",
+    "check_jvp": "jgc._src.jvp",
+    "check_vjp": "jgc._src.vjp",
+    "numerical_grad": "jgc._src.check",
+}
 
 __all__ = (
     "InputError",
@@ -29,5 +52,19 @@ __all__ = (
     "enable_compilation_cache",
     "numerical_grad",
 )
+
+
+def __getattr__(name: str):
+    """A public name, from its module (imported on first use). It is looked up there each time
+    rather than kept here, so that jgc never hands out a class of a module that was since
+    re-imported (pytester's in-process runs do that), which `except jgc.InputError` would miss."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'jgc' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 _enable_from_environment()  # only when JGC_COMPILATION_CACHE asks for it

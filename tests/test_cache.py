@@ -1,4 +1,5 @@
-"""The opt-in persistent compilation cache: off unless asked, and a second process reuses it."""
+"""The opt-in persistent compilation cache: off unless asked, a second process reuses it, a
+session's cache is undone after it, and a process never reads another's entry half-written."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import jgc
+from jgc._src import cache as jgc_cache
 
 # A tiny check in a fresh process, counting JAX's persistent-cache hits and misses.
 CHILD = """
@@ -36,13 +39,27 @@ def _child(env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_jgc_leaves_the_cache_alone():
+def _printed_without_the_variable(code: str) -> list[str]:
+    """What `code` prints, split into words, in a fresh process without JGC_COMPILATION_CACHE."""
     env = {k: v for k, v in os.environ.items() if k != "JGC_COMPILATION_CACHE"}
-    out = subprocess.run([sys.executable, "-c", "import jax, jgc; "
-                          "print(jax.config.jax_compilation_cache_dir, "
-                          "jax.config.jax_persistent_cache_min_compile_time_secs)"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.stdout.split() == ["None", "1.0"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_importing_jgc_leaves_the_cache_alone():
+    assert _printed_without_the_variable(
+        "import jax, jgc; print(jax.config.jax_compilation_cache_dir, "
+        "jax.config.jax_persistent_cache_min_compile_time_secs)") == ["None", "1.0"]
+
+
+def test_importing_jgc_imports_no_jax_until_a_check_is_used():
+    """pytest imports jgc's plugin, so jgc, at start-up wherever jgc is installed."""
+    assert _printed_without_the_variable(
+        "import sys, jgc; print('jax' in sys.modules); from jgc import check_grad; "
+        "print('jax' in sys.modules, check_grad is jgc.check_grad, 'check_grad' in dir(jgc))"
+    ) == ["False", "True", "True", "True"]
 
 
 def test_environment_variable_caches_small_programs_for_the_next_process(tmp_path):
@@ -123,3 +140,55 @@ print(n_a, len(list(a.iterdir())), len(list(b.iterdir())))
     assert out.returncode == 0, out.stderr
     n_a, n_a_after, n_b = map(int, out.stdout.split())
     assert n_a >= 1 and n_a_after == n_a and n_b >= 1
+
+
+def test_the_session_cache_restores_jax_settings(tmp_path):
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: jax.config.values[name] for name in names}
+    with jgc_cache.compilation_cache(tmp_path / "xla") as directory:
+        assert jax.config.jax_compilation_cache_dir == str(directory) == str(tmp_path / "xla")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+        jax.jit(lambda x: x * 3.25 + 1)(np.ones(7)).block_until_ready()
+    filled = sorted(directory.iterdir())
+    assert filled  # the block's programs went to its directory
+    assert {name: jax.config.values[name] for name in names} == before
+    jax.jit(lambda x: x * 4.75 - 1)(np.ones(9)).block_until_ready()
+    assert sorted(directory.iterdir()) == filled  # and JAX let go of it afterwards
+
+
+READER = r"""
+import sys, time
+from jax._src.lru_cache import LRUCache
+cache = LRUCache(sys.argv[1], max_size=-1)
+n, size = int(sys.argv[2]), int(sys.argv[3])
+print("ready", flush=True)
+partial = 0
+for i in range(n):
+    deadline = time.monotonic() + 60
+    while (value := cache.get(f"k{i}")) is None or len(value) != size:
+        partial += value is not None
+        if time.monotonic() > deadline:
+            sys.exit("timed out")
+print(partial)
+"""
+
+
+def test_another_process_never_reads_a_partial_entry(tmp_path):
+    """A reader polling JAX's file cache while this process writes 60 entries of 2 MB. Without
+    atomic_entries it read about 1900 truncated ones on a quiet two-core machine."""
+    from jax._src.lru_cache import LRUCache
+
+    put, n, size = LRUCache.put, 60, 2 << 20
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path), str(n), str(size)],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "ready"
+    with jgc_cache.atomic_entries():
+        assert LRUCache.put is not put
+        writer = LRUCache(str(tmp_path), max_size=-1)
+        for i in range(n):
+            writer.put(f"k{i}", bytes([i]) * size)
+    out, _ = reader.communicate(timeout=120)
+    assert reader.returncode == 0 and out.strip() == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"k{i}-cache" for i in range(n))
+    assert LRUCache.put is put  # JAX's own again

@@ -16,6 +16,7 @@ from jgc._src import calls, pipeline
 from jgc._src.inputs import make_options
 from jgc._src.plan import DEFAULT_SAMPLES
 from jgc._src.prepare import Subject, precision
+from jgc._src.recording import recorded
 from jgc._src.report import Report
 from jgc._src.tree import ArrayTree
 from jgc._src.vocab import Verdict
@@ -23,6 +24,7 @@ from jgc._src.vocab import Verdict
 Loss = Callable[..., Any]  # loss(params, *args) -> scalar
 
 
+@recorded
 def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True,
                mode: str = "auto", method: str = "central", eps: float | None = None,
                rtol: float | None = None, atol: float | None = None,

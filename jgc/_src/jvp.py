@@ -32,6 +32,7 @@ from jgc._src import plan as pl
 from jgc._src.inputs import count_option, make_options
 from jgc._src.prepare import Check, Subject, precision, prepare
 from jgc._src.probes import Tangents
+from jgc._src.recording import recorded
 from jgc._src.report import Report
 from jgc._src.tree import (
     InputError,
@@ -171,6 +172,7 @@ def _output_specs(out) -> list[LeafSpec]:
     return specs
 
 
+@recorded
 def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
               x64: bool = True, seed: int = 0, n_tangents: int = N_TANGENTS,
               mode: str = "auto", eps: float | None = None, samples: int = pl.DEFAULT_SAMPLES,
@@ -288,6 +290,7 @@ def _jvp_rule(f, f_jvp, check: Check, out_holder) -> Callable:
     return rule
 
 
+@recorded
 def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
               hvp: Callable | None = None, x64: bool = True, seed: int = 0,
               n_directions: int = N_TANGENTS, mode: str = "auto", eps: float | None = None,

@@ -23,6 +23,7 @@ from jgc._src import calls, pipeline
 from jgc._src import plan as pl
 from jgc._src.inputs import make_options
 from jgc._src.prepare import Subject, precision
+from jgc._src.recording import recorded
 from jgc._src.report import Report
 from jgc._src.tree import InputError, tree_pformat
 
@@ -73,6 +74,7 @@ def _is_namedtuple(x) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
+@recorded
 def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
               x64: bool = True, seed: int = 0, **options) -> Report:
     """Checks a hand-written backward `f_vjp` of `f` against finite differences and jax.
