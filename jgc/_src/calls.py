@@ -162,8 +162,8 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
                                             (ev.consts, ev.theta, ev.dyn, T),
                                             work=GRAD_WORK * ev.work * len(T),
                                             by_program=by_program)
-                return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)).astype(
-                    np.float64), None
+                # In its own dtype: a float32 product's rounding enters the error model.
+                return programs.to_host(program(ev.consts, ev.theta, ev.dyn, T)), None
             except Exception as e:  # noqa: BLE001 - forward mode fails through custom_vjp
                 why = why or f"jax.jvp failed: {first_line(e)}"
     return None, why

@@ -20,7 +20,7 @@ from jgc._src import plan as pl
 from jgc._src.patterns import Collective
 from jgc._src.report import LeafReport, Report
 from jgc._src.tree import LeafSpec, Split
-from jgc._src.vocab import Status, Verdict
+from jgc._src.vocab import Method, Status, Verdict
 
 
 def leaf_rounding(a) -> np.ndarray:
@@ -109,7 +109,8 @@ def compared(model: es.ErrorModel, cmp: es.Comparison, cmp_ad: es.Comparison | N
     return Compared(model, cmp, cmp_ad, g, g_round, g_ad, ad_round, tol, accept, agree)
 
 
-def collective(model: es.ErrorModel, sl: slice, g: np.ndarray, g_round) -> Collective:
+def collective(model: es.ErrorModel, sl: slice, g: np.ndarray, g_round,
+               floor: float = 0.0) -> Collective:
     """The leaf-level test: are the leaf's residuals, taken together, larger than noise?
 
     Against the Richardson reference (truncation O(h**4), negligible for a smooth loss), each
@@ -126,7 +127,7 @@ def collective(model: es.ErrorModel, sl: slice, g: np.ndarray, g_round) -> Colle
     g = g[keep]
     sd = np.sqrt(model.reference_sd[sl][keep] ** 2 + (rounding / es.NOISE_SIGMAS) ** 2)
     return Collective(ref, sd, es.chi2(g - ref, sd), es.chi2_threshold(int(keep.sum())),
-                         np.flatnonzero(keep))
+                      np.flatnonzero(keep), floor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +138,27 @@ class Bounds:
     zero: float | None
     autodiff_zero: float = 0.0
     leaf_test: bool = False  # the leaf-level test (reduced precision, measured noise)
+    # The smallest leaf-level pattern (a relative factor or term) that counts: see
+    # `pattern_floor`.
+    pattern_floor: float = 0.0
+    # The loss's own rounding, KAPPA u max(|f0|, f_scale): a gradient entry g_j whose change of
+    # the loss over a relative change of its parameter, |g_j| max(1, |theta_j|), stays below it
+    # is zero at the loss's precision (diagnose._verified_zero).
+    loss_rounding: float = 0.0
+
+
+def pattern_floor(u: float, method: str) -> float:
+    """The relative size below which a leaf-level pattern is not a finding: TOL_FACTOR times
+    u**(1 - p), the relative error the method's difference quotients carry at its step
+    h = u**p·max(1, |x|) (p = 1/3 for central differences, 1/5 for Richardson) from the loss's
+    own rounding when that rounding is smooth at the step's scale, as a special function's
+    approximation error is (float32 log1p: a slope error of 5e-5 relative, identical at h and
+    2h, invisible to the noise measurement, fitted as a factor 0.99998). Such an error shifts
+    every difference quotient of a leaf alike, and below this size nothing tells it from a
+    real factor; a 1% bug is 40 times larger in float32."""
+    if Method(method) == Method.COMPLEX:  # no subtraction: the derivative's own rounding
+        return es.TOL_FACTOR * u
+    return es.TOL_FACTOR * u ** (1 - Method(method).step_power)
 
 
 def leaf_data(spec: LeafSpec, entries: np.ndarray, theta: np.ndarray, c: Compared,
@@ -147,10 +169,14 @@ def leaf_data(spec: LeafSpec, entries: np.ndarray, theta: np.ndarray, c: Compare
     return dg.LeafData(
         spec, entries, theta, m.value[sl], c.tol, c.g, c.cmp, c.g_ad, c.cmp_ad, c.agree,
         kink=m.kink[sl],
-        collective=collective(m, sl, c.g, c.g_round) if bounds.leaf_test else None,
-        autodiff_collective=(collective(m, sl, c.g_ad, c.ad_round)
+        collective=(collective(m, sl, c.g, c.g_round, bounds.pattern_floor)
+                    if bounds.leaf_test else None),
+        autodiff_collective=(collective(m, sl, c.g_ad, c.ad_round, bounds.pattern_floor)
                              if bounds.leaf_test and c.g_ad is not None else None),
         zero_bound=bounds.zero, autodiff_zero_bound=bounds.autodiff_zero,
+        loss_rounding=bounds.loss_rounding,
+        slopes=(None if m.slope_low is None else (m.slope_low[sl], m.slope_high[sl])),
+        rounding=None if m.rounding is None else m.rounding[sl],
         pair_rounding=(c.g_round + c.ad_round) if c.g_ad is not None else 0.0,
         accept_width=c.accept)
 

@@ -84,4 +84,6 @@ def model(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: boo
     error = es.rounding(value, u, scale)
     nan = np.full(len(value), np.nan)
     return es.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
-                         error / es.NOISE_SIGMAS, np.ones(len(value), bool))
+                         error / es.NOISE_SIGMAS, np.ones(len(value), bool),
+                         slope_low=value - es.TOL_FACTOR * error,
+                         slope_high=value + es.TOL_FACTOR * error, rounding=error)

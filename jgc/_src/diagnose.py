@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from jgc._src.estimate import KINK, MISMATCH, TIE, TOL_FACTOR, Comparison
+from jgc._src.estimate import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR, Comparison
 from jgc._src.patterns import Collective, find_pattern
 from jgc._src.report import LeafReport
 from jgc._src.tree import LeafSpec
@@ -52,6 +52,13 @@ class LeafData:
     # user fixed the tolerance with rtol/atol, so resolution is theirs to choose).
     zero_bound: float | None = 0.0
     autodiff_zero_bound: float = 0.0
+    # The loss's own rounding (compare.Bounds.loss_rounding): where the gradient changes the
+    # loss by less than it, the gradient is zero at the loss's precision.
+    loss_rounding: float = 0.0
+    # Per entry, the range of the one-sided slopes at h (estimate.ErrorModel.slope_low/high).
+    slopes: tuple[np.ndarray, np.ndarray] | None = None
+    # Per entry, the rounding part of the coarse error bar (estimate.ErrorModel.rounding).
+    rounding: np.ndarray | None = None
     # Per entry: the rounding bounds of the checked gradient and jax.grad added, for comparing
     # the two with each other at their own precision (no finite differences involved).
     pair_rounding: np.ndarray | float = 0.0
@@ -69,19 +76,20 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     if n == 0:
         return LeafReport(spec.path, spec.shape, spec.dtype, 0, Status.OK)
     n_mis = int(np.sum(cmp.status == MISMATCH))
+    n_rough = int(np.sum(cmp.status == ROUGH))
     n_tie = int(np.sum(cmp.status == TIE))
     n_kink = int(np.sum(cmp.status == KINK)) + n_tie
     nonfinite = ~np.isfinite(x.checked)
     fit = _whole_leaf_fit(x) if n_mis == 0 else (None, None)
     as_whole = fit[0] is not None or (n_mis == 0 and _excess_beyond_autodiff(x))
     unexplained = n_mis == 0 and not as_whole and x.collective is not None \
-        and x.collective.significant
-    resolution = _resolution(x, leaf_level=not unexplained)
-    zero = x.zero_bound is not None and _verified_zero(x)
+        and x.collective.significant and not x.collective.below_floor(x.checked, x.theta)
+    resolution = math.inf if n_rough else _resolution(x, leaf_level=not unexplained)
+    zero = x.zero_bound is not None and not n_rough and _verified_zero(x)
     if n_mis or as_whole:
         status = Status.MISMATCH
-    elif x.zero_bound is not None and resolution >= UNRESOLVED and not zero:
-        status = Status.UNRESOLVED
+    elif n_rough or (x.zero_bound is not None and resolution >= UNRESOLVED and not zero):
+        status = Status.UNRESOLVED  # a rough entry: the loss is not smooth at the step's scale
     else:
         status = Status.KINK if n_kink else Status.OK
     if nonfinite.any():
@@ -100,6 +108,8 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     return LeafReport(
         spec.path, spec.shape, spec.dtype, n, status,
         resolution=None if zero and resolution >= UNRESOLVED else resolution, zero=zero,
+        limited_by=(None if status != Status.UNRESOLVED else "truncation" if n_rough
+                    else _limited_by(x)),
         rel_errors=rel,
         max_rel_error=float(np.nanmax(np.nan_to_num(cmp.rel_error, nan=np.inf))),
         worst_index=top[0], numerical=top[1], checked=top[2], autodiff=top[3],
@@ -133,7 +143,7 @@ def _excess_beyond_autodiff(x: LeafData) -> bool:
     """
     c, ca = x.collective, x.autodiff_collective
     return (c is not None and c.significant and ca is not None and not ca.significant
-            and _autodiff_disagrees(x))
+            and _autodiff_disagrees(x, beyond_ties=True, where=c.where))
 
 
 def _entry_pattern(x: LeafData, full: bool) -> tuple[Pattern | None, float | None]:
@@ -237,31 +247,69 @@ def _resolution(x: LeafData, leaf_level: bool = True) -> float:
     return single
 
 
+# An error bar this many times its rounding part is truncation's: the loss changes faster than
+# the step can follow.
+TRUNCATION_DOMINATES = 4.0
+
+
+def _limited_by(x: LeafData) -> str:
+    """What keeps an unresolved leaf's best entry from resolving its derivative: "rounding"
+    (the loss's rounding noise is as large as the change the step makes) or "truncation" (the
+    difference quotients disagree across steps: the loss varies on a scale finer than the step,
+    an oscillation or a forward accurate to only a few digits)."""
+    if x.rounding is None or not len(x.tol):
+        return "rounding"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = int(np.nanargmin(np.where(np.isfinite(x.numerical), x.tol
+                                         / np.abs(x.numerical), np.inf)))
+    bar = x.tol[best] / TOL_FACTOR
+    return "truncation" if bar > TRUNCATION_DOMINATES * x.rounding[best] else "rounding"
+
+
 def _verified_zero(x: LeafData) -> bool:
     """A gradient that is zero, verified in absolute terms.
 
     A zero gradient has no relative error to resolve (2x zero is zero), so it is verified when
     finite differences are consistent with zero at every entry and the gradients are zero to
-    rounding on the scale of the whole gradient: a parameter the loss does not depend on, or a
+    rounding: on the scale of the whole gradient (a parameter the loss does not depend on, or a
     bias in front of a normalisation, whose gradient is zero up to the rounding of terms that
-    cancel. A small but deliberate gradient (1e-14, far above its own rounding) is not zero:
-    below resolution it is unresolved.
+    cancel), or at the loss's own precision, where the change it makes to the loss over a
+    relative change of its parameter stays below the loss's rounding (a stationary point: sin
+    at pi/2, where jax.grad is cos(fl(pi/2)) = 6e-17; erf at 10, 4e-45). A small but
+    deliberate gradient the loss does show (1 + 1e-14 sum(w): 1e-14 against the loss's
+    rounding of 4e-15) is not zero: below resolution it is unresolved.
     """
+    def zero(values, bound):
+        limit = np.maximum(bound, x.loss_rounding / np.maximum(1.0, np.abs(x.theta)))
+        return bool(np.all(np.abs(values) <= limit))
+
     with np.errstate(invalid="ignore"):
         return (bool(np.all(np.abs(x.numerical) <= x.tol))
-                and bool(np.all(np.abs(x.checked) <= x.zero_bound))
-                and (x.autodiff is None
-                     or bool(np.all(np.abs(x.autodiff) <= x.autodiff_zero_bound))))
+                and zero(x.checked, x.zero_bound)
+                and (x.autodiff is None or zero(x.autodiff, x.autodiff_zero_bound)))
 
 
-def _autodiff_disagrees(x: LeafData) -> bool:
-    """jax.grad and the checked gradient differ somewhere in the leaf beyond their own rounding
-    (both are computed, not measured, so finite differences' error bars do not enter)."""
+def _autodiff_disagrees(x: LeafData, beyond_ties: bool = False, where=None) -> bool:
+    """jax.grad and the checked gradient differ somewhere in the leaf (or at the entries
+    `where`) beyond their own rounding (both are computed, not measured, so finite
+    differences' error bars do not enter).
+
+    `beyond_ties`: only where they cannot be two conventions at a tie: an entry where both lie
+    within the one-sided slopes at h is left out (at a float32 relu tie the kink test could not
+    see, jax.grad's relu'(0) = 0 and a mask z >= 0 differ by the jump, and each is a one-sided
+    derivative)."""
     if x.autodiff is None:
         return False
     with np.errstate(invalid="ignore"):
-        return bool(np.any(~(np.abs(x.checked - x.autodiff)
-                             <= TOL_FACTOR * np.asarray(x.pair_rounding))))
+        differ = ~(np.abs(x.checked - x.autodiff)
+                   <= TOL_FACTOR * np.broadcast_to(x.pair_rounding, x.checked.shape))
+        if beyond_ties and x.slopes is not None:
+            low, high = x.slopes
+            within = lambda v: (v >= low) & (v <= high)  # noqa: E731
+            differ &= ~(within(x.checked) & within(x.autodiff))
+        if where is not None:
+            differ = differ[where]
+        return bool(np.any(differ))
 
 
 def skipped_report(spec: LeafSpec) -> LeafReport:

@@ -120,9 +120,13 @@ class Directional:
         return self.plan.leaf_values(self.sp, k).astype(self.plan.dtypes[k])
 
     def weights(self, k: int, j: int) -> np.ndarray:
+        """Direction j of leaf k, scaled per entry like the coordinate step; zero on entries
+        that are not finite (a step cannot move them)."""
         spec = self.sp.checked_specs()[k]
         x = self.plan.leaf_values(self.sp, k)
-        return direction(self.seed, spec.path, j, spec.size) * np.maximum(1.0, np.abs(x))
+        finite = self.sp.finite(k)
+        return np.where(finite, direction(self.seed, spec.path, j, spec.size)
+                        * np.maximum(1.0, np.abs(np.where(finite, x, 0.0))), 0.0)
 
     def test(self, probes: Directions, g_round, g_ad) -> DirectionResult:
         """The probes judged by the coordinate error model (estimate.derivative)."""
@@ -165,6 +169,7 @@ class Directional:
             outcomes[k] = self.run_leaf(k, g, rounding(checked[k]), g_ad)
             entries[k] = np.union1d(entries[k], pl.with_partners(
                 self.sp.checked_specs()[k], outcomes[k].candidates)).astype(np.int64)
+            entries[k] = entries[k][self.sp.finite(k)[entries[k]]]  # a step cannot move them
             if outcomes[k].resolution > COARSE and len(entries[k]) < len(extra[k]):
                 entries[k] = np.union1d(entries[k], extra[k]).astype(np.int64)
                 escalated.append(self.sp.checked_specs()[k].path or "<params>")

@@ -47,7 +47,7 @@ TOL_FACTOR = 3.0
 NOISE_SIGMAS = 6.0
 
 # Entry statuses (vocab.Entry), as plain names for the array code here.
-OK, KINK, MISMATCH, TIE = Entry.OK, Entry.KINK, Entry.MISMATCH, Entry.TIE
+OK, KINK, MISMATCH, TIE, ROUGH = Entry.OK, Entry.KINK, Entry.MISMATCH, Entry.TIE, Entry.ROUGH
 
 
 # -- the loss's noise level ------------------------------------------------------------------
@@ -190,9 +190,13 @@ class Differences:
 # of finer steps for probes still in doubt (a kink crossed by the h stencil but not by a finer
 # one): h/4 and h/8, h/32 and h/64, h/256 and h/512. The finer ones are relative to the central
 # step u**(1/3), also under Richardson.
-SCALES = (1.0, 2.0, 4.0, 1 / 4, 1 / 8, 1 / 32, 1 / 64, 1 / 256, 1 / 512)
+SCALES = (1.0, 2.0, 4.0, 1 / 4, 1 / 8, 1 / 32, 1 / 64, 1 / 256, 1 / 512, 64.0, 128.0)
 LEVELS = ((3, 4), (5, 6), (7, 8))  # refinement pairs (a, a / 2), finer and finer
 FINE, FINER = LEVELS[0]
+# A coarser pair (64h, 128h), for mismatches only: a derivative that depends on the step's
+# scale (see `scale_dependent`).
+COARSER = (9, 10)
+ROUGH_PROBES = 64  # the mismatches per call the coarser pair is tried on (the worst first)
 # How many refinement levels a probe in doubt may take. In float64 the rounding error of
 # D(h/512) is still ~1e-8 of the derivative; in reduced precision it grows 512x from ~1e-4, so
 # two levels (h/64) are the useful limit.
@@ -254,6 +258,14 @@ class ErrorModel:
     left: np.ndarray | None = None
     right: np.ndarray | None = None
     side_error: np.ndarray | None = None
+    # The range of the one-sided derivatives at every probe (extrapolated to zero step, widened
+    # by their noise): where two gradients both lie in it they may be two conventions at a tie
+    # the kink test could not see (diagnose._autodiff_disagrees).
+    slope_low: np.ndarray | None = None
+    slope_high: np.ndarray | None = None
+    # The rounding part of the coarse error bar (the h stencil's noise): where `error` is much
+    # larger, truncation dominates, the loss varying faster than the step can follow.
+    rounding: np.ndarray | None = None
 
 
 def concat_models(models: list[ErrorModel]) -> ErrorModel:
@@ -307,6 +319,10 @@ def _level(a: Stencil, b: Stencil, coarse_first: bool):
     with np.errstate(invalid="ignore"):
         stat, sd = _jump_statistic(large, small)
         smooth = ~(np.abs(stat) > NOISE_SIGMAS * sd)  # NaN (not computed): smooth
+        # The jump between the one-sided slopes at the smaller step, and the smallest jump the
+        # statistic can see at this level (see `_decisive`).
+        jump = np.abs(small.forward - small.backward)
+        sees = NOISE_SIGMAS * sd
     # The one-sided derivatives: F(s) = f'+ + s f''/2 + O(s^2), so 2 F(small) - F(large) removes
     # the curvature term (likewise for B). A checked value at a kink is one of f'- and f'+ (or
     # between them, e.g. jax's 0.5 at a relu tie); each extrapolation carries 5x noise.
@@ -319,7 +335,7 @@ def _level(a: Stencil, b: Stencil, coarse_first: bool):
         side = np.abs(right - small.forward) + np.abs(left - small.backward) + widen
         return dict(value=value, error=a.noise + truncation, smooth=smooth, done=small.done,
                     low=np.min(slopes, axis=0) - widen, high=np.max(slopes, axis=0) + widen,
-                    left=left, right=right, side=side,
+                    left=left, right=right, side=side, jump=jump, sees=sees,
                     persistent=_persistent_jump(large, small))
 
 
@@ -367,11 +383,10 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     coarse["smooth"] = coarse["smooth"] | ~s2.done  # without 2h there is no statistic
     levels = [coarse] + [_level(d.stencils[a], d.stencils[b], coarse_first=False)
                          for a, b in LEVELS]
-    finest = np.zeros(len(s1.central), int)
-    for i, level in enumerate(levels[1:], 1):
-        finest = np.where(level["done"], i, finest)
+    finest = _decisive(levels)
     pick = lambda key, at: np.choose(at, [lv[key] for lv in levels])  # noqa: E731
     kink = ~pick("smooth", finest)
+    _with_noise_evidence(levels, finest, kink)
     # From the finest level, walk to coarser ones while they are smooth and consistent: the
     # most precise consistent level gives the estimate, with its own error bar, widened to the
     # discrepancy seen on the way.
@@ -388,6 +403,9 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
     # to excuse an 8% error (a complex modReLU layer's dropped phase term, on smooth entries
     # where every level agrees). A bug on a smooth entry is caught at every level alike.
     refined = finest > 0
+    # Refinement was tried (the probe was in doubt), even where no finer level was decisive: a
+    # tie confirmed at the finest decisive level, the coarse one included, counts (`_decisive`).
+    attempted = levels[1]["done"] if len(levels) > 1 else refined
     _, support_value, support_error = _walk(levels, finest, ~kink & refined, stop=1)
     with np.errstate(invalid="ignore"):
         usable = refined & ~kink & (TOL_FACTOR * support_error < np.abs(support_value))
@@ -403,11 +421,99 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
         sd = sigma * np.sqrt(2 * (4 / 3 / s1.width) ** 2 + 2 * (1 / 3 / s2.width) ** 2)
         sd = np.sqrt(sd ** 2 + ref_truncation ** 2)
     nan = np.full(len(value), np.nan)
+    with np.errstate(invalid="ignore"):
+        # The one-sided derivatives at zero step, 2 F(h) - F(2h) and 2 B(h) - B(2h) (see
+        # `_level`): curvature removed, so that on a smooth loss the range shrinks to the
+        # derivative and a small factor lies outside it; F(h) and B(h) where 2h was skipped.
+        right = np.where(s2.done, 2 * s1.forward - s2.forward, s1.forward)
+        left = np.where(s2.done, 2 * s1.backward - s2.backward, s1.backward)
+        # 2 F(h) - F(2h) carries sqrt(2**2 + (1/2)**2) of F(h)'s noise bound (`noise`).
+        widen = TOL_FACTOR * np.where(s2.done, math.sqrt(4.25), 1.0) * s1.noise
+        slope_low = np.fmin(left, right) - widen
+        slope_high = np.fmax(left, right) + widen
     return ErrorModel(value, error, kink, low, high, reference, sd, best == 0, support_value,
-                      support_error, refined & pick("persistent", finest),
-                      np.where(refined, pick("left", finest), nan),
-                      np.where(refined, pick("right", finest), nan),
-                      np.where(refined, pick("side", finest), nan))
+                      support_error, attempted & pick("persistent", finest),
+                      np.where(attempted, pick("left", finest), nan),
+                      np.where(attempted, pick("right", finest), nan),
+                      np.where(attempted, pick("side", finest), nan), slope_low, slope_high,
+                      s1.noise)
+
+
+def _decisive(levels: list[dict]) -> np.ndarray:
+    """Per probe, the finest level that can decide whether the loss has a kink there.
+
+    A finer level clears a kink that coarser stencils crossed when its stencils are smooth:
+    unless its statistic is too noisy to see the jump they saw. In float32 the finest level's
+    rounding error is 64 times the coarse one's: at a relu tie whose one-sided slopes differ by
+    0.31 at every step, the h/64 stencils' jump statistic (0.33) stayed within its noise (0.37),
+    so the kink read as cleared, and the finest level's difference quotient, midway between
+    the slopes, blamed jax.grad's relu'(0) = 0. A level that is smooth but could not have seen
+    the jump of a coarser non-smooth level is not decisive, and neither are the levels beyond
+    it: the kink stands at the finest decisive one.
+    """
+    n = len(levels[0]["value"])
+    finest, seen = np.zeros(n, int), np.zeros(n)
+    open_ = np.ones(n, bool)  # no undecisive level met yet
+    for i, level in enumerate(levels):
+        with np.errstate(invalid="ignore"):
+            # Twice the smallest jump it can see: a persistent jump of that size gives the
+            # statistic |J| (J(a) - 2 J(a/2) = -J), which then clears the threshold by six of
+            # its standard deviations; a level whose threshold sits near the jump (0.152
+            # against 0.155, a float32 tie) sees it or not by chance.
+            decisive = level["done"] & open_ & (~level["smooth"] | (seen == 0)
+                                                | ~(2 * level["sees"] >= seen))
+            seen = np.where(level["done"] & ~level["smooth"], np.fmax(seen, level["jump"]), seen)
+        finest = np.where(decisive, i, finest)
+        open_ &= decisive | ~level["done"]
+    return finest
+
+
+# The step multiplier of each level's value: the coarse level's h, then the first (larger) step of
+# each refinement pair.
+LEVEL_STEPS = (1.0, *(SCALES[a] for a, _ in LEVELS))
+
+
+def _with_noise_evidence(levels: list[dict], finest: np.ndarray, kink: np.ndarray) -> None:
+    """Widens each level's error bar by the noise its disagreement with the next coarser level
+    shows, where that disagreement is the signature of noise the error model did not predict.
+
+    The model bounds a value's rounding by the values themselves (KAPPA u |f|) or by the measured
+    noise, and neither sees rounding that a loss computed as a cancellation of large terms
+    carries: the determinant of a singular matrix is exactly 0 at params and +-4e-12 of LU
+    rounding at every perturbed point (terms of 1e4 in float64), so its difference quotients
+    grow like 1/s as the step s shrinks (3.6e-8 at h, 7.7e-8 at h/4, -2.5e-7 at h/32, 4.9e-6
+    at h/256), each claiming an error bar of 1e-20. A derivative's levels converge instead: the
+    gap between levels i-1 and i, times the step of level i, is the change in f that the gap
+    stands for; for rounding noise it is the same at every level (the noise amplitude eta), for
+    truncation it shrinks like s**3 and for a kink the coarse levels cross it is left behind at
+    the first finer level. So where the finest such product is at least an eighth of the
+    largest (no convergence: 1/512 per level for truncation) and the finest gap exceeds both
+    error bars, every level i gets eta / s_i more error. Probes at kinks keep their slopes'
+    logic (see `error_model`).
+    """
+    n = len(finest)
+    gaps = []
+    for i in range(1, len(levels)):
+        a, b = levels[i - 1], levels[i]
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(b["value"] - a["value"])
+            exceeds = gap > TOL_FACTOR * (a["error"] + b["error"])
+        gaps.append((np.where(b["done"], gap * LEVEL_STEPS[i], np.nan), exceeds))
+    if not gaps:
+        return
+    eta = np.stack([g for g, _ in gaps])  # (levels - 1, n)
+    last = np.clip(finest - 1, 0, len(gaps) - 1)
+    finest_eta = eta[last, np.arange(n)]
+    finest_exceeds = np.stack([x for _, x in gaps])[last, np.arange(n)]
+    with np.errstate(invalid="ignore"):
+        largest = np.nanmax(np.where(np.isnan(eta), -np.inf, eta), axis=0)
+        noisy = (~kink & (finest >= 2) & finest_exceeds & (finest_eta * 8 >= largest)
+                 & np.isfinite(largest))
+    if not noisy.any():
+        return
+    for i, level in enumerate(levels):
+        level["error"] = np.where(noisy, level["error"] + largest / LEVEL_STEPS[i],
+                                  level["error"])
 
 
 def _persistent_jump(large: Stencil, small: Stencil) -> np.ndarray:
@@ -415,10 +521,15 @@ def _persistent_jump(large: Stencil, small: Stencil) -> np.ndarray:
     F(s) - B(s), is significant at the smaller step and about the same at the larger. On a
     smooth loss J(s) = s f'' halves with the step; at a kink it tends to the jump in slope.
     Only then can a tie convention lie outside the slopes without a bug (a fixed step too large
-    for a fast-varying loss also looks non-smooth, but its J shrinks with the step)."""
+    for a fast-varying loss also looks non-smooth, but its J shrinks with the step).
+
+    J(s) = (f(x+s) + f(x-s) - 2 f(x)) / s has standard deviation sqrt(6) sigma / s, where the
+    stencil's `noise` is NOISE_SIGMAS sigma / s: J is significant beyond NOISE_SIGMAS standard
+    deviations, sqrt(6) noise. (Twelve noises, as first set, could not confirm a float32 relu
+    tie whose slopes differ by 0.033 at every step, three noises of its h stencil.)"""
     j_large, j_small = large.forward - large.backward, small.forward - small.backward
     with np.errstate(invalid="ignore"):
-        significant = np.abs(j_small) > TOL_FACTOR * 4 * small.noise  # one-sided: ~2x noise
+        significant = np.abs(j_small) > math.sqrt(6) * small.noise
         return small.done & significant & (np.abs(j_large - j_small) <= np.abs(j_small) / 2)
 
 
@@ -642,7 +753,55 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
         d = fill(fill(d, a, doubt), b, doubt)
         out = judge(d)
         doubt &= out.unclear()
-    return out
+    try_coarser = _worst_mismatches(out, checked, ROUGH_PROBES)
+    if not try_coarser.any():
+        return out
+    d = fill(fill(d, COARSER[0], try_coarser), COARSER[1], try_coarser)
+
+    def roughen(cmp: Comparison, values, error) -> Comparison:
+        rough = scale_dependent(d, out.model, values, error, try_coarser)
+        return dataclasses.replace(cmp, status=np.where(rough & (cmp.status == MISMATCH),
+                                                        ROUGH, cmp.status))
+
+    return dataclasses.replace(
+        out, cmp=roughen(out.cmp, checked, checked_error),
+        cmp_ad=None if out.cmp_ad is None else roughen(out.cmp_ad, autodiff, autodiff_error))
+
+
+def _worst_mismatches(out: Derivative, checked: np.ndarray, limit: int) -> np.ndarray:
+    """Up to `limit` of the checked value's smooth mismatches, the worst (in error bars) first."""
+    bad = (out.cmp.status == MISMATCH) & ~out.model.kink & np.isfinite(checked)
+    if bad.sum() <= limit:
+        return bad
+    with np.errstate(divide="ignore", invalid="ignore"):
+        excess = np.where(bad, np.abs(checked - out.model.value) / out.model.error, -np.inf)
+    keep = np.zeros(len(bad), bool)
+    keep[np.argsort(-excess, kind="stable")[:limit]] = True
+    return keep
+
+
+def scale_dependent(d: Differences, model: ErrorModel, checked, checked_error,
+                    where: np.ndarray) -> np.ndarray:
+    """Mismatches that are the loss's, not the checked value's: the derivative at the coarser
+    pair (64h, 128h) is smooth, disagrees with the estimate at h beyond both error bars, and
+    agrees with the checked value.
+
+    A derivative does not depend on the step: for a smooth loss the coarser pair agrees with h
+    to within its truncation, |D(128h) - D(64h)| / 3. A loss computed to only ~7 digits (a
+    special function's approximation error, wiggling faster than 64h) has a derivative at h
+    that is that error's slope, and an exact rule agrees only with the coarser pair, where the
+    wiggle averages out: finite differences then say the loss is not smooth at the step's
+    scale, which is what such a probe reports (Entry.ROUGH), rather than blaming the rule. A
+    wrong rule disagrees at every scale.
+    """
+    a, b = d.stencils[COARSER[0]], d.stencils[COARSER[1]]
+    coarse = _level(a, b, coarse_first=True)
+    with np.errstate(invalid="ignore"):
+        tol = TOL_FACTOR * (coarse["error"] + np.asarray(checked_error) + 0.0)
+        apart = np.abs(coarse["value"] - model.value) > TOL_FACTOR * (coarse["error"]
+                                                                       + model.error)
+        agrees = np.abs(checked - coarse["value"]) <= tol
+        return where & coarse["smooth"] & apart & agrees
 
 
 def _tie_convention(checked, autodiff, model: ErrorModel, tol) -> np.ndarray:

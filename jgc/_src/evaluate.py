@@ -973,7 +973,7 @@ class StructuredEvaluator(DenseEvaluator):
                 self.plans[k] = structured.plan_leaf(flat, flat.invars[k], flat.avals, leaf,
                                                      self.dtypes[k])
             except Exception as e:  # noqa: BLE001 - a rule that cannot trace: dense
-                self.failed[k] = first_line(e)
+                self.failed[k] = f"failed: {first_line(e)}"
         needed = tuple(sorted({i for p in self.plans.values() if p.use for i in p.needed}))
         if not needed:
             return
@@ -985,6 +985,10 @@ class StructuredEvaluator(DenseEvaluator):
         values = jax.block_until_ready(program(self.consts, self.theta, self.dyn))
         self.forward_seconds = time.perf_counter() - started
         self.bases = dict(zip(needed, values))
+        for k, plan in self.plans.items():
+            why = structured.cancellation(plan, self.bases) if plan.use else None
+            if why:
+                self.failed[k] = f"was not used: {why}"
 
     def leaf_work(self, k: int) -> float:
         """The plan's estimate: the structured work, or the whole function's for a dense leaf."""
@@ -1034,8 +1038,8 @@ class StructuredEvaluator(DenseEvaluator):
         except InputError:
             raise
         except (_Unbatchable, _SlowerThanDense) as e:  # the dense program, and a note
-            self.failed[k] = (first_line(e.__cause__) if isinstance(e, _Unbatchable)
-                              else str(e))
+            self.failed[k] = (f"failed: {first_line(e.__cause__)}"
+                              if isinstance(e, _Unbatchable) else f"was abandoned: {e}")
             self.n_evaluations -= len(index)  # counted again by the dense program
             return super().leaf_perturbed(k, index, step, deadline)
 
@@ -1072,7 +1076,7 @@ class StructuredEvaluator(DenseEvaluator):
         except InputError:
             raise
         except _Unbatchable as e:  # a rule this loss defeats: the dense program, and a note
-            self.failed[k] = first_line(e.__cause__)
+            self.failed[k] = f"failed: {first_line(e.__cause__)}"
             self.n_evaluations -= len(vid)  # counted again by the dense program
             return super().along(k, vectors, vid, mult, lo, hi)
 
@@ -1083,11 +1087,9 @@ class StructuredEvaluator(DenseEvaluator):
         text = structured.describe(plans) if plans else ""
         if self.failed:
             names = [specs[k].path or "<params>" for k in self.failed]
-            why = next(iter(self.failed.values()))
-            verb = "was abandoned" if "ms per perturbation" in why else "failed"
             text += ("; " if text else "") + (
-                f"dense evaluation for {', '.join(names[:4])} (the structured pass {verb}: "
-                f"{why})")
+                f"dense evaluation for {', '.join(names[:4])} (the structured pass "
+                f"{next(iter(self.failed.values()))})")
         return text
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from jgc._src.diagnose import COARSE, triage
+from jgc._src.patterns import MIN_AGREE
 from jgc._src.report import LeafReport, pct
 from jgc._src.vocab import Method, Pattern, Status, Verdict
 
@@ -120,6 +121,10 @@ def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
         if leaf.pattern is None and leaf.autodiff_status == Status.OK:
             body += (f", while {autodiff} passes the same test (so the finite differences are "
                      "not biased there)")
+    elif leaf.n_checked < MIN_AGREE:
+        body = (f"{what} has the wrong value: {leaf.checked:.6g} where finite differences give "
+                f"{leaf.numerical:.6g} (too few entries to tell a pattern: a wrong formula, a "
+                "dropped term, a rounding or a branch taken wrongly)")
     else:
         body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
                 "simple pattern (a wrong formula, a wrong index or a missing path)")
@@ -167,7 +172,9 @@ def diagnosis(leaves: list[LeafReport], agrees: dict[str, bool | None], *, sourc
     else:
         lines = words.mismatches(t, has_autodiff, autodiff_why)
         if t.suspect or t.conflict or words.checking_autodiff:
-            lines.append(_numerics_advice(eps))
+            kinks = any(leaf.n_kink or leaf.direction_kinks
+                        for leaf in (*t.wrong, *t.suspect, *t.conflict))
+            lines.append(_numerics_advice(eps, kinks, float64))
     lines += precision_lines([leaf for leaf in leaves if leaf.own_dtype is not None], words)
     rough = [leaf for leaf in leaves
              if leaf.unexplained_excess and leaf.status != Status.MISMATCH]
@@ -304,15 +311,26 @@ def precision_lines(leaves: list[LeafReport], words: _Words) -> list[str]:
     return lines
 
 
-def _numerics_advice(eps: float | None) -> str:
-    """How to rule out the numerics when jax's own derivative disagrees with them."""
+def _numerics_advice(eps: float | None, kinks: bool, float64: bool) -> str:
+    """How to rule out the numerics when jax's own derivative disagrees with them. Without a kink
+    or tie among the failing entries, moving away from the point is no advice: a rule wrong at a
+    special point (log_sigmoid's at 0, a where's boundary) is right everywhere else, and the
+    check there is what found it."""
     if eps is not None:
         return (f"The step was fixed by hand (eps={eps:g}): first try eps=None, which picks "
                 "each entry's step from its dtype and magnitude.")
-    return ("To rule out the numerics: evaluate at a random point rather than at zeros or "
-            "a symmetric initialisation (ties and kinks), keep x64=True, try another step "
-            "(eps=1e-4 or 1e-7), and look for branches (relu, max, abs, where, sort) that sit "
-            "exactly at a switch for these parameters.")
+    if not kinks:
+        return ("Finite differences see a smooth loss at these entries (no kink or tie within "
+                "the steps, which were checked at several sizes), so the numerics are unlikely "
+                "to be at fault. If the loss uses a custom_jvp or custom_vjp rule, check it at "
+                "this very point: rules are most often wrong at special points (zero, a tie, a "
+                "branch boundary), and moving away would hide the bug."
+                + ("" if float64 else " In float32, x64=True confirms it with more digits."))
+    return ("To rule out the numerics: these entries sit at kinks or ties (relu, max, abs, "
+            "where, sort at a switch), where derivatives are defined by convention; check at a "
+            "point without ties as well (random, non-integer inputs and biases)"
+            + ("" if float64 else ", and in float64 (x64=True)")
+            + ", or try another step (eps=1e-4 or 1e-7).")
 
 
 def _coarse_lines(leaves: list[LeafReport], float64: bool, method: str) -> list[str]:
@@ -367,10 +385,18 @@ def _resolution_advice(float64: bool, method: str) -> str:
 
 def _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff, float64, method):
     the = _the(source, noun)
+    causes = {leaf.limited_by for leaf in unresolved}
+    cause = {"rounding": "the loss's rounding noise is as large as the change a step makes "
+                         "(a gradient tiny next to the loss's own size)",
+             "truncation": "the difference quotients change with the step, since the loss "
+                           "varies on a scale finer than any step that its rounding allows (an "
+                           "oscillation faster than the step, or a forward computed to only a "
+                           "few digits, as a special function at the edge of its range)"}
+    why = "; or ".join(cause[c] for c in ("truncation", "rounding") if c in causes) or \
+        cause["rounding"]
     lines = [
         f"Unresolved: finite differences cannot resolve the {noun} of {_paths(unresolved)}: "
-        "the error bar of the difference quotients (rounding noise of the loss, or "
-        f"truncation) is at least as large as the {noun} itself, so {the} could be 2× too "
+        f"{why}. The error bar is at least as large as the {noun} itself, so {the} could be 2× too "
         "large, of the wrong sign, or zero there without any test failing. Nothing was "
         "verified in these leaves, so the check is not ok. " + _resolution_advice(float64, method)]
     if checking_autodiff or all(leaf.autodiff is None for leaf in unresolved):

@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import calls, explain
@@ -256,6 +257,11 @@ def _require_directions(directions: np.ndarray, option: str, mode: Mode) -> None
                          "every basis direction.")
 
 
+def _real(a: np.ndarray) -> np.ndarray:
+    """A rule's flat output as a real floating array, keeping its precision."""
+    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(np.float64)
+
+
 def _unflat(sp, plan: pl.Plan, flat: np.ndarray):
     """A flat real vector (a point or a direction) as a pytree like the primals: a complex
     leaf rebuilt from its real view, x + iy."""
@@ -285,7 +291,9 @@ def _jvp_rule(f, f_jvp, check: Check, out_holder) -> Callable:
                                  f"jax.jvp does; got a {type(res).__name__}.")
             out, t_out = res
         out_holder.setdefault("out", out)
-        return np.asarray(flat_output(t_out, np), np.float64)
+        # In the rule's own dtype: a float32 rule's rounding enters the error model
+        # (leaf_rounding), which float64 would shrink 2**29-fold.
+        return _real(np.asarray(flat_output(t_out, np)))
 
     return rule
 

@@ -35,11 +35,50 @@ def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
         if not probes:
             break
         values = _probe_values(ev, sp, plan, probes)
-        sigmas += [x for x in (es.ecnoise(v, eps) for v in values) if x is not None]
+        sigmas += [(x, probe, float(np.max(np.abs(v))))
+                   for x, probe, v in zip((es.ecnoise(v, eps) for v in values), probes, values)
+                   if x is not None]
         # Flat or a staircase: the loss rounds its inputs more coarsely than the spacing.
         again = {i: float(np.max(np.abs(st))) for (i, st), v in zip(probes, values)
                  if es.staircase(v)}
-    return max(sigmas) if sigmas else None
+    for sigma, probe, scale in sorted(sigmas, key=lambda x: -x[0]):
+        confirmed = _confirmed(ev, sp, plan, probe, sigma, eps * scale)
+        if confirmed is not None:
+            return confirmed
+    return None
+
+
+# The finer spacing that confirms a measured noise level, as a fraction of the probe's spacing.
+FINER = 2.0 ** -8
+# Rounding noise keeps its level at any spacing; an estimate from 9 points varies by ~30%, so a
+# finer probe's level may be this many times smaller and still confirm it.
+CONFIRM = 8.0
+
+
+def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: float
+               ) -> float | None:
+    """The noise level of a probe, once a probe 256x finer along the same coordinate confirms it;
+    else what the finer probe measures (None: nothing).
+
+    ECnoise takes any variation that changes sign at the probe's spacing for noise, and a loss
+    that oscillates at that scale (fresnel's integrand at |x| ~ 44, with a period of 1/|x|)
+    reads as noise 1000 times its rounding; the step then grows past the oscillation, and finite
+    differences average it away. Rounding noise is the same at every spacing, while any
+    structure becomes smooth at a fine enough one: the finer probe must show the same level,
+    within CONFIRM, or a staircase (the loss rounds its inputs: quantisation is noise too).
+    A level within one unit of the loss's own rounding (`rounding`: u |f|) is taken as it is:
+    it changes nothing.
+    """
+    i, steps = probe
+    if sigma <= rounding:
+        return sigma
+    (fine,) = _probe_values(ev, sp, plan, [(i, steps * FINER)])
+    if es.staircase(fine):
+        return sigma
+    level = es.ecnoise(fine, 0.0)
+    if level is not None and level * CONFIRM >= sigma:
+        return sigma
+    return level
 
 
 def _probe_values(ev, sp: Split, plan: pl.Plan, probes) -> list[np.ndarray]:

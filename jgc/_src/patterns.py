@@ -24,6 +24,8 @@ from jgc._src.vocab import Pattern
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
 MIN_FIT = 3  # entries a leaf-level pattern needs
+# Entries that must agree on a fitted factor or term before it is named (one fits any value).
+MIN_AGREE = 2
 ZERO_FACTOR = 0.05  # a fitted factor below this, with the gradient within its error bars: zero
 
 
@@ -40,6 +42,7 @@ class Collective:
     chi2: float
     threshold: float
     where: np.ndarray  # Positions (within the leaf's planned entries) that were tested.
+    floor: float = 0.0  # the smallest relative pattern that counts (compare.pattern_floor)
 
     @property
     def significant(self) -> bool:
@@ -48,15 +51,33 @@ class Collective:
     def resolution(self) -> float:
         """From the reference, not the checked gradient (a buggy gradient 10x too large would
         claim 10x the resolution); noise adds about one to each squared standardised entry,
-        which is taken off the signal."""
-        return es.resolution(self.reference, self.sd, self.threshold, bias=len(self.where))
+        which is taken off the signal. Never finer than the floor below which a pattern does
+        not count."""
+        return max(self.floor, es.resolution(self.reference, self.sd, self.threshold,
+                                             bias=len(self.where)))
 
     def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
         """A one-parameter pattern that explains the excess, if any: its residual is consistent
         with noise, and it removes at least half of the excess over noise (a real systematic
-        error lies along the pattern; biases from crossed kinks point anywhere). Below MIN_FIT
-        entries one parameter fits whatever they hold, so the factor is just reported (the
-        entries come from the coarse stencils alone, see check._collective)."""
+        error lies along the pattern; biases from crossed kinks point anywhere), and it is
+        larger than `floor`. Below MIN_FIT entries one parameter fits whatever they hold, so
+        each entry must show the pattern by itself (`_each_shows`): one entry off and one not
+        is the bias of a kink the steps crossed unseen (a float32 relu bias of two entries, one
+        at a tie, once fitted as a factor 1.00016), and a single entry never names a pattern."""
+        for name, c, size, explained in self._fits(g, theta):
+            if explained and size > self.floor:
+                return name, c
+        return None, None
+
+    def below_floor(self, g: np.ndarray, theta: np.ndarray) -> bool:
+        """A pattern explains the excess, but is no larger than `floor`: an excess the loss's own
+        rounding can make, not an unexplained one."""
+        return any(explained and size <= self.floor
+                   for _, _, size, explained in self._fits(g, theta))
+
+    def _fits(self, g: np.ndarray, theta: np.ndarray):
+        """(pattern, parameter, relative size, explains the excess) for each one-parameter
+        model: the size is a factor's |c - 1|, a term's |c| ||theta|| / ||reference||."""
         ref, th = self.reference, theta[self.where]
         g = g[self.where]
         excess = self.chi2 - len(self.where)
@@ -65,27 +86,51 @@ class Collective:
             if bb == 0:
                 continue
             c = float((g - offset) @ basis) / bb
+            size = abs(c - 1) if name == Pattern.SCALE else abs(c) * np.sqrt(bb / max(
+                float(ref @ ref), 1e-300))
             after = es.chi2(g - offset - c * basis, self.sd)
-            if len(self.where) < MIN_FIT or (after <= self.threshold
-                                             and self.chi2 - after >= excess / 2):
-                return name, c
-        return None, None
+            fits = after <= self.threshold and self.chi2 - after >= excess / 2
+            if len(self.where) < MIN_FIT:
+                fits = fits and _each_shows(g - offset - basis * (1.0 if name == Pattern.SCALE
+                                                                  else 0.0),
+                                            (c - (1.0 if name == Pattern.SCALE else 0.0)) * basis,
+                                            self.sd, len(self.where))
+            yield name, c, size, fits
 
 
+# Standard deviations by which each entry of a leaf too small for a fit must show its pattern.
+EACH_SIGMAS = 2.0
+
+
+def _each_shows(excess: np.ndarray, pattern: np.ndarray, sd: np.ndarray, n: int) -> bool:
+    """Whether every entry deviates from the reference in the pattern's direction by at least
+    EACH_SIGMAS of its noise, on a leaf of at least two entries: the evidence a pattern needs
+    where a fit cannot be tested."""
+    if n < 2:
+        return False
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = excess / sd
+    return bool(np.all((np.sign(z) == np.sign(pattern)) & (np.abs(z) >= EACH_SIGMAS)))
 
 
 def explains(residual, discrepancy, tol) -> bool:
     return np.linalg.norm(residual) <= EXPLAINED * np.linalg.norm(discrepancy) + np.linalg.norm(tol)
 
 
-def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None, imag=None
-                 ) -> tuple[str | None, float | None]:
+def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None, imag=None,
+                 few: int = MIN_AGREE) -> tuple[str | None, float | None]:
     """The simplest model that explains g - d, as (pattern, factor).
 
     `smooth` (bool per entry) leaves out entries at kinks, whose central difference is no
     derivative. `full`: every entry of the leaf is present, in order (needed for "transpose").
     `shape` is the leaf's real-view shape; `imag` (bool per entry, complex leaves only) marks
     the entries that are imaginary parts.
+
+    A pattern needs evidence: a factor or a term proportional to the parameters is named only
+    when `few` entries or more agree on it (one fits whatever value it holds: a one-entry leaf
+    1.17x off was called a scale error, with advice about a missing 1/m, where the real cause
+    was floor for trunc). An exact zero and an exact negation are specific enough to name on
+    one.
     """
     square = _square(shape, imag is not None)
     if smooth is not None and not smooth.all() and smooth.any():
@@ -94,7 +139,7 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None, imag=None
             if both.any() and _is_transpose(g, d, tol, shape, both):
                 return Pattern.TRANSPOSE, None
         return find_pattern(g[smooth], d[smooth], theta[smooth], tol[smooth], shape, False,
-                            imag=None if imag is None else imag[smooth])
+                            imag=None if imag is None else imag[smooth], few=few)
     disc = g - d
     if not np.any(np.abs(disc) > tol):
         return None, None
@@ -115,11 +160,12 @@ def find_pattern(g, d, theta, tol, shape, full: bool, smooth=None, imag=None
             # fitted -0.9988 in float32 is a sign flip, not a factor).
             if a < 0 and explains(g + d, disc, 2 * tol):
                 return Pattern.SIGN, -1.0
-            return Pattern.SCALE, a
+            if len(g) >= few:
+                return Pattern.SCALE, a
     if full and square and _is_transpose(g, d, tol, shape, np.ones(len(g), bool)):
         return Pattern.TRANSPOSE, None
     tt = float(theta @ theta)
-    if tt > 0:
+    if tt > 0 and len(g) >= few:
         lam = float(disc @ theta) / tt
         if explains(disc - lam * theta, disc, 2 * tol):
             return Pattern.REGULARIZATION, lam

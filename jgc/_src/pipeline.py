@@ -25,9 +25,9 @@ from jgc._src.evaluate import Deadline, TooSlow
 from jgc._src.inputs import Options
 from jgc._src.prepare import Check, Precision, Subject, prepare
 from jgc._src.probes import Coordinates
-from jgc._src.report import Report
+from jgc._src.report import LeafReport, Report
 from jgc._src.tree import InputError, Split, complex_value, listing, match_gradient
-from jgc._src.vocab import Method, Mode
+from jgc._src.vocab import Method, Mode, Status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +203,16 @@ def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
     bounds = cp.Bounds(None if o.user_tolerance else es.zero_bound(g.checked),
                        0.0 if g.autodiff is None else es.zero_bound(g.autodiff),
                        check.full_stencils and check.sigma is not None
-                       and not o.user_tolerance)
+                       and not o.user_tolerance,
+                       cp.pattern_floor(check.u, o.method),
+                       es.KAPPA * check.u * max(abs(check.f0), check.subject.f_scale))
     leaves, agrees, pos = [], {}, 0
     checked_at = {i: k for k, i in enumerate(sp.checked)}
-    own = userprecision.findings(g.own, g.checked, g.autodiff,
-                                 userprecision.own_dtypes(check) if g.own else ())
+    own = userprecision.findings(
+        g.own, g.checked, g.autodiff, userprecision.own_dtypes(check) if g.own else (),
+        [plan.leaf_values(sp, k).reshape(sp.specs[i].view_shape)
+         for k, i in enumerate(sp.checked)],
+        max(abs(check.f0), check.subject.f_scale))
     for i, spec in enumerate(sp.specs):
         if i not in checked_at:
             leaves.append(cp.skipped(spec))
@@ -215,6 +220,10 @@ def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
         k = checked_at[i]
         sl = slice(pos, pos + len(plan.entries[k]))
         pos = sl.stop
+        if spec.size and not sp.finite(k).any():  # no entry a step can move: nothing verified
+            leaves.append(LeafReport(spec.path, spec.shape, spec.dtype, 0, Status.UNRESOLVED,
+                                     reason="no finite entry"))
+            continue
         data = cp.leaf_data(spec, plan.entries[k], plan.leaf_values(sp, k)[plan.entries[k]],
                             found.take(sl), bounds, sl)
         report = dg.leaf_report(data, full=plan.mode == Mode.FULL)

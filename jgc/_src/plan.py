@@ -93,7 +93,7 @@ def make_plan(sp: Split, *, mode: str, x64: bool, eps: float | None, samples: in
     theta = np.concatenate(
         [real_view(sp.leaves[i]).ravel() for i in sp.checked] or [np.zeros(0)])
     if mode in (Mode.FULL, Mode.AUTO):  # "auto" decides once it has timed one evaluation
-        entries = [np.arange(spec.size) for spec in specs]
+        entries = [np.flatnonzero(sp.finite(k)) for k in range(len(specs))]
     else:
         entries = sample_entries(sp, 0 if mode == Mode.DIRECTIONAL else samples, seed)
     plan = Plan(mode, method, x64, dtypes, tuple(entries), theta, "", eps)
@@ -161,26 +161,30 @@ def sample_entries(sp: Split, samples: int, seed: int, magnitudes=None) -> list[
     sampled entry's complex derivative is known): up to `samples` real-view entries."""
     out = []
     for k, spec in enumerate(sp.checked_specs()):
-        parts = 2 if spec.is_complex else 1
-        count, n = -(-samples // parts), spec.n_entries  # ceil: 0 stays 0 (directional)
-        if spec.size <= samples or n <= count:
-            out.append(np.arange(spec.size))
-            continue
-        if count == 0:
-            out.append(np.zeros(0, np.int64))
-            continue
-        top = np.zeros(0, np.int64)
-        if magnitudes is not None:
-            mag = np.abs(np.asarray(magnitudes[k], np.float64)).reshape(n, parts).max(axis=1)
-            top = _largest(np.nan_to_num(mag, nan=np.inf), int(math.ceil(count * LARGEST_FRACTION)))
-        rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
-        rest = np.ones(n, bool)  # the complement of `top`, in order (setdiff1d without its
-        rest[top] = False  # sort: 0.2 s per call on a 3M-entry leaf)
-        rest = np.flatnonzero(rest)
-        pick = np.sort(np.concatenate([top, rng.choice(rest, size=count - len(top),
-                                                        replace=False)])).astype(np.int64)
-        out.append(with_partners(spec, pick * parts))
+        out.append(_sample(sp, k, spec, samples, seed, magnitudes))
+        out[-1] = out[-1][sp.finite(k)[out[-1]]]  # non-finite entries cannot be moved
     return out
+
+
+def _sample(sp: Split, k: int, spec, samples: int, seed: int, magnitudes) -> np.ndarray:
+    """Leaf k's sample (see `sample_entries`)."""
+    parts = 2 if spec.is_complex else 1
+    count, n = -(-samples // parts), spec.n_entries  # ceil: 0 stays 0 (directional)
+    if spec.size <= samples or n <= count:
+        return np.arange(spec.size)
+    if count == 0:
+        return np.zeros(0, np.int64)
+    top = np.zeros(0, np.int64)
+    if magnitudes is not None:
+        mag = np.abs(np.asarray(magnitudes[k], np.float64)).reshape(n, parts).max(axis=1)
+        top = _largest(np.nan_to_num(mag, nan=np.inf), int(math.ceil(count * LARGEST_FRACTION)))
+    rng = np.random.default_rng([seed, zlib.crc32(spec.path.encode())])
+    rest = np.ones(n, bool)  # the complement of `top`, in order (setdiff1d without its
+    rest[top] = False  # sort: 0.2 s per call on a 3M-entry leaf)
+    rest = np.flatnonzero(rest)
+    pick = np.sort(np.concatenate([top, rng.choice(rest, size=count - len(top),
+                                                    replace=False)])).astype(np.int64)
+    return with_partners(spec, pick * parts)
 
 
 def _largest(size: np.ndarray, k: int) -> np.ndarray:

@@ -229,6 +229,14 @@ def _promoted_leaves(sp: Split, plan: pl.Plan) -> list[str]:
 
 def _input_notes(sp: Split, o: Options, promoted_args: list[str]) -> list[str]:
     notes = []
+    unmoved = [(s.path or "<params>", int(np.sum(~sp.finite(k))))
+               for k, s in enumerate(sp.checked_specs())]
+    unmoved = [(p, n) for p, n in unmoved if n]
+    if unmoved:
+        notes.append("not checked: " + listing([f"{n} non-finite entr{'y' if n == 1 else 'ies'} "
+                                                f"of {p}" for p, n in unmoved], 4)
+                     + " (NaN or Inf in the parameters, which the loss leaves out, since it is "
+                     "finite at them; a step cannot move such an entry)")
     complex_leaves = sp.complex_paths()
     if complex_leaves:
         notes.append(f"complex: {listing(complex_leaves, 4)} checked along the real and "

@@ -121,9 +121,10 @@ def exact_displacements(x: np.ndarray, steps) -> tuple[list, list]:
     plus, minus = [], []
     for st in steps:
         st = np.asarray(st).astype(x.dtype)
-        with np.errstate(over="ignore"):
-            plus.append(((x + st) - x).astype(np.float64))
-            minus.append((x - (x - st)).astype(np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):
+            # Where the step is zero nothing moves, also at a NaN entry (NaN - NaN is NaN).
+            plus.append(np.where(st == 0, 0.0, ((x + st) - x).astype(np.float64)))
+            minus.append(np.where(st == 0, 0.0, (x - (x - st)).astype(np.float64)))
     return plus, minus
 
 

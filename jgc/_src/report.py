@@ -64,6 +64,10 @@ class LeafReport:
       zero: the gradient is zero, verified in absolute terms: zero to rounding on the scale of
         the whole gradient, and finite differences consistent with zero (a parameter the loss
         does not depend on). Its resolution is then None: a zero has no relative error.
+      limited_by: for an unresolved leaf, what limits finite differences there: "rounding" (the
+        loss's rounding noise is as large as the change a step makes) or "truncation" (the loss
+        varies on a scale finer than the step: an oscillation, or a forward accurate to only a
+        few digits).
       own_dtype, own_n_bad, own_n_nonfinite, own_worst, own_autodiff_too: when x64 promoted the
         model's float32 (or half, or complex64) inputs, the checked gradient was also evaluated
         at that precision, the one the model runs in. Where it is non-finite or off by more than
@@ -99,6 +103,7 @@ class LeafReport:
     unexplained_excess: bool = False
     autodiff_disagrees: bool = False
     zero: bool = False
+    limited_by: str | None = None
     own_dtype: str | None = None
     own_n_bad: int = 0
     own_n_nonfinite: int = 0

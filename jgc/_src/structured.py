@@ -917,6 +917,42 @@ def plan_leaf(flat: Flat, leaf_id: int, bases_avals: dict, leaf_aval, dtype) -> 
                     tuple(work.fallbacks), work.materialized)
 
 
+def cancellation(plan: LeafPlan, bases: dict) -> str | None:
+    """Why leaf's structured pass must not be used, when a sum it carries a change through
+    cancels: the terms summed are more than 1/sqrt(u) times the result, so it has lost more
+    than half its digits to rounding. The pass adds the change of the perturbed terms to the
+    sum's base value, where a plain evaluation rounds the whole sum again: two different
+    roundings of a value that is mostly rounding, and the two paths' verdicts differed (terms of
+    +-1e12 cancelling: the structured pass saw every small step round to no change at all). The
+    dense path evaluates the loss as written, with the noise of its rounding measured."""
+    for eqn in plan.eqns:
+        if eqn.prim.name not in ("reduce_sum", "dot_general") or any(
+                isinstance(a, Lit) or a not in bases for a in eqn.ins) or eqn.outs[0] not in bases:
+            continue
+        out = np.abs(np.asarray(bases[eqn.outs[0]], np.float64))
+        ins = [np.abs(np.asarray(bases[a], np.float64)) for a in eqn.ins]
+        if eqn.prim.name == "reduce_sum":
+            terms = np.sum(ins[0], axis=tuple(eqn.params["axes"]))
+        else:
+            terms = np.asarray(lax.dot_general(ins[0], ins[1], eqn.params["dimension_numbers"]))
+        u = float(jnp.finfo(eqn.dtypes[0]).eps)
+        # Over the sum's nonzero results (an exact 0, integer terms cancelling, has no rounding
+        # to lose), and for most of them: a single result near zero in a layer is no
+        # cancellation of the loss.
+        nonzero = out > 0
+        if not nonzero.any():
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lost = (terms * np.sqrt(u) / np.where(nonzero, out, 1.0))[nonzero]
+        j = int(np.argmax(lost))
+        if np.median(lost) > 1:
+            return (f"a {eqn.prim.name} on its path cancels: terms of magnitude "
+                    f"{terms[nonzero][j]:.1e} sum to {out[nonzero][j]:.1e}, more than half its "
+                    "digits lost to rounding; finite differences then see the loss's rounding, "
+                    "which only a plain evaluation reproduces")
+    return None
+
+
 def describe(plans: dict[str, LeafPlan]) -> str:
     """Which leaves took the structured pass, for the report's notes."""
     used = [p for p, x in plans.items() if x.use]

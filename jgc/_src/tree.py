@@ -87,6 +87,11 @@ class Split:
     def checked_specs(self) -> list[LeafSpec]:
         return [self.specs[i] for i in self.checked]
 
+    def finite(self, k: int) -> np.ndarray:
+        """Which real-view entries of checked leaf k are finite: a NaN or Inf parameter the
+        loss masks out cannot be moved by a step (NaN + h is NaN), so it is not checked."""
+        return np.isfinite(real_view(self.leaves[self.checked[k]]).ravel())
+
     def complex_paths(self) -> list[str]:
         """The paths of the checked complex leaves."""
         return [s.path or "<params>" for s in self.checked_specs() if s.is_complex]

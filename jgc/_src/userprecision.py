@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import calls
+from jgc._src import estimate as es
 from jgc._src.evaluate import make_evaluator
 from jgc._src.report import LeafReport
 from jgc._src.tree import InputError, match_gradient
@@ -112,23 +113,28 @@ def resolution(dtype) -> float:
 
 
 def findings(own: Own | None, reference: tuple[np.ndarray, ...],
-             reference_ad: tuple[np.ndarray, ...] | None, dtypes) -> dict[int, Finding]:
+             reference_ad: tuple[np.ndarray, ...] | None, dtypes, thetas,
+             loss_size: float) -> dict[int, Finding]:
     """Per checked leaf k with a finding: the checked gradient at the user's precision against
-    the float64 one (`reference`), on the scale of the whole float64 gradient."""
+    the float64 one (`reference`), on the scale of the whole float64 gradient. A difference
+    too small to change the loss at that precision (|dg| max(1, |theta|) within KAPPA u |f|,
+    `loss_size` = |f|) is none: erf'(10) = 4e-45 is 0 in float32, and rightly so."""
     if own is None or own.checked is None:
         return {}
     scale = _scale(reference)
     out = {}
     for k, (g64, g) in enumerate(zip(reference, own.checked)):
+        floor = es.KAPPA * float(jnp.finfo(dtypes[k]).eps) * loss_size / np.maximum(
+            1.0, np.abs(thetas[k]))
         found = _compare(np.asarray(g64, np.float64), np.asarray(g, np.float64), scale,
-                         dtypes[k])
+                         dtypes[k], floor)
         if found is None:
             continue
         autodiff_too = None
         if own.autodiff is not None and reference_ad is not None:
             autodiff_too = _compare(np.asarray(reference_ad[k], np.float64),
                                     np.asarray(own.autodiff[k], np.float64),
-                                    _scale(reference_ad), dtypes[k]) is not None
+                                    _scale(reference_ad), dtypes[k], floor) is not None
         out[k] = dataclasses.replace(found, autodiff_too=autodiff_too)
     return out
 
@@ -138,11 +144,14 @@ def _scale(leaves) -> float:
     return max((float(a.max()) for a in finite if a.size), default=0.0)
 
 
-def _compare(g64: np.ndarray, g: np.ndarray, scale: float, dtype) -> Finding | None:
+def _compare(g64: np.ndarray, g: np.ndarray, scale: float, dtype, floor) -> Finding | None:
     threshold = resolution(dtype)
     nonfinite = ~np.isfinite(g) & np.isfinite(g64)
+    floor = np.broadcast_to(np.reshape(floor, g.shape) if np.size(floor) == g.size else floor,
+                            g.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         dev = np.where(nonfinite, np.inf, np.abs(g - g64) / scale if scale > 0 else 0.0)
+        dev = np.where(nonfinite | (np.abs(g - g64) > floor), dev, 0.0)
     dev = np.where(np.isfinite(g64), dev, 0.0)  # float64 itself not finite: judged there
     bad = dev > threshold
     if not bad.any():

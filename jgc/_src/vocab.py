@@ -82,6 +82,7 @@ class Entry(enum.IntEnum):
     KINK = 1
     MISMATCH = 2
     TIE = 3
+    ROUGH = 4  # finite differences disagree across step scales: the loss is not smooth there
 
 
 class Verdict(_Vocab):
