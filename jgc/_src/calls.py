@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import programs, structured
-from jgc._src.tree import InputError, Split, flat_output, match_gradient
+from jgc._src.tree import InputError, Split, explicitly_promoted, flat_output, match_gradient
 
 
 def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):
@@ -147,9 +147,13 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
             return run
 
         def reverse():
+            def dot(out, t):
+                out, t = explicitly_promoted(out, t)
+                return out @ t
+
             def run(consts, theta, dynamic, T):
                 return jax.vmap(lambda t: jax.grad(
-                    lambda x: f(consts, x, dynamic) @ t)(theta))(T)
+                    lambda x: dot(f(consts, x, dynamic), t))(theta))(T)
             return run
 
         return (("jvp", forward), ("rev", reverse)) if hessian else (("jvp", forward),)

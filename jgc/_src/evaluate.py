@@ -64,6 +64,10 @@ SMALL_BATCHED = 4096  # "small": at most this many batched parameters per pertur
 # computation not depending on the perturbed leaf is done once per batch instead of per
 # perturbation. Below it, one function over the flat vector (a single compile) is cheaper.
 PER_LEAF_MIN = 20_000
+# The programs' index rows (perturbed entries, direction ranges) are int32 (`_padded`); the
+# positions they are compared with are made in the same dtype, as jax_numpy_dtype_promotion=
+# 'strict' has no implicit path between int32 and x64's default int64.
+INDEX_DTYPE = np.int32
 
 
 def _is_array(x) -> bool:
@@ -225,7 +229,7 @@ def _program_losses_at(traced: programs.Traced, st: _Static):
     def run(consts, theta, dynamic, index, step):
         segs = [theta[a:b] for a, b, _ in st.segments]
         base = theta if st.leaf is None else segs[st.leaf]
-        positions = jnp.arange(base.shape[0])
+        positions = jnp.arange(base.shape[0], dtype=INDEX_DTYPE)
 
         def one(i, s):
             value = base + jnp.where(positions == i, s, 0)
@@ -252,7 +256,7 @@ def _program_losses_along(traced: programs.Traced, st: _Static):
     def run(consts, theta, dynamic, vectors, vid, mult, lo, hi):
         segs = [theta[a:b] for a, b, _ in st.segments]
         base = theta if st.leaf is None else segs[st.leaf]
-        positions = jnp.arange(base.shape[0])
+        positions = jnp.arange(base.shape[0], dtype=INDEX_DTYPE)
 
         def one(v, c, a, b):
             value = _displaced(base, positions, vectors, v, c, a, b)
@@ -277,12 +281,16 @@ def _displaced(base, positions, vectors, v, c, a, b):
 def _program_complex(traced: programs.Traced, st: _Static):
     """Im loss(theta + i step[j] e_{index[j]}) / step[j]: the complex-step derivatives."""
     def run(consts, theta, dynamic, index, step):
-        positions = jnp.arange(theta.shape[0])
+        positions = jnp.arange(theta.shape[0], dtype=INDEX_DTYPE)
 
         def one(i, s):
-            z = theta + 1j * jnp.where(positions == i, s, 0)
+            # Explicit casts, as standard promotion would make them (the step to theta's
+            # complex dtype, the imaginary part to the step's): they hold under
+            # jax_numpy_dtype_promotion='strict' too.
+            z = theta + 1j * jnp.where(positions == i, s, 0).astype(theta.dtype)
             parts = [z[a:b] for a, b, _ in st.segments]
-            return jnp.imag(_evaluate(traced, consts, parts, dynamic, st)) / s
+            out = _evaluate(traced, consts, parts, dynamic, st)
+            return jnp.imag(out).astype(s.dtype) / s
 
         return _map(one, (index, step), False, st.batched)
 
@@ -775,7 +783,7 @@ class DenseEvaluator(Evaluator):
                          self.batched, False)
         chunk = max(1, min(MAX_CHUNK_SMALL, 1 << max(0, (len(index) - 1).bit_length())))
         pad = (-len(index)) % chunk
-        idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
+        idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(INDEX_DTYPE)
         st = np.concatenate([step, np.ones(pad)]).astype(self.dtype)
         consts = [jax.device_put(c) for c in traced.consts]
         out = []
@@ -840,7 +848,7 @@ class DenseEvaluator(Evaluator):
         padded = []
         for a in arrays:
             a = np.asarray(a)
-            dtype = np.int32 if np.issubdtype(a.dtype, np.integer) else self.dtype
+            dtype = INDEX_DTYPE if np.issubdtype(a.dtype, np.integer) else self.dtype
             filler = np.zeros((pad, *a.shape[1:]), dtype)
             padded.append(np.concatenate([a.astype(dtype), filler]))
         return padded
@@ -1125,7 +1133,7 @@ def _program_structured_along(flat, plan, segments, k: int, dtype, st: _Static):
     def run(consts, theta, dynamic, bases, vectors, vid, mult, lo, hi):
         del consts, dynamic  # everything the pass reads is in `bases`
         leaf = theta[a:b]
-        positions = jnp.arange(b - a)
+        positions = jnp.arange(b - a, dtype=INDEX_DTYPE)
 
         def one(v, c, lo_, hi_):
             value = _displaced(leaf, positions, vectors, v, c, lo_, hi_).astype(dtype)
