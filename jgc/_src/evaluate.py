@@ -735,11 +735,10 @@ class DenseEvaluator(Evaluator):
         if len(jobs) < 2 or programs.multiprocess():
             return
         started = time.perf_counter()
-        # JAX's x64 flag is thread-local: the workers run under this thread's.
-        x64 = bool(jax.config.jax_enable_x64)
+        config = programs.thread_config()  # JAX's settings are thread-local: this thread's
 
         def compile_one(job):
-            with jax.enable_x64(x64):
+            with programs.configured(config):
                 try:
                     self._compile(*job, None)
                 except Exception:  # noqa: BLE001 - the loop compiles it again and handles it
