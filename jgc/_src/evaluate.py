@@ -49,7 +49,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jgc._src import programs, structured
-from jgc._src.calls import first_line, user_call
+from jgc._src.calls import (
+    first_line,
+    forbidden_promotion,
+    numpy_code,
+    promotion_advice,
+    promotion_refused,
+    user_call,
+)
 from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
@@ -775,7 +782,9 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
-            raise InputError(why.format(first_line(e))) from e
+            advice = promotion_advice(e)  # real data meeting the complex parameters
+            raise InputError(why.format(first_line(e))
+                             + ("" if advice is None else f"\n  {advice}")) from e
         theta = jax.device_put(self.theta_np.astype(np.result_type(*cdtypes)))
         static = _Static("complex", tuple((a, b, str(dt)) for (a, b, _), dt in
                                           zip(self.segments, cdtypes)), None, False,
@@ -902,8 +911,8 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
-            if not self.batched:
-                raise
+            if not self.batched or forbidden_promotion(e):  # the latter is never vmap's fault:
+                raise  # the function traced unbatched, so jgc's own code promoted (a bug)
             raise _Unbatchable() from e
         if deadline is not None:
             deadline.compiling += time.perf_counter() - started
@@ -980,6 +989,8 @@ class StructuredEvaluator(DenseEvaluator):
                 self.plans[k] = structured.plan_leaf(flat, flat.invars[k], flat.avals, leaf,
                                                      self.dtypes[k])
             except Exception as e:  # noqa: BLE001 - a rule that cannot trace: dense
+                if forbidden_promotion(e):  # jgc's own code promoting implicitly: a bug, which
+                    raise  # a fallback would hide under the user's strict promotion settings
                 self.failed[k] = first_line(e)
         needed = tuple(sorted({i for p in self.plans.values() if p.use for i in p.needed}))
         if not needed:
@@ -1154,12 +1165,17 @@ def _traceable(fn: Callable, vector: bool, has_aux: bool) -> Callable:
 
 def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
                    vector: bool = False, has_aux: bool = False,
-                   memory_budget: int | None = None, progress=None) -> Evaluator:
+                   memory_budget: int | None = None, progress=None,
+                   name: str = "loss") -> Evaluator:
     """The strategy for this function: dense (JAX traces it) or host (it converts to NumPy).
 
     The function is traced once, here (no compilation). A loss is checked to return a real
     scalar; an InputError from the function (a pair without has_aux, say) is refused, and any
     other tracing failure means the function is not JAX code: the host loop evaluates it.
+    Except an implicit promotion that the user's JAX configuration forbids (strict rank or
+    dtype promotion): in JAX code that is the user's error, refused naming `name` (the host
+    loop would hide it, or run a JAX loss eagerly); code that uses NumPy alone still runs on
+    the host, with NumPy's promotion, as it runs for the user.
     """
     layout, dynamic = make_layout(sp, dtypes, args)
     avals = [jax.ShapeDtypeStruct((sp.offsets[k + 1] - sp.offsets[k],), dt)
@@ -1176,6 +1192,9 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the host loop.
+        refused = None if numpy_code(fn) else promotion_refused(name, e)
+        if refused is not None:
+            raise refused from e
         return HostEvaluator(fn, sp, theta, dtypes, args, vector=vector, has_aux=has_aux,
                              trace_error=first_line(e))
     if not vector:

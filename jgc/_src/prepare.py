@@ -178,7 +178,7 @@ def prepare(subject: Subject, o: Options, prec: Precision,
     notes = _input_notes(sp, o, promoted_args)
     ev = make_evaluator(subject.fn, sp, plan.theta, plan.dtypes, args, vector=subject.vector,
                         has_aux=subject.has_aux, memory_budget=o.memory_budget,
-                        progress=progress_factory(o.progress))
+                        progress=progress_factory(o.progress), name=subject.fn_name)
     if not ev.traceable:
         notes.append(f"{subject.fn_name} is not traceable by JAX (it converts to NumPy), so jgc "
                      "evaluated it on the host, one perturbation at a time")
