@@ -4,13 +4,21 @@ import jax
 import numpy as np
 import pytest
 
+# JAX at its strictest, as equinox's test suite sets it: no implicit rank promotion and no
+# implicit dtype promotion, in jgc's own code and in the tests' (issue 22). A user may set
+# both; jgc must then run unchanged (tests/test_strict.py compares it with the defaults).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
 
 @pytest.fixture(autouse=True)
 def _config_unchanged():
-    """Every test must leave the global JAX configuration, and Python's garbage collector (which
-    a check pauses), as it found them."""
-    state = lambda: (jax.config.jax_enable_x64, jax.config.jax_default_device, gc.isenabled(),
-                     gc.get_threshold())
+    """Every test must leave the global JAX configuration (precision, device, the two strict
+    promotion modes above), and Python's garbage collector (which a check pauses), as it found
+    them."""
+    state = lambda: (jax.config.jax_enable_x64, jax.config.jax_default_device,
+                     jax.config.jax_numpy_rank_promotion, jax.config.jax_numpy_dtype_promotion,
+                     gc.isenabled(), gc.get_threshold())
     before = state()
     yield
     assert state() == before

@@ -26,7 +26,7 @@ def _loss(params, x):
     layers, extra = params["layers"], params["extra"]
     h = x
     for layer in layers:
-        h = jnp.tanh(h @ layer.w + layer.b)
+        h = jnp.tanh(h @ layer.w + layer.b[None, :])
     return (jnp.sum(h ** 2) + extra["scale"] * jnp.sum(h) + jnp.sum(extra["empty"])
             + 0.0 * extra["steps"] + jnp.sum(extra["pair"][0] * extra["pair"][1]))
 
@@ -88,7 +88,8 @@ def test_gradient_as_function_pytree_and_flat_vector(tree_case):
 def test_flat_vector_in_ravel_pytree_order():
     from jax.flatten_util import ravel_pytree
     params = {"a": np.ones(3), "n": np.arange(2), "b": np.full((2, 2), 0.5)}
-    loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.sin(p["b"])) + 0 * jnp.sum(p["n"])
+    loss = lambda p: (jnp.sum(p["a"] ** 2) + jnp.sum(jnp.sin(p["b"]))
+                      + 0 * jnp.sum(p["n"]).astype(p["a"].dtype))
     full = {"a": 2 * params["a"], "n": np.zeros(2), "b": np.cos(params["b"])}
     vec, _ = ravel_pytree(full)  # includes the int leaf, as ravel_pytree does
     assert vec.size == 9

@@ -112,7 +112,8 @@ def test_pytorch_convention_gradient_is_the_conjugate():
     """What a PyTorch user would port: .grad holds df/dx + i df/dy."""
     loss = lambda p: jnp.sum(jnp.abs(p["z"] - 1j) ** 2) + jnp.sum(p["w"] * p["z"].real)
     p = {"z": np.array([0.3 + 0.1j, -1.0 + 2.0j]), "w": np.array([0.5, -2.0])}
-    torch_style = lambda p: {"z": 2 * (p["z"] - 1j) + p["w"], "w": p["z"].real}
+    torch_style = lambda p: {"z": 2 * (p["z"] - 1j) + p["w"].astype(p["z"].dtype),
+                             "w": p["z"].real}
     r = jgc.check_grad(loss, p, grad=torch_style)
     assert _mismatched(r) == ("['z']",) and r.leaf("['w']").status == "ok"
     assert r.leaf("['z']").pattern == "conjugate"
@@ -164,7 +165,7 @@ def test_wrong_complex_custom_vjp_rule(dtype, x64):
     r = jgc.check_vjp(cn.times_modulus, None, (z,), x64=x64)
     assert not r.ok and _mismatched(r) == ("[0]",)
     right = lambda c, z: (cn.times_modulus_right(c, z),)
-    assert jgc.check_vjp(lambda z: z * jnp.abs(z), right, (z,), x64=x64).ok
+    assert jgc.check_vjp(lambda z: z * jnp.abs(z).astype(z.dtype), right, (z,), x64=x64).ok
 
 
 @pytest.mark.parametrize("dtype,x64", PRECISIONS)
@@ -172,8 +173,8 @@ def test_check_vjp_complex(dtype, x64):
     rng = np.random.default_rng(1)
     z = (rng.normal(size=4) + 1j * rng.normal(size=4)).astype(dtype)
     w = rng.normal(size=4).astype(np.finfo(dtype).dtype)
-    f = lambda z, w: jnp.sin(z) * w + jnp.conj(z) ** 2  # not holomorphic; a real input too
-    right = lambda c, z, w: (c * jnp.cos(z) * w + jnp.conj(2 * c * jnp.conj(z)),
+    f = lambda z, w: jnp.sin(z) * w.astype(z.dtype) + jnp.conj(z) ** 2  # not holomorphic, w real
+    right = lambda c, z, w: (c * jnp.cos(z) * w.astype(z.dtype) + jnp.conj(2 * c * jnp.conj(z)),
                              (c * jnp.sin(z)).real)
     conj = lambda c, z, w: (jnp.conj(right(c, z, w)[0]), right(c, z, w)[1])
     assert jgc.check_vjp(f, right, (z, w), x64=x64).ok
@@ -192,7 +193,7 @@ def test_check_vjp_complex(dtype, x64):
 def test_check_jvp_complex(dtype, x64):
     rng = np.random.default_rng(2)
     z = (rng.normal(size=3) + 1j * rng.normal(size=3)).astype(dtype)
-    f = lambda z: jnp.exp(z) * jnp.abs(z)  # complex output, not holomorphic
+    f = lambda z: jnp.exp(z) * jnp.abs(z).astype(z.dtype)  # complex output, not holomorphic
     right = lambda p, t: (f(p[0]), jax.jvp(f, p, t)[1])
     conj = lambda p, t: (f(p[0]), jnp.conj(jax.jvp(f, p, t)[1]))
     assert jgc.check_jvp(f, None, (z,), x64=x64).ok

@@ -56,7 +56,7 @@ def test_flax_linen_model_with_hand_written_gradient():
         return 0.5 * jnp.mean(jnp.sum((model.apply(p, X) - Y) ** 2, axis=1))
 
     def grad(p, X, Y):  # a dense layer's backprop, by hand
-        d = (X @ p["params"]["kernel"] + p["params"]["bias"] - Y) / len(X)
+        d = (X @ p["params"]["kernel"] + p["params"]["bias"][None, :] - Y) / len(X)
         return {"params": {"kernel": X.T @ d, "bias": d.sum(0)}}
 
     assert jgc.check_grad(loss, params, X, Y, grad=grad).ok

@@ -12,7 +12,7 @@ X = np.ones((4, 2))
 
 
 def loss(p, x):
-    return jnp.sum(jnp.tanh(x @ p["W"] + p["b"]))
+    return jnp.sum(jnp.tanh(x @ p["W"] + p["b"][None, :]))
 
 
 STRUCTURE_CASES = {
@@ -56,10 +56,11 @@ def test_non_numeric_and_complex_gradient_leaves():
     with pytest.raises(jgc.InputError, match=r"\['W'\] has dtype <U4; expected a floating"):
         jgc.check_grad(loss, P, X, grad=lambda p, x: {"W": "oops", "b": p["b"]})
     with pytest.raises(jgc.InputError, match=r"\['b'\] is complex.*params\['b'\] is real"):
-        jgc.check_grad(loss, P, X, grad=lambda p, x: {"W": p["W"], "b": p["b"] + 1j})
+        jgc.check_grad(loss, P, X, grad=lambda p, x: {"W": p["W"],
+                                                      "b": p["b"].astype(jnp.complex128) + 1j})
     # A complex dtype with zero imaginary parts (ravel_pytree of a mixed tree) is real enough.
     assert jgc.check_grad(loss, P, X, grad=lambda p, x: jax.tree_util.tree_map(
-        lambda g: g + 0j, jax.grad(loss)(p, x))).ok
+        lambda g: g.astype(jnp.complex128), jax.grad(loss)(p, x))).ok
 
 
 @pytest.mark.parametrize("call,match", [
@@ -68,8 +69,8 @@ def test_non_numeric_and_complex_gradient_leaves():
     (lambda: jgc.check_grad(lambda p, x: np.int64(3), P, X),
      r"loss must return a real floating-point scalar"),
     (lambda: jgc.check_grad(P, loss, X), r"loss must be a function.*wrong order"),
-    (lambda: jgc.check_grad(lambda p, x: (x[:, :2] @ p["W"]).sum(), {"W": np.ones((2, 3)) * 1j},
-                            X),
+    (lambda: jgc.check_grad(lambda p, x: (x[:, :2].astype(p["W"].dtype) @ p["W"]).sum(),
+                            {"W": np.ones((2, 3)) * 1j}, X),
      r"loss must return a real scalar, but it returned a complex one.*jnp.abs\(z\) \*\* 2"),
     (lambda: jgc.check_grad(loss, {}, X), r"no floating-point leaves.*\(it is empty\)"),
     (lambda: jgc.check_grad(loss, {"n": 3, "s": "a"}, X),

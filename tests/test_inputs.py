@@ -50,7 +50,7 @@ def test_check_hvp_holds_int_and_bool_leaves_fixed():
               "idx": np.arange(3)}
 
     def loss(p):
-        w = p["w"][p["idx"]] * p["steps"]
+        w = p["w"][p["idx"]] * p["steps"].astype(p["w"].dtype)
         return jnp.where(p["on"], jnp.sum(jnp.sin(w) * p["w"][:3]), 0.0)
 
     r = jgc.check_hvp(loss, params)

@@ -118,7 +118,7 @@ def test_mlp_slab_propagation_has_no_fallback(m, d, h, o, dtype):
     X, b1, W2 = rng.normal(size=(m, d)), rng.normal(size=h), rng.normal(size=(h, o))
 
     def f(W1):
-        z = jnp.tanh(X.astype(W1.dtype) @ W1 + b1.astype(W1.dtype)) @ W2.astype(W1.dtype)
+        z = jnp.tanh(X.astype(W1.dtype) @ W1 + b1.astype(W1.dtype)[None, :]) @ W2.astype(W1.dtype)
         return jnp.mean((z - 1.0) ** 2)
 
     plan = assert_agree(f, rng.normal(size=(d, h)), dtype, structural=("dot_general", "tanh"))
@@ -220,7 +220,9 @@ STRUCTURAL = {
     "max_axis": (lambda y: jnp.max(y, axis=1), ("reduce_max",)),
     "sum_pool": (_pool("sum"), ("reduce_window_sum",)),
     "max_pool": (_pool("max"), ("reduce_window_max",)),
-    "broadcasting_mul": (lambda y: y * jnp.arange(y.shape[-1], dtype=y.dtype) - 1.0, ("mul",)),
+    # The jaxpr's mul broadcasts the (1, ..., 1, c) factor's size-1 axes.
+    "broadcasting_mul": (lambda y: y * jnp.arange(y.shape[-1], dtype=y.dtype).reshape(
+        (1,) * (y.ndim - 1) + (-1,)) - 1.0, ("mul",)),
 }
 
 
@@ -464,7 +466,7 @@ def test_a_while_loop_outside_the_perturbed_path_is_computed_once():
 
     def loss(p, X):
         Xn = lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.9), (0, X))[1]
-        return jnp.sum(jnp.tanh(Xn @ p["W"] + p["b"]) ** 2)
+        return jnp.sum(jnp.tanh(Xn @ p["W"] + p["b"][None, :]) ** 2)
 
     r = jgc.check_grad(loss, p, X, mode="sample")
     assert r.ok, str(r)
@@ -479,15 +481,15 @@ def test_minus_infinity_masks_are_no_nan_on_the_structured_path():
     mask = np.where(np.arange(120) < 60, 0.0, -np.inf)
 
     def loss(p, X):
-        z = X @ p["W"] + p["b"]
-        return jnp.sum(jnp.exp(jnp.sum(z + mask, axis=1))) + 1e-3 * jnp.sum(z ** 2)
+        z = X @ p["W"] + p["b"][None, :]
+        return jnp.sum(jnp.exp(jnp.sum(z + mask[None, :], axis=1))) + 1e-3 * jnp.sum(z ** 2)
 
     r = jgc.check_grad(loss, p, X, mode="sample")
     assert r.ok, str(r)
     assert any("structured evaluation" in n for n in r.notes)
     small = np.array([0.0, -np.inf, 0.0])  # the rule itself, against plain evaluation
     got, want, _ = structured_and_dense(lambda w: jnp.sum(jnp.exp(jnp.sum(
-        X[:, :4] @ w + small, axis=1))) + jnp.sum(w ** 2), rng.normal(size=(4, 3)),
+        X[:, :4] @ w + small[None, :], axis=1))) + jnp.sum(w ** 2), rng.normal(size=(4, 3)),
         np.float64)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-12)
@@ -529,11 +531,11 @@ def test_a_transposed_convolution_is_left_to_the_dense_path():
          "k3": rng.normal(size=(3, 3, 32, 1)) * 0.1}
     X = rng.normal(size=(2, 8, 8, 16))
 
-    def loss(p, X):
+    def loss(p, X):  # the biases on the NHWC channel axis
         h = jax.nn.relu(lax.conv_general_dilated(X, p["k1"], (1, 1), "SAME",
-                                                 dimension_numbers=dn) + p["b1"])
+                                                 dimension_numbers=dn) + p["b1"][None, None, None])
         h = jax.nn.relu(lax.conv_transpose(h, p["k2"], (2, 2), "SAME",
-                                           dimension_numbers=dn) + p["b2"])
+                                           dimension_numbers=dn) + p["b2"][None, None, None])
         return jnp.mean(lax.conv_general_dilated(h, p["k3"], (1, 1), "SAME",
                                                  dimension_numbers=dn) ** 2)
 
@@ -558,7 +560,7 @@ def test_a_structured_program_slower_than_a_forward_pass_is_abandoned(monkeypatc
     rng = np.random.default_rng(0)
     p = {"W": rng.normal(size=(200, 120)) * 0.1, "b": np.zeros(120)}
     X = rng.normal(size=(8, 200))
-    loss = lambda p, X: jnp.sum(jnp.tanh(X @ p["W"] + p["b"]) ** 2)
+    loss = lambda p, X: jnp.sum(jnp.tanh(X @ p["W"] + p["b"][None, :]) ** 2)
     fast = jgc.check_grad(loss, p, X, mode="sample", samples=8)
     original = evaluate.StructuredEvaluator._setup
 

@@ -172,8 +172,8 @@ def test_zero_gradient_is_verified_in_absolute_terms():
     X, Y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
 
     def loss(p, X, Y):
-        z = X @ p["W"] + p["b"]
-        z = (z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-5)  # removes b entirely
+        z = X @ p["W"] + p["b"][None, :]
+        z = (z - z.mean(0, keepdims=True)) / jnp.sqrt(z.var(0, keepdims=True) + 1e-5)  # no b
         return jnp.mean((z @ p["V"] - Y) ** 2) + 0.0 * jnp.sum(p["unused"])
 
     p = {"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4), "V": rng.normal(size=(4, 2)),
@@ -211,8 +211,8 @@ def _tied_relu_net(seed):
 
 
 def relu_loss(p, X, Y):
-    h = jax.nn.relu(X @ p["W1"] + p["b1"])
-    return 0.5 * jnp.mean((h @ p["W2"] + p["b2"] - Y) ** 2)
+    h = jax.nn.relu(X @ p["W1"] + p["b1"][None, :])
+    return 0.5 * jnp.mean((h @ p["W2"] + p["b2"][None, :] - Y) ** 2)
 
 
 def relu_grad(p, X, Y, mask_at_zero=0.0, scale_w1=1.0):
@@ -305,7 +305,7 @@ def test_float32_smooth_networks_give_no_false_alarm():
              "b": (rng.normal(size=h) / 4).astype(np.float32)}
         X = rng.normal(size=(m, d)).astype(np.float32)
         Y = rng.normal(size=(m, h)).astype(np.float32)
-        loss = lambda p, X, Y, act=act: jnp.mean((act(X @ p["W"] + p["b"]) - Y) ** 2)
+        loss = lambda p, X, Y, act=act: jnp.mean((act(X @ p["W"] + p["b"][None, :]) - Y) ** 2)
         r = jgc.check_grad(loss, p, X, Y, x64=False)
         assert r.ok, (seed, str(r))
 

@@ -51,8 +51,8 @@ def test_where_the_gradient_is_right_in_float32_nothing_is_reported():
 
 def test_a_hand_written_gradient_is_judged_at_its_own_precision_and_jax_grad_triaged():
     def same_bug(x):  # the same float32 overflow, hand-written in JAX
-        return jnp.where(x < 50, jnp.exp(x), 0.0) * jnp.isfinite(jnp.exp(x)) / jnp.isfinite(
-            jnp.exp(x))
+        finite = jnp.isfinite(jnp.exp(x)).astype(x.dtype)
+        return jnp.where(x < 50, jnp.exp(x), 0.0) * finite / finite
 
     r = jgc.check_grad(overflow_loss, X100, grad=same_bug)
     assert r.verdict == "precision", str(r)
@@ -89,7 +89,7 @@ def test_cancellation_that_loses_half_of_float32s_digits_is_reported():
 
 def test_float32_data_promoted_with_float64_parameters_counts_too():
     X = np.array([[100.0], [1.0]], np.float32)
-    loss = lambda w, X: jnp.sum(jnp.where(X * w < 50, jnp.exp(X * w), 0.0))
+    loss = lambda w, X: jnp.sum(jnp.where(X * w[None, :] < 50, jnp.exp(X * w[None, :]), 0.0))
     r = jgc.check_grad(loss, np.array([1.0]), X)
     # Without x64 enabled, the user's JAX runs float64 parameters in float32 too.
     assert r.verdict == "precision" and r.leaves[0].own_dtype == "float32", str(r)

@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import programs, structured
-from jgc._src.tree import InputError, Split, flat_output, match_gradient
+from jgc._src.tree import InputError, Split, explicitly_promoted, flat_output, match_gradient
 
 
 def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):
     """fn(*args, **kwargs), with any exception turned into InputError("<what> raised T: e").
 
-    `context` is appended on a new line (where the call happened, e.g. the perturbed entry).
-    InputError from nested jgc calls passes through unchanged.
+    `context` is appended on a new line (where the call happened, e.g. the perturbed entry),
+    and so is what to do when the user's JAX configuration forbids a promotion in the code
+    (`promotion_advice`). InputError from nested jgc calls passes through unchanged.
     """
     try:
         return fn(*args, **kwargs)
@@ -35,8 +36,10 @@ def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):
         raise
     except Exception as e:  # noqa: BLE001 - anything the user's code raises
         text = str(e).rstrip()
+        advice = promotion_advice(e)
         raise InputError(f"{what} raised {type(e).__name__}: {text}"
-                         + (f"\n  {context}" if context else "")) from e
+                         + (f"\n  {context}" if context else "")
+                         + (f"\n  {advice}" if advice else "")) from e
 
 
 def first_line(e: BaseException) -> str:
@@ -58,6 +61,64 @@ def require_function(fn, name: str = "loss", signature: str = "(params, *args) -
         raise InputError(f"{name} must be a function {name}{signature}, but got a "
                          f"{type(fn).__name__}. Did you pass the arguments in the wrong order? "
                          f"The signature is {call}.")
+
+
+# -- the user's promotion settings --------------------------------------------------------------
+
+# The two strict JAX options, as JAX's errors spell them: (the option as the user sets it, what
+# the code promotes, how to make it explicit, the option's default).
+_STRICT = {
+    "jax_numpy_rank_promotion='raise'": (
+        "jax_numpy_rank_promotion='raise'", "rank",
+        "for instance b[None, :] or jnp.expand_dims(b, 0) to add a bias of shape (n,) to a "
+        "batch of shape (m, n)", "'allow'"),
+    "jax_numpy_dtype_promotion=strict": (
+        "jax_numpy_dtype_promotion='strict'", "dtype",
+        "for instance x.astype(y.dtype) where arrays of two dtypes meet", "'standard'"),
+}
+STRICT_PROMOTION = (
+    "That is an implicit {kind} promotion, which your JAX configuration forbids ({option}). "
+    "jgc runs your code under your own configuration, as jax.jit or jax.grad would, and does "
+    "not relax it: make the promotion explicit ({fix}), or set the option back to {default}.")
+STRICT_X64 = (
+    " Here a float32 value meets a float64 one: x64=True (the default) evaluates a float32 model "
+    "in float64, where a float32 value made inside your code (a constant, an array created with "
+    "dtype=float32) meets the promoted ones; x64=False checks it at its own precision.")
+
+
+def forbidden_promotion(error: BaseException | None) -> str | None:
+    """The option under which `error` (or an exception it was raised from) is JAX refusing an
+    implicit promotion in strict mode: the key of _STRICT, or None for any other error."""
+    while error is not None:
+        for option in _STRICT:
+            if option in str(error):
+                return option
+        error = error.__cause__
+    return None
+
+
+def promotion_advice(error: BaseException) -> str | None:
+    """What to do when user code raised `error` because the user's JAX configuration forbids an
+    implicit promotion in it; None when `error` is anything else. A float32 value meeting a
+    float64 one under x64 is likely from jgc's promotion of a float32 model (STRICT_X64)."""
+    found = forbidden_promotion(error)
+    if found is None:
+        return None
+    option, kind, fix, default = _STRICT[found]
+    text = STRICT_PROMOTION.format(kind=kind, option=option, fix=fix, default=default)
+    if kind == "dtype" and jax.config.jax_enable_x64 and all(
+            f"'{name}'" in str(error) for name in ("float32", "float64")):
+        text += STRICT_X64
+    return text
+
+
+def promotion_refused(what: str, error: BaseException) -> InputError | None:
+    """The InputError for user code (`what`: "loss", "grad(params, *args)") that raised `error`
+    because the user's JAX configuration forbids an implicit promotion in it, or None for any
+    other error. The caller chains `error`, so that its line shows."""
+    advice = promotion_advice(error)
+    return None if advice is None else InputError(
+        f"{what} raised {first_line(error)}\n  {advice}")
 
 
 # -- jax.grad of the traced loss -----------------------------------------------------------
@@ -147,9 +208,13 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
             return run
 
         def reverse():
+            def dot(out, t):
+                out, t = explicitly_promoted(out, t)
+                return out @ t
+
             def run(consts, theta, dynamic, T):
                 return jax.vmap(lambda t: jax.grad(
-                    lambda x: f(consts, x, dynamic) @ t)(theta))(T)
+                    lambda x: dot(f(consts, x, dynamic), t))(theta))(T)
             return run
 
         return (("jvp", forward), ("rev", reverse)) if hessian else (("jvp", forward),)
@@ -198,6 +263,9 @@ def call_gradient(ev, fn: Callable, what: str = "grad(params, *args)") -> Gradie
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - not traceable: NumPy copies below.
+            refused = promotion_refused(what, e)  # the user's error: the host would hide it
+            if refused is not None:
+                raise refused from e
             where = _user_line(e)
             note = (f"{what} is not traceable by JAX (it converts its inputs to NumPy"
                     f"{' at ' + where if where else ''}), so jgc called it on the host with "

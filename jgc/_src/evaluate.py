@@ -49,7 +49,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jgc._src import programs, structured
-from jgc._src.calls import first_line, user_call
+from jgc._src.calls import (
+    first_line,
+    forbidden_promotion,
+    numpy_code,
+    promotion_advice,
+    promotion_refused,
+    user_call,
+)
 from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
@@ -64,6 +71,10 @@ SMALL_BATCHED = 4096  # "small": at most this many batched parameters per pertur
 # computation not depending on the perturbed leaf is done once per batch instead of per
 # perturbation. Below it, one function over the flat vector (a single compile) is cheaper.
 PER_LEAF_MIN = 20_000
+# The programs' index rows (perturbed entries, direction ranges) are int32 (`_padded`); the
+# positions they are compared with are made in the same dtype, as jax_numpy_dtype_promotion=
+# 'strict' has no implicit path between int32 and x64's default int64.
+INDEX_DTYPE = np.int32
 
 
 def _is_array(x) -> bool:
@@ -225,7 +236,7 @@ def _program_losses_at(traced: programs.Traced, st: _Static):
     def run(consts, theta, dynamic, index, step):
         segs = [theta[a:b] for a, b, _ in st.segments]
         base = theta if st.leaf is None else segs[st.leaf]
-        positions = jnp.arange(base.shape[0])
+        positions = jnp.arange(base.shape[0], dtype=INDEX_DTYPE)
 
         def one(i, s):
             value = base + jnp.where(positions == i, s, 0)
@@ -252,7 +263,7 @@ def _program_losses_along(traced: programs.Traced, st: _Static):
     def run(consts, theta, dynamic, vectors, vid, mult, lo, hi):
         segs = [theta[a:b] for a, b, _ in st.segments]
         base = theta if st.leaf is None else segs[st.leaf]
-        positions = jnp.arange(base.shape[0])
+        positions = jnp.arange(base.shape[0], dtype=INDEX_DTYPE)
 
         def one(v, c, a, b):
             value = _displaced(base, positions, vectors, v, c, a, b)
@@ -277,12 +288,16 @@ def _displaced(base, positions, vectors, v, c, a, b):
 def _program_complex(traced: programs.Traced, st: _Static):
     """Im loss(theta + i step[j] e_{index[j]}) / step[j]: the complex-step derivatives."""
     def run(consts, theta, dynamic, index, step):
-        positions = jnp.arange(theta.shape[0])
+        positions = jnp.arange(theta.shape[0], dtype=INDEX_DTYPE)
 
         def one(i, s):
-            z = theta + 1j * jnp.where(positions == i, s, 0)
+            # Explicit casts, as standard promotion would make them (the step to theta's
+            # complex dtype, the imaginary part to the step's): they hold under
+            # jax_numpy_dtype_promotion='strict' too.
+            z = theta + 1j * jnp.where(positions == i, s, 0).astype(theta.dtype)
             parts = [z[a:b] for a, b, _ in st.segments]
-            return jnp.imag(_evaluate(traced, consts, parts, dynamic, st)) / s
+            out = _evaluate(traced, consts, parts, dynamic, st)
+            return jnp.imag(out).astype(s.dtype) / s
 
         return _map(one, (index, step), False, st.batched)
 
@@ -727,11 +742,10 @@ class DenseEvaluator(Evaluator):
         if len(jobs) < 2 or programs.multiprocess():
             return
         started = time.perf_counter()
-        # JAX's x64 flag is thread-local: the workers run under this thread's.
-        x64 = bool(jax.config.jax_enable_x64)
+        config = programs.thread_config()  # JAX's settings are thread-local: this thread's
 
         def compile_one(job):
-            with jax.enable_x64(x64):
+            with programs.configured(config):
                 try:
                     self._compile(*job, None)
                 except Exception:  # noqa: BLE001 - the loop compiles it again and handles it
@@ -768,14 +782,16 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - the loss does not accept complex inputs
-            raise InputError(why.format(first_line(e))) from e
+            advice = promotion_advice(e)  # real data meeting the complex parameters
+            raise InputError(why.format(first_line(e))
+                             + ("" if advice is None else f"\n  {advice}")) from e
         theta = jax.device_put(self.theta_np.astype(np.result_type(*cdtypes)))
         static = _Static("complex", tuple((a, b, str(dt)) for (a, b, _), dt in
                                           zip(self.segments, cdtypes)), None, False,
                          self.batched, False)
         chunk = max(1, min(MAX_CHUNK_SMALL, 1 << max(0, (len(index) - 1).bit_length())))
         pad = (-len(index)) % chunk
-        idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(np.int32)
+        idx = np.concatenate([index, np.zeros(pad, np.int64)]).astype(INDEX_DTYPE)
         st = np.concatenate([step, np.ones(pad)]).astype(self.dtype)
         consts = [jax.device_put(c) for c in traced.consts]
         out = []
@@ -840,7 +856,7 @@ class DenseEvaluator(Evaluator):
         padded = []
         for a in arrays:
             a = np.asarray(a)
-            dtype = np.int32 if np.issubdtype(a.dtype, np.integer) else self.dtype
+            dtype = INDEX_DTYPE if np.issubdtype(a.dtype, np.integer) else self.dtype
             filler = np.zeros((pad, *a.shape[1:]), dtype)
             padded.append(np.concatenate([a.astype(dtype), filler]))
         return padded
@@ -895,8 +911,8 @@ class DenseEvaluator(Evaluator):
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - vmap failed: one at a time
-            if not self.batched:
-                raise
+            if not self.batched or forbidden_promotion(e):  # the latter is never vmap's fault:
+                raise  # the function traced unbatched, so jgc's own code promoted (a bug)
             raise _Unbatchable() from e
         if deadline is not None:
             deadline.compiling += time.perf_counter() - started
@@ -973,6 +989,8 @@ class StructuredEvaluator(DenseEvaluator):
                 self.plans[k] = structured.plan_leaf(flat, flat.invars[k], flat.avals, leaf,
                                                      self.dtypes[k])
             except Exception as e:  # noqa: BLE001 - a rule that cannot trace: dense
+                if forbidden_promotion(e):  # jgc's own code promoting implicitly: a bug, which
+                    raise  # a fallback would hide under the user's strict promotion settings
                 self.failed[k] = f"failed: {first_line(e)}"
         needed = tuple(sorted({i for p in self.plans.values() if p.use for i in p.needed}))
         if not needed:
@@ -1127,7 +1145,7 @@ def _program_structured_along(flat, plan, segments, k: int, dtype, st: _Static):
     def run(consts, theta, dynamic, bases, vectors, vid, mult, lo, hi):
         del consts, dynamic  # everything the pass reads is in `bases`
         leaf = theta[a:b]
-        positions = jnp.arange(b - a)
+        positions = jnp.arange(b - a, dtype=INDEX_DTYPE)
 
         def one(v, c, lo_, hi_):
             value = _displaced(leaf, positions, vectors, v, c, lo_, hi_).astype(dtype)
@@ -1149,12 +1167,17 @@ def _traceable(fn: Callable, vector: bool, has_aux: bool) -> Callable:
 
 def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
                    vector: bool = False, has_aux: bool = False,
-                   memory_budget: int | None = None, progress=None) -> Evaluator:
+                   memory_budget: int | None = None, progress=None,
+                   name: str = "loss") -> Evaluator:
     """The strategy for this function: dense (JAX traces it) or host (it converts to NumPy).
 
     The function is traced once, here (no compilation). A loss is checked to return a real
     scalar; an InputError from the function (a pair without has_aux, say) is refused, and any
     other tracing failure means the function is not JAX code: the host loop evaluates it.
+    Except an implicit promotion that the user's JAX configuration forbids (strict rank or
+    dtype promotion): in JAX code that is the user's error, refused naming `name` (the host
+    loop would hide it, or run a JAX loss eagerly); code that uses NumPy alone still runs on
+    the host, with NumPy's promotion, as it runs for the user.
     """
     layout, dynamic = make_layout(sp, dtypes, args)
     avals = [jax.ShapeDtypeStruct((sp.offsets[k + 1] - sp.offsets[k],), dt)
@@ -1171,6 +1194,9 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - any tracing failure means: use the host loop.
+        refused = None if numpy_code(fn) else promotion_refused(name, e)
+        if refused is not None:
+            raise refused from e
         return HostEvaluator(fn, sp, theta, dtypes, args, vector=vector, has_aux=has_aux,
                              trace_error=first_line(e))
     if not vector:

@@ -46,14 +46,17 @@ class Precision:
 
     `effective`: JAX's x64 flag during the check (thread-local: every worker thread of the check
     runs under it). `user`: the flag as the caller had it, which their model runs under.
+    `promotion`: the caller's rank and dtype promotion modes, thread-local too, which every
+    worker thread shares (jgc never changes them).
     """
 
     effective: bool
     user: bool
+    promotion: tuple[str, str]
 
     def run(self, fn: Callable, *args, own: bool = False):
         """fn(*args) under the check's precision (or, with `own`, the user's), on any thread."""
-        with jax.enable_x64(self.user if own else self.effective):
+        with programs.configured((self.user if own else self.effective, *self.promotion)):
             return fn(*args)
 
 
@@ -67,10 +70,10 @@ def precision(x64: bool) -> Iterator[Precision]:
     if not isinstance(x64, bool):
         raise InputError(f"x64={x64!r}: expected True (check in float64, the default) or False "
                          "(check at the parameters' own precision).")
-    user = bool(jax.config.jax_enable_x64)
+    user, *promotion = programs.thread_config()
     effective = True if x64 else user
     with jax.enable_x64(effective):
-        yield Precision(effective, user)
+        yield Precision(effective, user, tuple(promotion))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +178,7 @@ def prepare(subject: Subject, o: Options, prec: Precision,
     notes = _input_notes(sp, o, promoted_args)
     ev = make_evaluator(subject.fn, sp, plan.theta, plan.dtypes, args, vector=subject.vector,
                         has_aux=subject.has_aux, memory_budget=o.memory_budget,
-                        progress=progress_factory(o.progress))
+                        progress=progress_factory(o.progress), name=subject.fn_name)
     if not ev.traceable:
         notes.append(f"{subject.fn_name} is not traceable by JAX (it converts to NumPy), so jgc "
                      "evaluated it on the host, one perturbation at a time")

@@ -239,6 +239,24 @@ def collector_paused() -> Iterator[None]:
         COLLECTOR.resume(section)
 
 
+def thread_config() -> tuple[bool, str, str]:
+    """This thread's JAX settings that a check's worker threads must share: x64 and the two
+    numpy promotion modes. JAX's context managers (jax.enable_x64, jax.numpy_rank_promotion,
+    jax.numpy_dtype_promotion) set them per thread, so a worker would see the global values
+    instead: a user's `with jax.numpy_rank_promotion("raise"):` would not hold for the gradient
+    function traced there, nor for the programs compiled there."""
+    return (bool(jax.config.jax_enable_x64), jax.config.jax_numpy_rank_promotion,
+            jax.config.jax_numpy_dtype_promotion)
+
+
+@contextlib.contextmanager
+def configured(config: tuple[bool, str, str]) -> Iterator[None]:
+    """The block under `config` (another thread's `thread_config()`), restored afterwards."""
+    x64, rank, dtype = config
+    with jax.enable_x64(x64), jax.numpy_rank_promotion(rank), jax.numpy_dtype_promotion(dtype):
+        yield
+
+
 def trace(fn: Callable, *example_args) -> Traced:
     """Traces fn(*example_args) (arrays or ShapeDtypeStructs) into a closed jaxpr."""
     with collector_paused():

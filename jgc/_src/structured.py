@@ -230,10 +230,11 @@ def _size(shape) -> int:
 
 
 def hyper(x, fixed: tuple[int, ...], idx):
-    """The values of an unperturbed array x on the hyperplanes: (C, *spanned), or x itself
-    (broadcasting against (C, *shape)) when nothing is fixed."""
+    """The values of an unperturbed array x on the hyperplanes: (C, *spanned), or x with a
+    leading unit axis, (1, *shape), when nothing is fixed: it broadcasts against (C, *shape)
+    with equal ranks, as jax_numpy_rank_promotion='raise' requires."""
     if not fixed:
-        return x
+        return x[None]
     moved = jnp.moveaxis(x, fixed, tuple(range(len(fixed))))
     return moved[tuple(idx[:, j] for j in range(len(fixed)))]
 
@@ -739,7 +740,7 @@ def _conv_kernel(eqn: Eqn, x, k: Slab, bases):
     kern = _change(k, (o_axis, i_axis) if one_input else (o_axis,))
     first = (o // (n_out // groups)) * i_g  # the group's first input channel
     chans = (first + k.column(i_axis))[:, None] if one_input else \
-        first[:, None] + jnp.arange(i_g)[None, :]
+        first[:, None] + jnp.arange(i_g, dtype=first.dtype)[None, :]
     f = dn.lhs_spec[1]
     lhs = jnp.moveaxis(jnp.take(x, chans, axis=f), f, 0)  # (C, *x with those channels)
     out = jax.vmap(_conv_one_group(eqn.params))(lhs, kern)  # one output feature

@@ -138,14 +138,43 @@ def complex_value(view: np.ndarray) -> np.ndarray:
     return view[..., 0] - 1j * view[..., 1]
 
 
+def promoted_dtype(*dtypes) -> np.dtype:
+    """The dtype JAX's standard promotion gives arrays of these dtypes, for jgc's own arithmetic
+    on values of the user's dtypes: cast to it explicitly, that holds under
+    jax_numpy_dtype_promotion='strict' too, with the same result. An inexact dtype wins over
+    integers and booleans (int64 with float32 is float32), and inexact dtypes promote as in
+    NumPy, which agrees with JAX among them (float16 < float32 < float64, a float and a complex
+    give a complex of the wider precision, bfloat16 with float16 gives float32)."""
+    dtypes = [np.dtype(d) for d in dtypes]
+    inexact = [d for d in dtypes if np.issubdtype(d, np.inexact)]
+    return jax.dtypes.canonicalize_dtype(np.result_type(*(inexact or dtypes)))
+
+
+def explicitly_promoted(*values) -> tuple:
+    """The values, with JAX arrays of different dtypes cast to the one standard promotion
+    gives them (`promoted_dtype`): an operation on them then holds under
+    jax_numpy_dtype_promotion='strict' with the same result. Weakly typed values (Python
+    scalars) are left as they are, since strict promotion allows them, and values that are all
+    NumPy too: on the host NumPy promotes as it always does."""
+    if not any(isinstance(v, jax.Array) for v in values):
+        return values
+    kinds = [jax.dtypes.result_type(v, return_weak_type_flag=True) for v in values]
+    strong = {dtype for dtype, weak in kinds if not weak}
+    if len(strong) < 2:
+        return values
+    dtype = promoted_dtype(*strong)
+    return tuple(v if weak else jnp.asarray(v).astype(dtype) for v, (_, weak) in zip(values, kinds))
+
+
 def flat_output(out, xp=jax.numpy):
     """A vector function's outputs (any pytree of arrays) as one flat real vector: a complex
     output leaf by its real view, the real and imaginary part of each element in turn (the
-    order tree.LeafSpec.view_shape gives check_jvp's output leaves)."""
+    order tree.LeafSpec.view_shape gives check_jvp's output leaves), in their promoted dtype."""
     leaves = jax.tree_util.tree_leaves(out)
     if not leaves:
         return xp.zeros(0)
-    return xp.concatenate([xp.ravel(_real_view(xp, xp.asarray(o))) for o in leaves])
+    return xp.concatenate(explicitly_promoted(
+        *(xp.ravel(_real_view(xp, xp.asarray(o))) for o in leaves)))
 
 
 def _real_view(xp, o):

@@ -84,8 +84,11 @@ def evaluate(check, grad, what: str) -> Own | None:
     subject, sp = check.subject, check.sp
 
     def run():
-        ev = make_evaluator(subject.fn, sp, check.plan.theta, dtypes, subject.args,
-                            has_aux=subject.has_aux)
+        try:  # the loss at the user's dtypes, under the user's promotion settings, may fail
+            ev = make_evaluator(subject.fn, sp, check.plan.theta, dtypes, subject.args,
+                                has_aux=subject.has_aux, name=subject.fn_name)
+        except InputError as e:
+            return Own(str(coarsest), None, None, str(e).splitlines()[0])
         autodiff, _, _ = calls.autodiff(ev) if ev.traceable else (None, None, None)
         autodiff = None if autodiff is None else _leaves(sp, autodiff)
         if grad is None:

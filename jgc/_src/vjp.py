@@ -25,12 +25,16 @@ from jgc._src.inputs import make_options
 from jgc._src.prepare import Subject, precision
 from jgc._src.recording import recorded
 from jgc._src.report import Report
-from jgc._src.tree import InputError, tree_pformat
+from jgc._src.tree import InputError, explicitly_promoted, tree_pformat
 
 
 def _contract(out, cot):
+    """Re(sum(out * cot)) over the leaves, each product in the dtypes' promoted dtype (cast
+    explicitly: strict promotion has no implicit path from a float32 output to a float64
+    cotangent)."""
     leaves_o, leaves_c = jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(cot)
-    return sum((o * c).real.sum() for o, c in zip(leaves_o, leaves_c))
+    pairs = (explicitly_promoted(o, c) for o, c in zip(leaves_o, leaves_c))
+    return sum((o * c).real.sum() for o, c in pairs)
 
 
 def _call(fn, primals, *first):

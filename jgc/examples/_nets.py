@@ -54,7 +54,7 @@ _ACT = {
     # name: (f(z), f'(z) written from the activation a = f(z), the classic cached form)
     "sigmoid": (lambda xp, z: 1 / (1 + xp.exp(-z)), lambda xp, z, a: a * (1 - a)),
     "tanh": (lambda xp, z: xp.tanh(z), lambda xp, z, a: 1 - a ** 2),
-    "relu": (lambda xp, z: xp.maximum(z, 0), lambda xp, z, a: (z > 0) * 1.0),
+    "relu": (lambda xp, z: xp.maximum(z, 0), lambda xp, z, a: xp.where(z > 0, 1.0, 0.0)),
 }
 # The derivative mistakes people make: sigmoid' as a, tanh' as 1 - a, relu' forgotten.
 _WRONG_ACT = {
@@ -81,14 +81,14 @@ def mlp(activation: str = "tanh", xp=jnp, seed: int = 0, m: int = 8, width: int 
     X, Y = rng.normal(size=(m, width)), rng.normal(size=(m, out))
 
     def loss(p, X, Y):
-        h = act(xp, X @ p["W1"] + p["b1"])
-        return ((h @ p["W2"] + p["b2"] - Y) ** 2).sum() / (2 * X.shape[0])
+        h = act(xp, X @ p["W1"] + p["b1"][None, :])
+        return ((h @ p["W2"] + p["b2"][None, :] - Y) ** 2).sum() / (2 * X.shape[0])
 
     def backward(p, X, Y, bug=None):
         m = X.shape[0]
-        z1 = X @ p["W1"] + p["b1"]
+        z1 = X @ p["W1"] + p["b1"][None, :]
         h = act(xp, z1)
-        dout = h @ p["W2"] + p["b2"] - Y
+        dout = h @ p["W2"] + p["b2"][None, :] - Y
         if bug != "missing_1_over_m":
             dout = dout / m
         dW2 = h.T @ dout
@@ -123,18 +123,18 @@ def softmax_l2(xp=jnp, seed: int = 0, m: int = 10, dim: int = 4, classes: int = 
     X, y = rng.normal(size=(m, dim)), rng.integers(0, classes, size=m)
 
     def probs(p, X):
-        s = X @ p["W"] + p["b"]
+        s = X @ p["W"] + p["b"][None, :]
         e = xp.exp(s - s.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
     def loss(p, X, y):
-        onehot = (y[:, None] == xp.arange(p["W"].shape[1])) * 1.0
+        onehot = xp.where(y[:, None] == xp.arange(p["W"].shape[1])[None, :], 1.0, 0.0)
         ce = -(xp.log(probs(p, X)) * onehot).sum() / X.shape[0]
         return ce + 0.5 * reg * (p["W"] ** 2).sum()
 
     def backward(p, X, y, bug=None):
         m = X.shape[0]
-        onehot = (y[:, None] == xp.arange(p["W"].shape[1])) * 1.0
+        onehot = xp.where(y[:, None] == xp.arange(p["W"].shape[1])[None, :], 1.0, 0.0)
         ds = probs(p, X) - (0.0 if bug == "no_onehot" else onehot)
         dW = X.T @ ds / m
         if bug != "reg_missing":
@@ -186,7 +186,7 @@ def conv_maxpool(xp=jnp, seed: int = 0, n: int = 4, size: int = 6, channels: int
         N, C, H, W = Z.shape
         Zr = Z.reshape(N, C, H // 2, 2, W // 2, 2)
         pooled = Zr.max(axis=(3, 5))
-        return P, Zr, pooled, pooled.reshape(N, -1) @ p["W"] + p["bw"]
+        return P, Zr, pooled, pooled.reshape(N, -1) @ p["W"] + p["bw"][None, :]
 
     def loss(p, X, Y):
         return ((forward(p, X)[3] - Y) ** 2).sum() / (2 * X.shape[0])
@@ -201,7 +201,7 @@ def conv_maxpool(xp=jnp, seed: int = 0, n: int = 4, size: int = 6, channels: int
         if bug == "pool_routes_everywhere":  # the average-pool backward used for max-pool
             mask = xp.ones(Zr.shape) / 4
         else:
-            mask = (Zr == pooled[:, :, :, None, :, None]) * 1.0
+            mask = xp.where(Zr == pooled[:, :, :, None, :, None], 1.0, 0.0)
             mask = mask / mask.sum(axis=(3, 5), keepdims=True)
         dZ = (mask * dpooled[:, :, :, None, :, None]).reshape(N, Zr.shape[1], Zr.shape[2] * 2,
                                                               Zr.shape[4] * 2)
@@ -236,10 +236,11 @@ def batchnorm(xp=jnp, seed: int = 0, m: int = 8, dim: int = 3, hidden: int = 4) 
 
     def forward(p, X):
         z = X @ p["W0"]
-        mu, var = z.mean(0), ((z - z.mean(0)) ** 2).mean(0)
+        mu = z.mean(0, keepdims=True)
+        var = ((z - z.mean(0, keepdims=True)) ** 2).mean(0, keepdims=True)
         inv_std = 1 / xp.sqrt(var + eps)
         xhat = (z - mu) * inv_std
-        a = xp.tanh(p["gamma"] * xhat + p["beta"])
+        a = xp.tanh(p["gamma"][None, :] * xhat + p["beta"][None, :])
         return z, xhat, inv_std, a, a @ p["W1"]
 
     def loss(p, X, Y):
@@ -253,11 +254,12 @@ def batchnorm(xp=jnp, seed: int = 0, m: int = 8, dim: int = 3, hidden: int = 4) 
         dy = (dout @ p["W1"].T) * (1 - a ** 2)
         dgamma = (dy * (z if bug == "dgamma_uses_z" else xhat)).sum(0)
         dbeta = dy.mean(0) if bug == "dbeta_mean" else dy.sum(0)
-        dxhat = dy * p["gamma"]
+        dxhat = dy * p["gamma"][None, :]
         if bug == "dz_missing_mean_terms":  # treats the batch mean and variance as constants
             dz = dxhat * inv_std
         else:
-            dz = inv_std / m * (m * dxhat - dxhat.sum(0) - xhat * (dxhat * xhat).sum(0))
+            dz = inv_std / m * (m * dxhat - dxhat.sum(0, keepdims=True)
+                                - xhat * (dxhat * xhat).sum(0, keepdims=True))
         return {"W0": X.T @ dz, "gamma": dgamma, "beta": dbeta, "W1": dW1}
 
     bugs = _bugs(backward, {
@@ -284,7 +286,7 @@ def rnn(xp=jnp, seed: int = 0, m: int = 4, steps: int = 5, dim: int = 3, hidden:
     def forward(p, X):
         hs = [xp.zeros((X.shape[0], p["Wh"].shape[0]))]
         for t in range(X.shape[1]):
-            hs.append(xp.tanh(X[:, t] @ p["Wx"] + hs[-1] @ p["Wh"] + p["b"]))
+            hs.append(xp.tanh(X[:, t] @ p["Wx"] + hs[-1] @ p["Wh"] + p["b"][None, :]))
         return hs, hs[-1] @ p["Wy"]
 
     def loss(p, X, Y):
@@ -318,7 +320,7 @@ def rnn(xp=jnp, seed: int = 0, m: int = 4, steps: int = 5, dim: int = 3, hidden:
 def _dropout_mask(xp, key, shape, keep):
     if xp is np:  # NumPy flavour: the key is an integer seed, passed in like a JAX key.
         return (np.random.default_rng(key).random(shape) < keep) * 1.0
-    return jax.random.bernoulli(key, keep, shape) * 1.0
+    return jnp.where(jax.random.bernoulli(key, keep, shape), 1.0, 0.0)
 
 
 def dropout(xp=jnp, seed: int = 0, m: int = 8, dim: int = 4, hidden: int = 6,
@@ -333,9 +335,9 @@ def dropout(xp=jnp, seed: int = 0, m: int = 8, dim: int = 4, hidden: int = 6,
     key = seed + 1 if xp is np else jax.random.PRNGKey(seed + 1)
 
     def forward(p, X, key):
-        a = xp.tanh(X @ p["W1"] + p["b1"])
+        a = xp.tanh(X @ p["W1"] + p["b1"][None, :])
         mask = _dropout_mask(xp, key, a.shape, keep) / keep
-        return a, mask, (a * mask) @ p["W2"] + p["b2"]
+        return a, mask, (a * mask) @ p["W2"] + p["b2"][None, :]
 
     def loss(p, X, Y, key):
         return ((forward(p, X, key)[2] - Y) ** 2).sum() / (2 * X.shape[0])
@@ -402,7 +404,7 @@ def wrong_custom_vjp(seed: int = 0, m: int = 6, dim: int = 3) -> Example:
     X = rng.normal(size=(m, dim))
 
     def loss(p, X):
-        return p["scale"] * _softplus(X @ p["W"] + p["b"]).mean()
+        return p["scale"] * _softplus(X @ p["W"] + p["b"][None, :]).mean()
 
     return Example("wrong_custom_vjp", loss, params, (X,), None, {},
                    "softplus with a custom_vjp whose backward is doubled; ['scale'] does not "

@@ -86,10 +86,10 @@ def modrelu(xp=jnp, seed: int = 0, m: int = 6, d_in: int = 4, d_out: int = 3,
     X, T = _cnormal(rng, (m, d_in), dtype), _cnormal(rng, (m, d_out), dtype)
 
     def forward(p, X):
-        z = X @ p["W"].T + p["b"]
+        z = X @ p["W"].T + p["b"][None, :]
         a = xp.abs(z)
-        s = a + p["c"]
-        return z, a, s, xp.maximum(s, 0) * z / a
+        s = a + p["c"][None, :]
+        return z, a, s, xp.maximum(s, 0).astype(z.dtype) * z / a.astype(z.dtype)
 
     def loss(p, X, T):
         return (xp.abs(forward(p, X)[3] - T) ** 2).sum() / X.shape[0]
@@ -99,12 +99,12 @@ def modrelu(xp=jnp, seed: int = 0, m: int = 6, d_in: int = 4, d_out: int = 3,
         z, a, s, h = forward(p, X)
         active = s > 0
         Gh = (2.0 / m) * xp.conj(h - T)
-        c = p["c"]
-        Gz = Gh * (1 + c / a)
+        c = p["c"][None, :]
+        Gz = Gh * (1 + c / a).astype(z.dtype)
         if bug != "phase_term":
-            Gz = Gz - (c / a ** 3) * (Gh * z).real * xp.conj(z)
+            Gz = Gz - ((c / a ** 3) * (Gh * z).real).astype(z.dtype) * xp.conj(z)
         Gz = xp.where(active, Gz, 0)
-        u = z / a
+        u = z / a.astype(z.dtype)
         dc = xp.where(active, (Gh * u).imag if bug == "c_imag" else (Gh * u).real, 0).sum(0)
         GW, Gb = Gz.T @ X, Gz.sum(0)
         if bug == "conjugate":
@@ -144,7 +144,7 @@ def unitary(xp=jnp, seed: int = 0, n: int = 4, dtype=np.complex128) -> Example:
         K = (p["A"] - xp.conj(p["A"]).T) / 2
         M = eye - K
         v = xp.linalg.solve(M, (eye + K) @ psi)
-        return M, v, xp.exp(1j * p["theta"]) * v
+        return M, v, xp.exp(1j * p["theta"].astype(v.dtype)) * v
 
     def loss(p, psi, phi):
         return (xp.abs(parts(p, psi)[2] - phi) ** 2).sum()
@@ -153,7 +153,7 @@ def unitary(xp=jnp, seed: int = 0, n: int = 4, dtype=np.complex128) -> Example:
         M, v, w = parts(p, psi)
         Gw = 2 * xp.conj(w - phi)
         dtheta = -(Gw * w).imag
-        Gv = Gw * xp.exp(1j * p["theta"])
+        Gv = Gw * xp.exp(1j * p["theta"].astype(Gw.dtype))
         P = xp.outer(xp.linalg.solve(M.T, Gv), psi + v)
         GA = P - xp.conj(P).T
         if bug != "missing_half":
@@ -177,7 +177,7 @@ def unitary(xp=jnp, seed: int = 0, n: int = 4, dtype=np.complex128) -> Example:
 def times_modulus(z):
     """f(z) = z |z| (elementwise; not holomorphic), with a hand-written VJP that forgets a
     conjugate: the right rule is c |z| + Re(c z) conj(z) / |z|."""
-    return z * jnp.abs(z)
+    return z * jnp.abs(z).astype(z.dtype)
 
 
 def _times_modulus_fwd(z):
@@ -185,8 +185,8 @@ def _times_modulus_fwd(z):
 
 
 def _times_modulus_bwd(z, c):
-    a = jnp.abs(z)
-    return (c * a + (c * z).real * z / a,)  # wrong: z / |z| where conj(z) / |z| is right
+    a = jnp.abs(z).astype(z.dtype)
+    return (c * a + (c * z).real.astype(z.dtype) * z / a,)  # wrong: z / |z|, not conj(z) / |z|
 
 
 times_modulus.defvjp(_times_modulus_fwd, _times_modulus_bwd)
@@ -194,8 +194,8 @@ times_modulus.defvjp(_times_modulus_fwd, _times_modulus_bwd)
 
 def times_modulus_right(c, z):
     """The right VJP of z |z| under JAX's convention (Re(c df) = Re(G dz))."""
-    a = jnp.abs(z)
-    return c * a + (c * z).real * jnp.conj(z) / a
+    a = jnp.abs(z).astype(z.dtype)
+    return c * a + (c * z).real.astype(z.dtype) * jnp.conj(z) / a
 
 
 def wrong_complex_custom_vjp(seed: int = 0, n: int = 5, dtype=np.complex128) -> Example:

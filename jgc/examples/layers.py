@@ -19,7 +19,7 @@ import numpy as np
 
 
 def affine_forward(x, w, b):
-    out = x.reshape(x.shape[0], -1) @ w + b
+    out = x.reshape(x.shape[0], -1) @ w + b[None, :]
     return out, (x, w, b)
 
 
@@ -53,10 +53,10 @@ def sigmoid_backward(dout, cache, bug=None):
 
 
 def batchnorm_forward(x, gamma, beta, eps=1e-5):
-    mu = x.mean(axis=0)
-    var = x.var(axis=0)
+    mu = x.mean(axis=0, keepdims=True)
+    var = x.var(axis=0, keepdims=True)
     xhat = (x - mu) / np.sqrt(var + eps)
-    return gamma * xhat + beta, (xhat, gamma, np.sqrt(var + eps))
+    return gamma[None, :] * xhat + beta[None, :], (xhat, gamma, np.sqrt(var + eps))
 
 
 def batchnorm_backward(dout, cache, bug=None):
@@ -64,11 +64,12 @@ def batchnorm_backward(dout, cache, bug=None):
     m = dout.shape[0]
     dbeta = dout.sum(axis=0)
     dgamma = (dout * xhat).sum(axis=0)
-    dxhat = dout * gamma
+    dxhat = dout * gamma[None, :]
     if bug == "dx_ignores_batch_stats":
         dx = dxhat / std
     else:
-        dx = (m * dxhat - dxhat.sum(axis=0) - xhat * (dxhat * xhat).sum(axis=0)) / (m * std)
+        dx = (m * dxhat - dxhat.sum(axis=0, keepdims=True)
+              - xhat * (dxhat * xhat).sum(axis=0, keepdims=True)) / (m * std)
     return dx, dgamma, dbeta
 
 

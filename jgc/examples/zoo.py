@@ -12,6 +12,7 @@ inside the functions that need them (they are test dependencies, not jgc's).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,13 +44,19 @@ def flax_cnn(size: str = "small", seed: int = 0) -> Model:
 
     side, c1, c2, dense, batch = (28, 32, 64, 256, 4) if size == "mnist" else (12, 4, 8, 16, 4)
 
+    def avg_pool(x):
+        # nn.avg_pool(x, (2, 2), strides=(2, 2)), whose division by np.prod(window_shape), a
+        # strongly typed integer, jax_numpy_dtype_promotion='strict' refuses: the same sum over
+        # each window, divided by the same 4 as a (weakly typed) Python float.
+        return nn.pool(x, 0.0, jax.lax.add, (2, 2), (2, 2), "VALID") / 4.0
+
     class CNN(nn.Module):
         @nn.compact
         def __call__(self, x):
             x = nn.relu(nn.Conv(features=c1, kernel_size=(3, 3))(x))
-            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = avg_pool(x)
             x = nn.relu(nn.Conv(features=c2, kernel_size=(3, 3))(x))
-            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = avg_pool(x)
             x = x.reshape((x.shape[0], -1))
             x = nn.relu(nn.Dense(features=dense)(x))
             return nn.Dense(features=10)(x)
@@ -116,7 +123,7 @@ def lstm_scan(seed: int = 0, d: int = 3, h: int = 8, T: int = 6, m: int = 4) -> 
     def loss(p, X, Y):
         def step(carry, x):
             hh, c = carry
-            z = x @ p["Wx"] + hh @ p["Wh"] + p["b"]
+            z = x @ p["Wx"] + hh @ p["Wh"] + p["b"][None, :]
             i, f, o, g = jnp.split(z, 4, axis=-1)
             c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
             hh = jax.nn.sigmoid(o) * jnp.tanh(c)
@@ -139,7 +146,7 @@ def attention(seed: int = 0, d: int = 6, T: int = 5, m: int = 3) -> Model:
 
     def loss(p, X, Y):
         q, k, v = X @ p["Wq"], X @ p["Wk"], X @ p["Wv"]
-        a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / np.sqrt(d), axis=-1)
+        a = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / math.sqrt(d), axis=-1)
         out = (a @ v).mean(axis=1) @ p["Wo"]
         return jnp.mean((out - Y) ** 2)
 
@@ -161,9 +168,9 @@ def norms(seed: int = 0) -> Model:
     def loss(p, X, Y):
         z = X @ p["W1"]
         z = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-5)
-        z = jnp.tanh(p["g1"] * z + p["s1"]) @ p["W2"]
-        z = (z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-5)
-        return jnp.mean(((p["g2"] * z + p["s2"]) @ p["Wo"] - Y) ** 2)
+        z = jnp.tanh(p["g1"][None, :] * z + p["s1"][None, :]) @ p["W2"]
+        z = (z - z.mean(0, keepdims=True)) / jnp.sqrt(z.var(0, keepdims=True) + 1e-5)
+        return jnp.mean(((p["g2"][None, :] * z + p["s2"][None, :]) @ p["Wo"] - Y) ** 2)
 
     return Model("norms", loss, params, (X, Y), m, "LayerNorm and BatchNorm MLP, MSE")
 
@@ -178,8 +185,8 @@ def relu_ties(seed: int = 0) -> Model:
     X, Y = _f32(rng.integers(-2, 3, size=(8, 3)), rng.normal(size=(8, 2)))
 
     def loss(p, X, Y):
-        h = jax.nn.relu(X @ p["W1"] + p["b1"])
-        return 0.5 * jnp.mean((h @ p["W2"] + p["b2"] - Y) ** 2)
+        h = jax.nn.relu(X @ p["W1"] + p["b1"][None, :])
+        return 0.5 * jnp.mean((h @ p["W2"] + p["b2"][None, :] - Y) ** 2)
 
     return Model("relu_ties", loss, params, (X, Y), 8, "relu MLP at exact kinks (ties)")
 
@@ -200,7 +207,7 @@ def mlp(sizes=(784, 64, 10), batch: int = 32, seed: int = 0, dtype=np.float64) -
     def loss(p, X, Y):
         h = X
         for i in range(layers):
-            h = h @ p[f"W{i}"] + p[f"b{i}"]
+            h = h @ p[f"W{i}"] + p[f"b{i}"][None, :]
             h = jnp.tanh(h) if i < layers - 1 else h
         return -jnp.sum(Y * jax.nn.log_softmax(h)) / X.shape[0]
 
