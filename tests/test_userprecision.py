@@ -115,3 +115,26 @@ def test_half_precision_parameters_are_judged_at_their_resolution(dtype):
     bad = jgc.check_grad(loss, x, grad=wrong)
     assert not bad.ok and bad.leaves[0].pattern == "scale"
     assert bad.leaves[0].factor == pytest.approx(2.0, rel=0.02)
+
+
+def test_a_gradient_that_fails_at_the_users_precision_is_said_so():
+    """The comparison at the user's own precision is skipped only with a note naming why."""
+    def grad(x):
+        if x.dtype == np.float32:
+            raise RuntimeError("no float32 kernel")
+        return np.exp(x)
+
+    x = np.array([0.5, 1.0], np.float32)
+    r = jgc.check_grad(lambda x: jnp.sum(jnp.exp(x)), x, grad=grad)
+    assert r.ok, str(r)
+    assert any("not compared at your own precision (float32)" in n and "no float32 kernel" in n
+               for n in r.notes), r.notes
+
+
+def test_complex_step_on_a_sample_of_a_large_leaf():
+    rng = np.random.default_rng(0)
+    p = {"W": rng.normal(size=(200, 120)) * 0.1, "b": np.zeros(120)}
+    X = rng.normal(size=(8, 200))
+    # X cast to the parameters' dtype: complex under the complex step (strict promotion)
+    loss = lambda p, X: jnp.sum(jnp.tanh(X.astype(p["W"].dtype) @ p["W"] + p["b"][None]) ** 2)
+    assert jgc.check_grad(loss, p, X, method="complex", mode="sample").ok

@@ -48,8 +48,12 @@ def values(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bo
     hp, _ = all_steps(sp, plan, 1.0)
     value = ev.complex_step(index, hp)
     # Analyticity: compare with central differences (and their error bars) on a sample.
-    sample = dataclasses.replace(plan, entries=tuple(pl.sample_entries(sp, 2, seed)),
-                                 method=Method.CENTRAL)
+    # Up to two of each leaf's planned entries (a sample of a sample in mode="sample"), where
+    # the complex step was taken.
+    rng = np.random.default_rng(seed)
+    sample = dataclasses.replace(plan, entries=tuple(
+        np.sort(rng.choice(e, size=min(2, len(e)), replace=False)) for e in plan.entries),
+        method=Method.CENTRAL)
     probes = Coordinates(ev, sp, sample)
     everywhere = np.ones(len(probes.index), bool)
     d = es.differences(f0, len(probes.index), sigma, u, float64, f_scale)

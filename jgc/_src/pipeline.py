@@ -239,6 +239,10 @@ def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
 def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, str]:
     """The notes that depend on the whole check."""
     g, o, plan, sp = check.side, check.options, check.plan, check.sp
+    if g.own is not None and g.own.checked is None:
+        check = check.note(f"not compared at your own precision ({g.own.dtype}): {g.source} "
+                           f"could not be evaluated there ({g.own.why}); the check itself ran "
+                           "in float64")
     if g.autodiff is None and not g.is_autodiff:
         check = check.note(f"jax.grad is not available as a third opinion: {g.autodiff_why}")
     strategy = check.ev.strategy_note()

@@ -89,10 +89,10 @@ def evaluate(check, grad, what: str) -> Own | None:
                                 has_aux=subject.has_aux, name=subject.fn_name)
         except InputError as e:
             return Own(str(coarsest), None, None, str(e).splitlines()[0])
-        autodiff, _, _ = calls.autodiff(ev) if ev.traceable else (None, None, None)
+        autodiff, why, _ = calls.autodiff(ev) if ev.traceable else (None, None, None)
         autodiff = None if autodiff is None else _leaves(sp, autodiff)
         if grad is None:
-            return Own(str(coarsest), autodiff, None)
+            return Own(str(coarsest), autodiff, None, why)
         try:
             call = calls.call_gradient(ev, grad, what)
             out = calls.without_aux(call.out, sp, subject.params, subject.has_aux)
