@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jgc._src import programs, structured
+from jgc._src import compat, programs, structured
 from jgc._src.calls import first_line, user_call
 from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pformat
 
@@ -731,7 +731,7 @@ class DenseEvaluator(Evaluator):
         x64 = bool(jax.config.jax_enable_x64)
 
         def compile_one(job):
-            with jax.enable_x64(x64):
+            with compat.enable_x64(x64):
                 try:
                     self._compile(*job, None)
                 except Exception:  # noqa: BLE001 - the loop compiles it again and handles it

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import compare as cp
-from jgc._src import complexstep, programs
+from jgc._src import compat, complexstep, programs
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import Evaluator, make_evaluator
@@ -53,7 +53,7 @@ class Precision:
 
     def run(self, fn: Callable, *args, own: bool = False):
         """fn(*args) under the check's precision (or, with `own`, the user's), on any thread."""
-        with jax.enable_x64(self.user if own else self.effective):
+        with compat.enable_x64(self.user if own else self.effective):
             return fn(*args)
 
 
@@ -69,7 +69,7 @@ def precision(x64: bool) -> Iterator[Precision]:
                          "(check at the parameters' own precision).")
     user = bool(jax.config.jax_enable_x64)
     effective = True if x64 else user
-    with jax.enable_x64(effective):
+    with compat.enable_x64(effective):
         yield Precision(effective, user)
 
 
