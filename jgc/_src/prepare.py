@@ -221,7 +221,7 @@ def _promoted_leaves(sp: Split, plan: pl.Plan) -> list[str]:
     """The checked leaves evaluated in a wider dtype than their own (x64), with their dtype."""
     out = []
     for spec, dt in zip(sp.checked_specs(), plan.dtypes):
-        own = np.finfo(np.dtype(spec.dtype)).dtype if spec.dtype else None
+        own = jnp.finfo(np.dtype(spec.dtype)).dtype if spec.dtype else None
         if own is not None and np.dtype(own).itemsize < np.dtype(dt).itemsize:
             out.append(f"{spec.path or '<params>'} ({spec.dtype})")
     return out
