@@ -9,6 +9,7 @@ import pytest
 from conftest import W, X, tanh_grad, tanh_loss
 
 import jgc
+from jgc._src.compat import enable_x64
 
 # -- a typed PRNG key among the arguments --------------------------------------------------------
 
@@ -22,7 +23,7 @@ def test_a_typed_prng_key_in_args_is_passed_through(make_key):
     key = make_key(3)
     r = jgc.check_grad(_dropout_loss, W, X, key)
     assert r.ok, str(r)
-    with jax.enable_x64(True):  # the check's precision: the mask is drawn in float64 there
+    with enable_x64(True):  # the check's precision: the mask is drawn in float64 there
         keep = np.asarray(jax.random.bernoulli(key, 0.7, X.shape))
     right = tanh_grad(W, np.where(keep, X / 0.7, 0.0))
     assert jgc.check_grad(_dropout_loss, W, X, key, grad=lambda p, X, k: right).ok

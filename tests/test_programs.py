@@ -11,6 +11,7 @@ import pytest
 
 import jgc
 from jgc._src import programs
+from jgc._src.compat import enable_x64
 
 RNG = np.random.default_rng(7)
 W = RNG.normal(size=(4, 3))
@@ -175,7 +176,7 @@ def test_constants_inside_nested_jaxprs_are_keyed_by_content():
     b[1, 2] = np.nextafter(b[1, 2], np.inf)  # one ulp
     trace = lambda X: programs.trace(lambda p: jnp.sum(jax.jit(lambda p: X @ p)(p)),
                                      jax.ShapeDtypeStruct((3,), np.float64))
-    with jax.enable_x64(True):  # the constant stays float64, so one ulp is a different program
+    with enable_x64(True):  # the constant stays float64, so one ulp is a different program
         assert trace(a).key == trace(a.copy()).key
         assert trace(a).key != trace(b).key
     assert programs._digest(object()) is None

@@ -24,6 +24,7 @@ from jax import lax
 import jgc
 from jgc._src import evaluate, programs, structured
 from jgc._src import plan as pl
+from jgc._src.compat import enable_x64
 from jgc._src.inputs import promote_args
 from jgc._src.tree import split_checked
 from jgc.examples import zoo
@@ -39,7 +40,7 @@ REORDER = 1024  # see the module docstring
 def structured_and_dense(f, x, dtype, seed=0):
     """The outputs of f at x + s·e_i for every entry i of x (one random step each), by the
     structured pass and by plain evaluation, as (n, outputs) arrays, and the leaf's plan."""
-    with jax.enable_x64(dtype == np.float64):
+    with enable_x64(dtype == np.float64):
         x = jnp.asarray(x, dtype)
         shape, v = x.shape, x.reshape(-1)
         closed = jax.make_jaxpr(lambda v: f(v.reshape(shape)))(v)
@@ -286,7 +287,7 @@ def _evaluators(model, x64):
     sp = split_checked(model.params)
     plan = pl.make_plan(sp, mode="full", x64=x64, eps=None, samples=0, seed=0)
     args, _ = promote_args(model.args, x64)  # as check_grad does
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         base = evaluate.make_evaluator(model.loss, sp, plan.theta, plan.dtypes, args)
         kw = dict(traced=base.traced)
         s = evaluate.StructuredEvaluator(model.loss, sp, plan.theta, plan.dtypes, args, **kw)
@@ -316,7 +317,7 @@ def test_structured_agrees_with_dense_on_every_model(name, x64):
     index = np.concatenate([rng.integers(sp.offsets[k], sp.offsets[k + 1], per_leaf)
                             for k in range(len(sp.checked)) if sp.offsets[k + 1] > sp.offsets[k]])
     step = rng.choice([-1, 1], len(index)) * 10.0 ** rng.uniform(-4, -2, len(index))
-    with jax.enable_x64(x64):
+    with enable_x64(x64):
         a, b, f0 = s.perturbed(index, step), d.perturbed(index, step), d.at()
     u = float(np.finfo(plan.dtypes[0]).eps)
     # Both sum the same terms in different orders; the losses are means of O(1) terms.
@@ -331,7 +332,7 @@ def test_directions_from_the_base_values_agree_with_dense(name):
     structured pass's base values: the same losses as the dense program, to rounding."""
     sp, plan, s, d = _evaluators(BENCHMARK_MODELS[name](), True)
     rng = np.random.default_rng(3)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         f0 = d.at()
         for k in range(len(sp.checked)):
             size = sp.offsets[k + 1] - sp.offsets[k]
@@ -348,7 +349,7 @@ def test_big_models_take_the_structured_pass_where_it_pays():
     """The CNN's convolutions and dense layers are structured; the leaves that feed a
     reduce_max over the fixed axis (the last bias, through log-softmax) are dense, and said."""
     sp, _, s, _ = _evaluators(zoo.flax_cnn("mnist"), True)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         s._setup()
     paths = {sp.checked_specs()[k].path: p for k, p in s.plans.items()}
     for leaf in ("['Conv_0']['kernel']", "['Conv_1']['kernel']", "['Dense_0']['kernel']"):
@@ -434,7 +435,7 @@ def test_no_chunk_by_n_array_on_the_structured_path():
     anything as large; the largest intermediate of W2's first layer is a chunk of its hidden
     activations."""
     model = zoo.mlp((784, 64, 10), batch=32)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         v = jnp.asarray(model.params["W0"]).reshape(-1)
         p = dict(model.params)
 

@@ -14,6 +14,7 @@ from conftest import W, X, tanh_grad, tanh_loss
 import jgc
 from jgc._src import estimate as es
 from jgc._src import programs
+from jgc._src.compat import enable_x64
 from jgc.examples import zoo
 
 # -- one check, one precision, whatever thread runs it -----------------------------------------
@@ -21,7 +22,7 @@ from jgc.examples import zoo
 def test_x64_false_inside_enable_x64_context_runs_in_one_precision():
     """jax.grad and the user's gradient run on worker threads, which do not see the caller's
     thread-local x64 context: they must still run in the check's precision."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         r = jgc.check_grad(tanh_loss, W, X, x64=False)
         r_hand = jgc.check_grad(tanh_loss, W, X, x64=False,
                                 grad=lambda p, X: jax.grad(tanh_loss)(p, X))

@@ -559,7 +559,7 @@ def zero_bound(leaves) -> float:
     arrays = [np.asarray(a) for a in leaves]
     finite = [np.abs(a[np.isfinite(a)].astype(np.float64)) for a in arrays]
     scale = max((float(a.max()) for a in finite if a.size), default=0.0)
-    eps = max((float(np.finfo(a.dtype).eps) for a in arrays
+    eps = max((float(jnp.finfo(a.dtype).eps) for a in arrays
                if jnp.issubdtype(a.dtype, jnp.floating)), default=0.0)
     return float(TOL_FACTOR * KAPPA * eps * scale)
 

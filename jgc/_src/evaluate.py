@@ -878,7 +878,7 @@ class DenseEvaluator(Evaluator):
             if program is None:
                 program = self._compile(kind, build, static, rows, deadline)
             started = time.perf_counter()
-            values = programs.to_host(program(self.consts, self.theta, self.dyn, *rows))
+            values = programs.to_host(self._run(program, rows))
             seconds = time.perf_counter() - started
             if first is not None and s == 0:
                 first(seconds, chunk)
@@ -890,6 +890,19 @@ class DenseEvaluator(Evaluator):
         if bar is not None:
             bar.close()
         return np.concatenate(out)[:m].astype(np.float64)
+
+    def _run(self, program, rows):
+        """One call of a compiled program. An XLA runtime failure is JAX's, not a wrong
+        gradient: an InputError that says so (jax.scipy.special.owens_t in float32, after a
+        float64 call in the same process, fails the same way under plain jax.jit)."""
+        try:
+            return program(self.consts, self.theta, self.dyn, *rows)
+        except jax.errors.JaxRuntimeError as e:
+            what = "f(*primals)" if self.vector else "loss(params, *args)"
+            raise InputError(
+                f"JAX could not run the compiled {what}: {first_line(e)}. This is a failure of "
+                "JAX's runtime, not of any gradient: try the function under plain jax.jit; if it "
+                "fails there too, it is a JAX issue.") from e
 
     def eval_work(self, kind: str, leaf: int | None) -> float:
         """The work of one perturbation of `leaf` (None: any) by a program of `kind`: the

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import compare as cp
-from jgc._src import complexstep, programs
+from jgc._src import compat, complexstep, programs
 from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import Evaluator, make_evaluator
@@ -72,7 +72,7 @@ def precision(x64: bool) -> Iterator[Precision]:
                          "(check at the parameters' own precision).")
     user, *promotion = programs.thread_config()
     effective = True if x64 else user
-    with jax.enable_x64(effective):
+    with compat.enable_x64(effective):
         yield Precision(effective, user, tuple(promotion))
 
 
@@ -224,7 +224,7 @@ def _promoted_leaves(sp: Split, plan: pl.Plan) -> list[str]:
     """The checked leaves evaluated in a wider dtype than their own (x64), with their dtype."""
     out = []
     for spec, dt in zip(sp.checked_specs(), plan.dtypes):
-        own = np.finfo(np.dtype(spec.dtype)).dtype if spec.dtype else None
+        own = jnp.finfo(np.dtype(spec.dtype)).dtype if spec.dtype else None
         if own is not None and np.dtype(own).itemsize < np.dtype(dt).itemsize:
             out.append(f"{spec.path or '<params>'} ({spec.dtype})")
     return out

@@ -49,6 +49,8 @@ import jax.extend.core
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jgc._src import compat
+
 CACHE_SIZE = 64  # compiled programs kept; each holds an XLA executable (and its rules alive)
 _ATOMS = (int, float, bool, str, bytes, type(None), np.dtype, np.generic)
 
@@ -253,7 +255,7 @@ def thread_config() -> tuple[bool, str, str]:
 def configured(config: tuple[bool, str, str]) -> Iterator[None]:
     """The block under `config` (another thread's `thread_config()`), restored afterwards."""
     x64, rank, dtype = config
-    with jax.enable_x64(x64), jax.numpy_rank_promotion(rank), jax.numpy_dtype_promotion(dtype):
+    with compat.enable_x64(x64), jax.numpy_rank_promotion(rank), jax.numpy_dtype_promotion(dtype):
         yield
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import calls
+from jgc._src import calls, compat
 from jgc._src import estimate as es
 from jgc._src.evaluate import make_evaluator
 from jgc._src.report import LeafReport
@@ -63,7 +63,7 @@ def own_dtypes(check) -> list[np.dtype]:
     """Each checked leaf's real dtype as the user's model runs it: its own dtype, as JAX holds
     it under the user's x64 setting."""
     out = []
-    with jax.enable_x64(check.precision.user):
+    with compat.enable_x64(check.precision.user):
         for spec in check.sp.checked_specs():
             dt = np.dtype(spec.dtype)
             if np.issubdtype(dt, np.complexfloating):
