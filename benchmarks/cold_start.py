@@ -84,8 +84,8 @@ def light_sweep(repeats: int) -> None:
     stops paying is programs.LIGHT_WORK."""
     import jax
 
-    from jgc._src import structured
-    from jgc._src.evaluate import EVALS_PER_ENTRY
+    from jgc._src.evaluators import structured
+    from jgc._src.evaluators.evaluate import EVALS_PER_ENTRY
     from jgc.examples import zoo
 
     print(f"first full check in a fresh process (float64, no cache), medians of {repeats}:\n")
@@ -111,7 +111,7 @@ import json, random, time
 import jax
 from jgc.examples import zoo
 import jgc
-from jgc._src import programs
+from jgc._src.evaluators import programs
 captured = []
 real = programs.compiled
 def spy(name, build, static, traced, args, work=None):

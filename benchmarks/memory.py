@@ -22,7 +22,7 @@ def hwm():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
 import numpy as np, jax, jax.numpy as jnp, jgc
-from jgc._src import evaluate
+from jgc._src.evaluators import evaluate
 rng = np.random.default_rng(0)
 P = {f"w{i}": rng.normal(size=(512, 512)) for i in range(4)}
 def loss(p):

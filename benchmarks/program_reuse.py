@@ -1,7 +1,7 @@
 """The cost of never reusing a stale program: keys that see every constant, at every depth.
 
-A compiled program is reused only for the same program (jgc/_src/programs.py): the jaxpr's
-text, and the content of every constant held inside it, digested. Three workloads, each in a
+A compiled program is reused only for the same program (jgc/_src/evaluators/programs.py): the
+jaxpr's text, and the content of every constant held inside it, digested. Three workloads, each in a
 fresh process, timed after the first check (which compiles):
 
   * unchanged: W1 (tanh MLP 20-16-3, 387 parameters, NumPy gradient) checked again: the key of
@@ -31,7 +31,7 @@ import json, time, sys
 import jax, jax.numpy as jnp, numpy as np
 from jgc.examples import zoo
 import jgc
-from jgc._src import programs
+from jgc._src.evaluators import programs
 
 def timed(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t

@@ -12,31 +12,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from jgc._src.cache import enable_compilation_cache as enable_compilation_cache
-from jgc._src.cache import enable_from_environment as _enable_from_environment
+from jgc._src.evaluators.diskcache import enable_compilation_cache as enable_compilation_cache
+from jgc._src.evaluators.diskcache import enable_from_environment as _enable_from_environment
 from jgc._src.version import __version__ as __version__
 
 if TYPE_CHECKING:  # the names _LAZY imports on first use, for type checkers and editors
-    from jgc._src.check import assert_grad as assert_grad
-    from jgc._src.check import check_grad as check_grad
-    from jgc._src.check import numerical_grad as numerical_grad
-    from jgc._src.jvp import check_hvp as check_hvp
-    from jgc._src.jvp import check_jvp as check_jvp
-    from jgc._src.report import LeafReport as LeafReport
-    from jgc._src.report import Report as Report
-    from jgc._src.tree import InputError as InputError
-    from jgc._src.vjp import check_vjp as check_vjp
+    from jgc._src.report.report import LeafReport as LeafReport
+    from jgc._src.report.report import Report as Report
+    from jgc._src.stages.split import InputError as InputError
+    from jgc._src.surfaces.check import assert_grad as assert_grad
+    from jgc._src.surfaces.check import check_grad as check_grad
+    from jgc._src.surfaces.check import numerical_grad as numerical_grad
+    from jgc._src.surfaces.jvp import check_hvp as check_hvp
+    from jgc._src.surfaces.jvp import check_jvp as check_jvp
+    from jgc._src.surfaces.vjp import check_vjp as check_vjp
 
 _LAZY = {  # public name -> the private module that defines it
-    "InputError": "jgc._src.tree",
-    "LeafReport": "jgc._src.report",
-    "Report": "jgc._src.report",
-    "assert_grad": "jgc._src.check",
-    "check_grad": "jgc._src.check",
-    "check_hvp": "jgc._src.jvp",
-    "check_jvp": "jgc._src.jvp",
-    "check_vjp": "jgc._src.vjp",
-    "numerical_grad": "jgc._src.check",
+    "InputError": "jgc._src.stages.split",
+    "LeafReport": "jgc._src.report.report",
+    "Report": "jgc._src.report.report",
+    "assert_grad": "jgc._src.surfaces.check",
+    "check_grad": "jgc._src.surfaces.check",
+    "check_hvp": "jgc._src.surfaces.jvp",
+    "check_jvp": "jgc._src.surfaces.jvp",
+    "check_vjp": "jgc._src.surfaces.vjp",
+    "numerical_grad": "jgc._src.surfaces.check",
 }
 
 __all__ = (

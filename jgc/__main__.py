@@ -2,6 +2,6 @@
 
 import sys
 
-from jgc._src.cli import main
+from jgc._src.surfaces.cli import main
 
 sys.exit(main())

@@ -38,8 +38,8 @@ from pathlib import Path
 import pytest
 
 import jgc
-from jgc._src import recording
-from jgc._src.cache import compilation_cache, default_cache_dir
+from jgc._src.evaluators.diskcache import compilation_cache, default_cache_dir
+from jgc._src.surfaces import recording
 
 PROPERTY = "jgc"  # the name of the per-test counts in a teardown report's user_properties
 _MAX_STEM = 120  # longer node ids are cut, and told apart by a hash

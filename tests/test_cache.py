@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import cache as jgc_cache
+from jgc._src.evaluators import diskcache as jgc_cache
 
 # A tiny check in a fresh process, counting JAX's persistent-cache hits and misses.
 CHILD = """

@@ -237,7 +237,7 @@ def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
 def test_an_interrupt_anywhere_in_the_pause_leaves_the_collector_as_it_was(step, monkeypatch):
     """A Ctrl-C (KeyboardInterrupt) raised at each step of pausing and resuming, as Python may
     raise it between any two bytecodes: the collector's state is restored every time."""
-    from jgc._src import programs
+    from jgc._src.evaluators import programs
 
     thresholds = gc.get_threshold()
     calls = {"n": 0}
@@ -276,7 +276,7 @@ def test_an_interrupt_anywhere_in_the_pause_leaves_the_collector_as_it_was(step,
 def test_a_user_disabling_the_collector_during_a_pause_keeps_it_disabled():
     """gc.disable() on one thread while another thread's check has collection paused: the end of
     the pause must not turn it back on."""
-    from jgc._src import programs
+    from jgc._src.evaluators import programs
 
     paused, disabled = threading.Event(), threading.Event()
 

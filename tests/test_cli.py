@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import jgc
-from jgc._src import cli
+from jgc._src.surfaces import cli
 
 
 def test_demo_prints_both_reports_and_the_difference(capsys):

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import jgc
-from jgc._src.patterns import find_pattern
-from jgc._src.vocab import Pattern
+from jgc._src.report.vocab import Pattern
+from jgc._src.stages.patterns import find_pattern
 from jgc.examples import complex_nets as cn
 
 # (dtype, x64): complex64 checked at its own precision, and complex128.

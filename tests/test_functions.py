@@ -174,7 +174,7 @@ def test_a_gradient_whose_code_does_not_tell_is_traced_first_and_the_note_says_w
 
 
 def test_numpy_code_is_read_from_names_helpers_and_closures():
-    from jgc._src.calls import numpy_code
+    from jgc._src.evaluators.calls import numpy_code
 
     def helper(z):
         return np.maximum(z, 0)
@@ -259,7 +259,7 @@ def test_nan_gradient_raises_no_numpy_warning():
     (0.995, "is 0.5% too small (a factor 0.995)"), (4.0, "is 4× too large"),
     (8.0, "a 1/m averaging factor is missing (m = 8, the batch size)")])
 def test_factors_are_worded_for_any_size(factor, words):
-    from jgc._src.explain import describe_factor
+    from jgc._src.report.explain import describe_factor
     text = describe_factor(factor, 8)
     assert words in text and len(text) < 300
     assert "1 where 1 was meant" not in text

@@ -31,7 +31,7 @@ def test_a_typed_prng_key_in_args_is_passed_through(make_key):
 
 
 def test_the_command_line_checks_a_file_with_a_typed_key(tmp_path):
-    from jgc._src.cli import main
+    from jgc._src.surfaces.cli import main
 
     path = tmp_path / "model.py"
     path.write_text(

@@ -13,7 +13,7 @@ import pytest
 from test_trust import _tied_relu_net, relu_grad, relu_loss
 
 import jgc
-from jgc._src import estimate as es
+from jgc._src.stages import estimate as es
 
 # -- a loss exactly 0 at params, its perturbed values only rounding ------------------------------
 

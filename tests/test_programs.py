@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import programs
 from jgc._src.compat import enable_x64
+from jgc._src.evaluators import programs
 
 RNG = np.random.default_rng(7)
 W = RNG.normal(size=(4, 3))

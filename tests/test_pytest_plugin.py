@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from jgc import pytest_plugin
-from jgc._src import check
+from jgc._src.surfaces import check
 
 pytest_plugins = "pytester"
 

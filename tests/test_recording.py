@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import recording
+from jgc._src.surfaces import recording
 
 
 def test_every_surface_is_recorded_once_by_name_with_its_report():

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jgc
-from jgc._src import cli
+from jgc._src.surfaces import cli
 from jgc.examples import mlp
 
 # -- the CLI ----------------------------------------------------------------------------------

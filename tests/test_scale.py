@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import evaluate, plan, programs, progress
+from jgc._src.evaluators import evaluate, programs, progress
+from jgc._src.stages import plan
 from jgc.examples import mlp
 
 SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np, jgc
-    from jgc._src import evaluate
+    from jgc._src.evaluators import evaluate
     from jgc.examples import mlp
     if sys.argv[1] == "per_leaf":
         evaluate.PER_LEAF_MIN = 0  # force one batched function per leaf
@@ -90,7 +91,7 @@ def test_directional_passes_correct_and_names_scale_bug():
 
 
 def test_directions_are_seeded_by_path():
-    from jgc._src.directional import direction
+    from jgc._src.stages.directional import direction
     a = direction(0, "['W1']", 0, 10)
     assert np.array_equal(a, direction(0, "['W1']", 0, 10))
     assert not np.array_equal(a, direction(0, "['W2']", 0, 10))
@@ -168,7 +169,7 @@ def test_no_n_by_n_array(monkeypatch):
     program's temporary buffers stays far below n*n entries (the batched perturbations are
     (chunk x n), chunk <= 512 < n). The positive control: the batches are seen, and they do
     hold (chunk x n) values."""
-    from jgc._src import programs
+    from jgc._src.evaluators import programs
     ex = mlp("tanh", width=40)  # n = 1,763
     n = sum(v.size for v in ex.params.values())
     seen = []

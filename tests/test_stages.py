@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import estimate as es
-from jgc._src import evaluate
-from jgc._src import plan as pl
-from jgc._src.diagnose import triage
-from jgc._src.patterns import Collective, find_pattern
-from jgc._src.render import to_html
-from jgc._src.report import LeafReport, leaf_cells, leaf_status
-from jgc._src.tree import InputError, split_checked
-from jgc._src.vocab import Entry, Method, Mode, Pattern, Status, Verdict
+from jgc._src.evaluators import evaluate
+from jgc._src.report.render import to_html
+from jgc._src.report.report import LeafReport, leaf_cells, leaf_status
+from jgc._src.report.vocab import Entry, Method, Mode, Pattern, Status, Verdict
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.diagnose import triage
+from jgc._src.stages.patterns import Collective, find_pattern
+from jgc._src.stages.split import InputError, split_checked
 from jgc.examples import mlp
 
 U64 = float(np.finfo(np.float64).eps)
@@ -274,7 +274,7 @@ def test_vocabularies_are_their_strings():
 
 
 def test_the_cli_offers_every_mode_and_method():
-    from jgc._src.cli import build_parser
+    from jgc._src.surfaces.cli import build_parser
 
     check = build_parser()._subparsers._group_actions[0].choices["check"]
     opts = {a.dest: a for a in check._actions}
@@ -330,7 +330,7 @@ def test_auto_deadline_predicts_other_leaves_from_their_work():
     """mode="auto" times one program and scales the leaves still to come by their planned work
     (structured leaves differ by orders of magnitude); a program's first chunk (buffers,
     threads) neither decides alone nor sets the rate."""
-    from jgc._src.evaluate import Deadline, TooSlow
+    from jgc._src.evaluators.evaluate import Deadline, TooSlow
 
     def deadline(seconds):
         d = Deadline(seconds=seconds, factor=1.0, n_leaves=2)
@@ -366,7 +366,7 @@ def test_largest_entries_match_a_stable_argsort():
 
 
 def test_light_xla_options_follow_the_predicted_work(monkeypatch):
-    from jgc._src import programs
+    from jgc._src.evaluators import programs
 
     monkeypatch.delenv("JGC_XLA_LIGHT", raising=False)
     assert programs.light(1e6) and not programs.light(1e12) and not programs.light(None)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import programs
+from jgc._src.evaluators import programs
 
 SETTINGS = {  # name: (jax_numpy_rank_promotion, jax_numpy_dtype_promotion)
     "default": ("allow", "standard"),

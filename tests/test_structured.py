@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from jax import lax
 
 import jgc
-from jgc._src import evaluate, programs, structured
-from jgc._src import plan as pl
 from jgc._src.compat import enable_x64
-from jgc._src.inputs import promote_args
-from jgc._src.tree import split_checked
+from jgc._src.evaluators import evaluate, programs, structured
+from jgc._src.stages import plan as pl
+from jgc._src.stages.split import split_checked
+from jgc._src.surfaces.options import promote_args
 from jgc.examples import zoo
 
 # derandomize: CI draws the same examples every run, so that it fails for a change, not for

@@ -12,9 +12,9 @@ import pytest
 from conftest import W, X, tanh_grad, tanh_loss
 
 import jgc
-from jgc._src import estimate as es
-from jgc._src import programs
 from jgc._src.compat import enable_x64
+from jgc._src.evaluators import programs
+from jgc._src.stages import estimate as es
 from jgc.examples import zoo
 
 # -- one check, one precision, whatever thread runs it -----------------------------------------
@@ -314,8 +314,9 @@ def test_float32_smooth_networks_give_no_false_alarm():
 def test_a_leaf_wrong_only_along_a_direction_shows_the_direction_not_agreeing_entries():
     """When group testing isolates no entry, the report says so and shows the derivatives
     along the failing direction, never entries whose three values agree."""
-    from jgc._src import directional, explain
-    from jgc._src.report import LeafReport
+    from jgc._src.report import explain
+    from jgc._src.report.report import LeafReport
+    from jgc._src.stages import directional
     tests = directional.DirectionResult(
         numerical=np.array([1.0, 2.0]), checked=np.array([1.3, 2.6]), autodiff=None,
         status=np.array([es.MISMATCH, es.MISMATCH]), autodiff_status=None,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src import estimate as es
+from jgc._src.stages import estimate as es
 from jgc.examples import ALL, conv_maxpool, dropout, mlp
 
 

@@ -14,13 +14,13 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import diagnose as dg
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.patterns import Collective
-from jgc._src.report import LeafReport, Report
-from jgc._src.tree import LeafSpec, Split
-from jgc._src.vocab import Method, Status, Verdict
+from jgc._src.report.report import LeafReport, Report
+from jgc._src.report.vocab import Method, Status, Verdict
+from jgc._src.stages import diagnose as dg
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.patterns import Collective
+from jgc._src.stages.split import LeafSpec, Split
 
 
 def leaf_rounding(a) -> np.ndarray:

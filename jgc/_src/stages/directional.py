@@ -31,12 +31,12 @@ import zlib
 
 import numpy as np
 
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.diagnose import COARSE, UNRESOLVED
-from jgc._src.patterns import find_pattern
-from jgc._src.probes import Directions
-from jgc._src.vocab import Method, Pattern, Status
+from jgc._src.report.vocab import Method, Pattern, Status
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.diagnose import COARSE, UNRESOLVED
+from jgc._src.stages.patterns import find_pattern
+from jgc._src.stages.perturbations import Directions
 
 N_DIRECTIONS = 2
 GROUP_LEAF = 8  # entries checked one by one at the bottom of group testing

@@ -10,7 +10,7 @@ The listener is a ContextVar, so it follows the code that runs the test: asyncio
 inside `listening()` see it, other threads do not.
 
 >>> import jax.numpy as jnp, jgc
->>> from jgc._src.recording import listening
+>>> from jgc._src.surfaces.recording import listening
 >>> with listening() as recorder:
 ...     _ = jgc.assert_grad(lambda p: jnp.sum(p ** 2), jnp.ones(3))
 >>> [(r.surface, r.report.ok) for r in recorder.records]
@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # importing the Report would import JAX: pytest loads this module at start-up
-    from jgc._src.report import Report
+    from jgc._src.report.report import Report
 
 F = TypeVar("F", bound=Callable)
 

@@ -15,19 +15,21 @@ import dataclasses
 import jax
 import numpy as np
 
-from jgc._src import calls, complexstep, explain, noise, userprecision
-from jgc._src import compare as cp
-from jgc._src import diagnose as dg
-from jgc._src import directional as dr
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.evaluate import Deadline, TooSlow
-from jgc._src.inputs import Options
-from jgc._src.prepare import Check, Precision, Subject, prepare
-from jgc._src.probes import Coordinates
-from jgc._src.report import LeafReport, Report
-from jgc._src.tree import InputError, Split, complex_value, listing, match_gradient
-from jgc._src.vocab import Method, Mode, Status
+from jgc._src.evaluators import calls
+from jgc._src.evaluators.evaluate import Deadline, TooSlow
+from jgc._src.report import explain
+from jgc._src.report.report import LeafReport, Report
+from jgc._src.report.vocab import Method, Mode, Status
+from jgc._src.stages import compare as cp
+from jgc._src.stages import complexstep, noise, userprecision
+from jgc._src.stages import diagnose as dg
+from jgc._src.stages import directional as dr
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.perturbations import Coordinates
+from jgc._src.stages.prepare import Check, Precision, Subject, prepare
+from jgc._src.stages.split import InputError, Split, complex_value, listing, match_gradient
+from jgc._src.surfaces.options import Options
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,8 +48,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jgc._src import programs, structured
-from jgc._src.calls import (
+from jgc._src.evaluators import programs, structured
+from jgc._src.evaluators.calls import (
     first_line,
     forbidden_promotion,
     numpy_code,
@@ -57,7 +57,7 @@ from jgc._src.calls import (
     promotion_refused,
     user_call,
 )
-from jgc._src.tree import InputError, Split, flat_output, merge_parts, tree_pformat
+from jgc._src.stages.split import InputError, Split, flat_output, merge_parts, tree_pformat
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
 # large leaves; more only grows the (chunk x n) perturbation matrix. Small problems take larger

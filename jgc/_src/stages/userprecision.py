@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import calls, compat
-from jgc._src import estimate as es
-from jgc._src.evaluate import make_evaluator
-from jgc._src.report import LeafReport
-from jgc._src.tree import InputError, match_gradient
-from jgc._src.vocab import Status
+from jgc._src import compat
+from jgc._src.evaluators import calls
+from jgc._src.evaluators.evaluate import make_evaluator
+from jgc._src.report.report import LeafReport
+from jgc._src.report.vocab import Status
+from jgc._src.stages import estimate as es
+from jgc._src.stages.split import InputError, match_gradient
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jgc._src.tree import listing
+from jgc._src.stages.split import listing
 
 # -- the flattened jaxpr ----------------------------------------------------------------------
 

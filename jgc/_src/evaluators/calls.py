@@ -19,8 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import programs, structured
-from jgc._src.tree import InputError, Split, explicitly_promoted, flat_output, match_gradient
+from jgc._src.evaluators import programs, structured
+from jgc._src.stages.split import (
+    InputError,
+    Split,
+    explicitly_promoted,
+    flat_output,
+    match_gradient,
+)
 
 
 def user_call(what: str, fn: Callable, *args, context: str = "", **kwargs):

@@ -7,8 +7,8 @@ import html
 
 import numpy as np
 
-from jgc._src.report import Report, fmt_path, leaf_cells
-from jgc._src.vocab import Status, Verdict
+from jgc._src.report.report import Report, fmt_path, leaf_cells
+from jgc._src.report.vocab import Status, Verdict
 
 # The classic single-number thresholds (CS231n): below 1e-7 fine in float64, above 1e-2 almost
 # surely a bug. Drawn for orientation: jgc itself judges each entry against its error bar.

@@ -12,14 +12,15 @@ from typing import Any
 
 import chex
 
-from jgc._src import calls, pipeline
-from jgc._src.inputs import make_options
-from jgc._src.plan import DEFAULT_SAMPLES
-from jgc._src.prepare import Subject, precision
-from jgc._src.recording import recorded
-from jgc._src.report import Report
-from jgc._src.tree import ArrayTree
-from jgc._src.vocab import Verdict
+from jgc._src.evaluators import calls
+from jgc._src.report.report import Report
+from jgc._src.report.vocab import Verdict
+from jgc._src.stages import pipeline
+from jgc._src.stages.plan import DEFAULT_SAMPLES
+from jgc._src.stages.prepare import Subject, precision
+from jgc._src.stages.split import ArrayTree
+from jgc._src.surfaces.options import make_options
+from jgc._src.surfaces.recording import recorded
 
 Loss = Callable[..., Any]  # loss(params, *args) -> scalar
 

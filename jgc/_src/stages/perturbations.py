@@ -20,11 +20,11 @@ import math
 
 import numpy as np
 
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.noise import CONFIRM, FINER
-from jgc._src.tree import InputError, Split
-from jgc._src.vocab import Method
+from jgc._src.report.vocab import Method
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.noise import CONFIRM, FINER
+from jgc._src.stages.split import InputError, Split
 
 
 def global_indices(sp: Split, plan: pl.Plan) -> np.ndarray:

@@ -60,7 +60,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-    from jgc._src.tree import InputError
+    from jgc._src.stages.split import InputError
 
     if path is not None and not str(path).strip():
         raise InputError("enable_compilation_cache(path=''): an empty path would cache into "
@@ -70,7 +70,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from jgc._src.tree import InputError
+        from jgc._src.stages.split import InputError
 
         raise InputError(
             f"the compilation cache directory {str(directory)!r} cannot be created "
@@ -98,7 +98,7 @@ def enable_from_environment(strict: bool = False) -> Path | None:
     value = os.environ.get(ENV, "").strip()
     if value.lower() in OFF:
         return None
-    from jgc._src.tree import InputError  # only now: `import jgc` does not import JAX
+    from jgc._src.stages.split import InputError  # only now: `import jgc` does not import JAX
 
     try:
         return enable_compilation_cache(None if value.lower() in ON else value)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from jgc._src.tree import short_dtype
-from jgc._src.vocab import Status, Verdict
+from jgc._src.report.vocab import Status, Verdict
+from jgc._src.stages.split import short_dtype
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -212,7 +212,7 @@ class Report:
 
     def _repr_html_(self) -> str:
         """The notebook view: coloured verdict and status, the table, the diagnosis."""
-        from jgc._src.render import to_html
+        from jgc._src.report.render import to_html
 
         return to_html(self)
 
@@ -220,7 +220,7 @@ class Report:
         """A matplotlib figure: max relative error per leaf (log scale, with the classic
         thresholds) and a relative-error heatmap per 2-D leaf. Saved to `path` if given.
         Needs the optional extra: pip install 'jgc[plot]'."""
-        from jgc._src.render import plot
+        from jgc._src.report.render import plot
 
         return plot(self, path)
 

@@ -13,11 +13,11 @@ import dataclasses
 
 import numpy as np
 
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.probes import Coordinates, all_steps, global_indices
-from jgc._src.tree import InputError, Split, listing
-from jgc._src.vocab import Method
+from jgc._src.report.vocab import Method
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.perturbations import Coordinates, all_steps, global_indices
+from jgc._src.stages.split import InputError, Split, listing
 
 
 def refuse_complex_leaves(sp: Split) -> None:

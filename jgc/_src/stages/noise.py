@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.tree import Split
-from jgc._src.vocab import Mode
+from jgc._src.report.vocab import Mode
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.split import Split
 
 # A loss that rounds float64 inputs to float32 needs probes ~2**16 wider than float64's spacing
 # (sqrt(eps64) = 1.5e-8, against float32's resolution 6e-8): two widenings by 2**8.

@@ -17,8 +17,8 @@ import numbers
 import jax
 import numpy as np
 
-from jgc._src.tree import InputError
-from jgc._src.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
+from jgc._src.report.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
+from jgc._src.stages.split import InputError
 
 _TRANSFORMED = (
     "jgc checks must be called outside jax.jit, jax.grad, jax.vmap and other transformations: "

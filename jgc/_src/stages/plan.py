@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src.tree import Split, real_view
-from jgc._src.vocab import Method, Mode
+from jgc._src.report.vocab import Method, Mode
+from jgc._src.stages.split import Split, real_view
 
 HALF = ("float16", "bfloat16")
 MAX_NOISE_PROBES = 16  # Leaves whose loss noise is measured (9 evaluations each).

@@ -37,7 +37,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src.vocab import Entry, Method
+from jgc._src.report.vocab import Entry, Method
 
 KAPPA = 16.0
 TOL_FACTOR = 3.0

@@ -31,7 +31,7 @@ class _Vocab(str, enum.Enum):
     @classmethod
     def parse(cls, value, name: str, advice: str = ""):
         """The member for a user's string, or InputError naming the choices."""
-        from jgc._src.tree import InputError
+        from jgc._src.stages.split import InputError
 
         try:
             return cls(value)

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import calls, pipeline
-from jgc._src import plan as pl
-from jgc._src.inputs import make_options
-from jgc._src.prepare import Subject, precision
-from jgc._src.recording import recorded
-from jgc._src.report import Report
-from jgc._src.tree import InputError, explicitly_promoted, tree_pformat
+from jgc._src.evaluators import calls
+from jgc._src.report.report import Report
+from jgc._src.stages import pipeline
+from jgc._src.stages import plan as pl
+from jgc._src.stages.prepare import Subject, precision
+from jgc._src.stages.split import InputError, explicitly_promoted, tree_pformat
+from jgc._src.surfaces.options import make_options
+from jgc._src.surfaces.recording import recorded
 
 
 def _contract(out, cot):

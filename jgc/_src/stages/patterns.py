@@ -19,8 +19,8 @@ import dataclasses
 
 import numpy as np
 
-from jgc._src import estimate as es
-from jgc._src.vocab import Pattern
+from jgc._src.report.vocab import Pattern
+from jgc._src.stages import estimate as es
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
 MIN_FIT = 3  # entries a leaf-level pattern needs

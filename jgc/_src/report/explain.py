@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from jgc._src.diagnose import COARSE, triage
-from jgc._src.patterns import MIN_AGREE
-from jgc._src.report import LeafReport, pct
-from jgc._src.vocab import Method, Pattern, Status, Verdict
+from jgc._src.report.report import LeafReport, pct
+from jgc._src.report.vocab import Method, Pattern, Status, Verdict
+from jgc._src.stages.diagnose import COARSE, triage
+from jgc._src.stages.patterns import MIN_AGREE
 
 
 def _near(a: float, b: float, rel: float = 2e-3) -> bool:

@@ -28,16 +28,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import compare as cp
-from jgc._src import compat, complexstep, programs
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.evaluate import Evaluator, make_evaluator
-from jgc._src.inputs import Options, promote_args, refuse_unusable
-from jgc._src.progress import progress_factory
-from jgc._src.report import Report
-from jgc._src.tree import InputError, Split, listing, split_checked
-from jgc._src.vocab import Method
+from jgc._src import compat
+from jgc._src.evaluators import programs
+from jgc._src.evaluators.evaluate import Evaluator, make_evaluator
+from jgc._src.evaluators.progress import progress_factory
+from jgc._src.report.report import Report
+from jgc._src.report.vocab import Method
+from jgc._src.stages import compare as cp
+from jgc._src.stages import complexstep
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.split import InputError, Split, listing, split_checked
+from jgc._src.surfaces.options import Options, promote_args, refuse_unusable
 
 
 @dataclasses.dataclass(frozen=True)

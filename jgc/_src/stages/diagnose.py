@@ -17,11 +17,11 @@ import math
 
 import numpy as np
 
-from jgc._src.estimate import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR, Comparison
-from jgc._src.patterns import Collective, find_pattern
-from jgc._src.report import LeafReport
-from jgc._src.tree import LeafSpec
-from jgc._src.vocab import Pattern, Status, Verdict
+from jgc._src.report.report import LeafReport
+from jgc._src.report.vocab import Pattern, Status, Verdict
+from jgc._src.stages.estimate import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR, Comparison
+from jgc._src.stages.patterns import Collective, find_pattern
+from jgc._src.stages.split import LeafSpec
 
 COARSE = 0.01  # A leaf whose resolution is coarser than 1% gets a note: such bugs can hide.
 # A leaf is "unresolved" when the check could not tell its gradient from one 2x too large, its

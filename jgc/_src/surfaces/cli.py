@@ -7,8 +7,8 @@ import contextlib
 import os
 import sys
 
+from jgc._src.report.vocab import Method, Mode
 from jgc._src.version import __version__
-from jgc._src.vocab import Method, Mode
 
 DEMO_BUG = "b1_4_over_m"
 
@@ -55,8 +55,8 @@ class UsageError(Exception):
 def _environment() -> None:
     """JGC_COMPILATION_CACHE, strictly: importing jgc only warns about a directory it cannot
     create, while a command that was asked for a cache it cannot have is a usage error."""
-    from jgc._src.cache import enable_from_environment
-    from jgc._src.tree import InputError
+    from jgc._src.evaluators.diskcache import enable_from_environment
+    from jgc._src.stages.split import InputError
 
     try:
         enable_from_environment(strict=True)

@@ -25,17 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src import calls, explain
-from jgc._src import compare as cp
-from jgc._src import diagnose as dg
-from jgc._src import estimate as es
-from jgc._src import plan as pl
-from jgc._src.inputs import count_option, make_options
-from jgc._src.prepare import Check, Subject, precision, prepare
-from jgc._src.probes import Tangents
-from jgc._src.recording import recorded
-from jgc._src.report import Report
-from jgc._src.tree import (
+from jgc._src.evaluators import calls
+from jgc._src.report import explain
+from jgc._src.report.report import Report
+from jgc._src.report.vocab import Mode, Verdict
+from jgc._src.stages import compare as cp
+from jgc._src.stages import diagnose as dg
+from jgc._src.stages import estimate as es
+from jgc._src.stages import plan as pl
+from jgc._src.stages.perturbations import Tangents
+from jgc._src.stages.prepare import Check, Subject, precision, prepare
+from jgc._src.stages.split import (
     InputError,
     LeafSpec,
     flat_output,
@@ -45,7 +45,8 @@ from jgc._src.tree import (
     merge_parts,
     split_checked,
 )
-from jgc._src.vocab import Mode, Verdict
+from jgc._src.surfaces.options import count_option, make_options
+from jgc._src.surfaces.recording import recorded
 
 N_TANGENTS = 2  # seeded random tangents when none are given
 BASIS_MAX = 16  # check_hvp also probes every basis direction of leaves up to this size

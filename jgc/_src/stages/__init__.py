@@ -1,0 +1,1 @@
+"""The pipeline's stages: split -> plan -> (evaluate) -> estimate -> compare -> diagnose."""
