@@ -85,7 +85,7 @@ def light_sweep(repeats: int) -> None:
     import jax
 
     from jgc._src.evaluators import structured
-    from jgc._src.evaluators.evaluate import EVALS_PER_ENTRY
+    from jgc._src.evaluators.dense import EVALS_PER_ENTRY
     from jgc.examples import zoo
 
     print(f"first full check in a fresh process (float64, no cache), medians of {repeats}:\n")

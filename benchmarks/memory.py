@@ -22,14 +22,14 @@ def hwm():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
 import numpy as np, jax, jax.numpy as jnp, jgc
-from jgc._src.evaluators import evaluate
+from jgc._src.evaluators import budget
 rng = np.random.default_rng(0)
 P = {f"w{i}": rng.normal(size=(512, 512)) for i in range(4)}
 def loss(p):
     terms = [jnp.sum(jnp.log(jnp.cosh(p[k] - 0.1))) for k in sorted(p)]
     return sum(terms) + jnp.sum(p["w0"] * p["w1"]) * 1e-3
 before = hwm()
-budget = evaluate.default_memory_budget() / 2**20
+budget = budget.default_memory_budget() / 2**20
 print(f"n = {sum(v.size for v in P.values()):,}; budget {budget:.0f} MiB; "
       f"peak RSS before the check {before:.0f} MiB", flush=True)
 def watch(limit):

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src.evaluators import evaluate, programs, progress
+from jgc._src.evaluators import budget, dense, programs, progress
 from jgc._src.stages import plan
 from jgc.examples import mlp
 
 SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np, jgc
-    from jgc._src.evaluators import evaluate
+    from jgc._src.evaluators import dense
     from jgc.examples import mlp
     if sys.argv[1] == "per_leaf":
-        evaluate.PER_LEAF_MIN = 0  # force one batched function per leaf
+        dense.PER_LEAF_MIN = 0  # force one batched function per leaf
     ex = mlp("tanh", width=6)
     out = {"devices": len(jax.devices())}
     for name, grad in (("ok", ex.grad), ("bug", ex.bugs["b1_4_over_m"].grad)):
@@ -124,7 +124,7 @@ def test_auto_picks_full_for_a_cheap_check_every_time():
 
 
 def test_default_memory_budget_is_sane():
-    b = evaluate.default_memory_budget()
+    b = budget.default_memory_budget()
     assert 256 * 2**20 <= b <= 2**30
 
 
@@ -216,7 +216,7 @@ def test_leaf_programs_compile_together_on_worker_threads(monkeypatch, x64):
     def run(precompile: bool):
         monkeypatch.setattr(programs, "CACHE", programs._Cache(programs.CACHE_SIZE))
         if not precompile:
-            monkeypatch.setattr(evaluate.DenseEvaluator, "_precompile", lambda *a: None)
+            monkeypatch.setattr(dense.DenseEvaluator, "_precompile", lambda *a: None)
         threads = []
         real = programs.compiled
 

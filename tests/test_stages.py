@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src.evaluators import evaluate
+from jgc._src.evaluators import dense, factory
 from jgc._src.report.render import to_html
 from jgc._src.report.report import LeafReport, leaf_cells, leaf_status
 from jgc._src.report.vocab import Entry, Method, Mode, Pattern, Status, Verdict
@@ -162,7 +162,7 @@ def _evaluator(budget, width=12):
     ex = mlp("tanh", width=width)
     sp = split_checked(ex.params)
     plan = pl.make_plan(sp, mode=Mode.FULL, x64=True, eps=None, samples=0, seed=0)
-    return evaluate.make_evaluator(ex.loss, sp, plan.theta, plan.dtypes, tuple(ex.args),
+    return factory.make_evaluator(ex.loss, sp, plan.theta, plan.dtypes, tuple(ex.args),
                                    memory_budget=budget), sp
 
 
@@ -185,14 +185,14 @@ def test_a_check_runs_in_the_budgets_chunks(monkeypatch):
     """The sizes a check actually uses, seen from inside: all within a small budget, larger
     without it, and the same numbers either way."""
     sizes = []
-    original = evaluate.DenseEvaluator.chunk_size
+    original = dense.DenseEvaluator.chunk_size
 
     def spy(self, m, batched):
         out = original(self, m, batched)
         sizes.append((out, out * self.bytes_per_evaluation(batched), self.memory_budget))
         return out
 
-    monkeypatch.setattr(evaluate.DenseEvaluator, "chunk_size", spy)
+    monkeypatch.setattr(dense.DenseEvaluator, "chunk_size", spy)
     ex = mlp("tanh")
     small = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, memory_budget=4096)
     small_sizes, sizes[:] = list(sizes), []
@@ -330,7 +330,7 @@ def test_auto_deadline_predicts_other_leaves_from_their_work():
     """mode="auto" times one program and scales the leaves still to come by their planned work
     (structured leaves differ by orders of magnitude); a program's first chunk (buffers,
     threads) neither decides alone nor sets the rate."""
-    from jgc._src.evaluators.evaluate import Deadline, TooSlow
+    from jgc._src.evaluators.deadline import Deadline, TooSlow
 
     def deadline(seconds):
         d = Deadline(seconds=seconds, factor=1.0, n_leaves=2)

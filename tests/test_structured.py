@@ -23,7 +23,7 @@ from jax import lax
 
 import jgc
 from jgc._src.compat import enable_x64
-from jgc._src.evaluators import evaluate, programs, structured
+from jgc._src.evaluators import dense, factory, programs, structured, structured_evaluator
 from jgc._src.stages import plan as pl
 from jgc._src.stages.split import split_checked
 from jgc._src.surfaces.options import promote_args
@@ -288,10 +288,11 @@ def _evaluators(model, x64):
     plan = pl.make_plan(sp, mode="full", x64=x64, eps=None, samples=0, seed=0)
     args, _ = promote_args(model.args, x64)  # as check_grad does
     with enable_x64(x64):
-        base = evaluate.make_evaluator(model.loss, sp, plan.theta, plan.dtypes, args)
+        base = factory.make_evaluator(model.loss, sp, plan.theta, plan.dtypes, args)
         kw = dict(traced=base.traced)
-        s = evaluate.StructuredEvaluator(model.loss, sp, plan.theta, plan.dtypes, args, **kw)
-        d = evaluate.DenseEvaluator(model.loss, sp, plan.theta, plan.dtypes, args, **kw)
+        s = structured_evaluator.StructuredEvaluator(model.loss, sp, plan.theta, plan.dtypes,
+                                                     args, **kw)
+        d = dense.DenseEvaluator(model.loss, sp, plan.theta, plan.dtypes, args, **kw)
     d.per_leaf = True
     return sp, plan, s, d
 
@@ -340,7 +341,7 @@ def test_directions_from_the_base_values_agree_with_dense(name):
             vid, mult = np.array([0, 1, 0, 1]), np.array([1.0, -1.0, 0.5, -0.25])
             lo, hi = np.array([0, 0, size // 3, 1]), np.array([size, size, size, size // 2 + 1])
             a = s.along(k, vectors, vid, mult, lo, hi)
-            b = evaluate.DenseEvaluator.along(s, k, vectors, vid, mult, lo, hi)
+            b = dense.DenseEvaluator.along(s, k, vectors, vid, mult, lo, hi)
             assert np.max(np.abs(a - b)) <= 16 * 2.0 ** -52 * max(1.0, abs(f0)), k
     assert not s.failed, s.failed
 
@@ -505,13 +506,13 @@ def test_a_gather_from_a_large_table_stays_within_the_memory_budget(monkeypatch)
     ids = rng.integers(0, 5000, size=(64,))
     budget = 8 * 2**20
     seen = []
-    original = evaluate.structured_chunk
+    original = dense.structured_chunk
 
     def spy(per_bytes, memory_budget):
         seen.append((per_bytes, original(per_bytes, memory_budget), memory_budget))
         return seen[-1][1]
 
-    monkeypatch.setattr(evaluate, "structured_chunk", spy)
+    monkeypatch.setattr(dense, "structured_chunk", spy)
     loss = lambda p, ids: jnp.sum(jnp.tanh(p["table"][ids] @ p["w"]) ** 2)
     r = jgc.check_grad(loss, p, ids, mode="sample", memory_budget=budget)
     assert r.ok and any("structured evaluation" in n and "['table']" in n for n in r.notes)
@@ -563,13 +564,13 @@ def test_a_structured_program_slower_than_a_forward_pass_is_abandoned(monkeypatc
     X = rng.normal(size=(8, 200))
     loss = lambda p, X: jnp.sum(jnp.tanh(X @ p["W"] + p["b"][None, :]) ** 2)
     fast = jgc.check_grad(loss, p, X, mode="sample", samples=8)
-    original = evaluate.StructuredEvaluator._setup
+    original = structured_evaluator.StructuredEvaluator._setup
 
     def setup(self):
         original(self)
         self.forward_seconds = 0.0  # as if a forward pass cost nothing
 
-    monkeypatch.setattr(evaluate.StructuredEvaluator, "_setup", setup)
+    monkeypatch.setattr(structured_evaluator.StructuredEvaluator, "_setup", setup)
     slow = jgc.check_grad(loss, p, X, mode="sample", samples=8)
     assert slow.ok and fast.ok
     assert any("the structured pass was abandoned: it ran" in n and "more than a whole forward "

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jgc._src.evaluators import calls
-from jgc._src.evaluators.evaluate import Deadline, TooSlow
+from jgc._src.evaluators.deadline import Deadline, TooSlow
 from jgc._src.report import explain
 from jgc._src.report.report import LeafReport, Report
 from jgc._src.report.vocab import Method, Mode, Status

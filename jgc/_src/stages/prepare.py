@@ -30,7 +30,8 @@ import numpy as np
 
 from jgc._src import compat
 from jgc._src.evaluators import programs
-from jgc._src.evaluators.evaluate import Evaluator, make_evaluator
+from jgc._src.evaluators.evaluator import Evaluator
+from jgc._src.evaluators.factory import make_evaluator
 from jgc._src.evaluators.progress import progress_factory
 from jgc._src.report.report import Report
 from jgc._src.report.vocab import Method

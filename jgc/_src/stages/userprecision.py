@@ -27,7 +27,7 @@ import numpy as np
 
 from jgc._src import compat
 from jgc._src.evaluators import calls
-from jgc._src.evaluators.evaluate import make_evaluator
+from jgc._src.evaluators.factory import make_evaluator
 from jgc._src.report.report import LeafReport
 from jgc._src.report.vocab import Status
 from jgc._src.stages import estimate as es
