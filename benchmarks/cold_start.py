@@ -84,8 +84,8 @@ def light_sweep(repeats: int) -> None:
     stops paying is programs.LIGHT_WORK."""
     import jax
 
-    from jgc._src.evaluators import structured
     from jgc._src.evaluators.dense import EVALS_PER_ENTRY
+    from jgc._src.evaluators.structured.flatjaxpr import jaxpr_cost
     from jgc.examples import zoo
 
     print(f"first full check in a fresh process (float64, no cache), medians of {repeats}:\n")
@@ -96,7 +96,7 @@ def light_sweep(repeats: int) -> None:
         n = sum(v.size for v in model.params.values())
         with jax.enable_x64(True):
             jaxpr = jax.make_jaxpr(model.loss)(model.params, *model.args)
-        work = EVALS_PER_ENTRY * n * structured.jaxpr_cost(jaxpr)
+        work = EVALS_PER_ENTRY * n * jaxpr_cost(jaxpr)
         env = {"SIZES": json.dumps(sizes), "BATCH": str(batch)}
         full = statistics.median(run(CHILD, {**env, "JGC_XLA_LIGHT": "0"})["first"]
                                  for _ in range(repeats))

@@ -23,7 +23,11 @@ from jax import lax
 
 import jgc
 from jgc._src.compat import enable_x64
-from jgc._src.evaluators import dense, factory, programs, structured, structured_evaluator
+from jgc._src.evaluators import dense, factory, programs
+from jgc._src.evaluators.structured.evaluator import StructuredEvaluator
+from jgc._src.evaluators.structured.flatjaxpr import base_values, flatten
+from jgc._src.evaluators.structured.leafplan import leaf_losses, plan_leaf
+from jgc._src.evaluators.structured.rules import _groups
 from jgc._src.stages import plan as pl
 from jgc._src.stages.split import split_checked
 from jgc._src.surfaces.options import promote_args
@@ -44,17 +48,17 @@ def structured_and_dense(f, x, dtype, seed=0):
         x = jnp.asarray(x, dtype)
         shape, v = x.shape, x.reshape(-1)
         closed = jax.make_jaxpr(lambda v: f(v.reshape(shape)))(v)
-        flat = structured.flatten(closed)
+        flat = flatten(closed)
         leaf = flat.invars[0]
-        plan = structured.plan_leaf(flat, leaf, flat.avals, jax.ShapeDtypeStruct(v.shape, dtype),
+        plan = plan_leaf(flat, leaf, flat.avals, jax.ShapeDtypeStruct(v.shape, dtype),
                                     dtype)
-        bases = jax.jit(lambda v, c: structured.base_values(flat, (v,), c, plan.needed))(
+        bases = jax.jit(lambda v, c: base_values(flat, (v,), c, plan.needed))(
             v, closed.consts)
         rng = np.random.default_rng(seed)
         index = jnp.arange(v.size, dtype=jnp.int32)
         step = jnp.asarray(rng.choice([-1.0, 1.0], v.size) * 10.0 ** rng.uniform(-3, -1, v.size),
                            dtype)
-        got = jax.jit(lambda b, i, s: structured.leaf_losses(
+        got = jax.jit(lambda b, i, s: leaf_losses(
             flat, list(plan.eqns), leaf, plan.needed, b, v, i, s, dtype))(bases, index, step)
         want = jax.jit(jax.vmap(lambda i, s: jnp.ravel(f(v.at[i].set(v[i] + s).reshape(shape)))))(
             index, step)
@@ -253,7 +257,7 @@ def test_structural_rules_agree_with_dense_after_a_contraction(name, a, b, c, dt
     ((4, 6), (6, 4), [([0, 1], [0, 1])]),  # one group: the sizes meet only at the end
 ])
 def test_reshape_axis_groups(old, new, groups):
-    assert structured._groups(old, new) == groups
+    assert _groups(old, new) == groups
 
 
 @SETTINGS
@@ -290,7 +294,7 @@ def _evaluators(model, x64):
     with enable_x64(x64):
         base = factory.make_evaluator(model.loss, sp, plan.theta, plan.dtypes, args)
         kw = dict(traced=base.traced)
-        s = structured_evaluator.StructuredEvaluator(model.loss, sp, plan.theta, plan.dtypes,
+        s = StructuredEvaluator(model.loss, sp, plan.theta, plan.dtypes,
                                                      args, **kw)
         d = dense.DenseEvaluator(model.loss, sp, plan.theta, plan.dtypes, args, **kw)
     d.per_leaf = True
@@ -444,11 +448,11 @@ def test_no_chunk_by_n_array_on_the_structured_path():
             return model.loss({**p, "W0": w.reshape(784, 64)}, *model.args)
 
         closed = jax.make_jaxpr(f)(v)
-        flat = structured.flatten(closed)
-        plan = structured.plan_leaf(flat, flat.invars[0], flat.avals,
+        flat = flatten(closed)
+        plan = plan_leaf(flat, flat.invars[0], flat.avals,
                                     jax.ShapeDtypeStruct(v.shape, v.dtype), v.dtype)
         chunk = 64
-        program = jax.make_jaxpr(lambda b, i, s: structured.leaf_losses(
+        program = jax.make_jaxpr(lambda b, i, s: leaf_losses(
             flat, list(plan.eqns), flat.invars[0], plan.needed, b, v, i, s, v.dtype))(
             tuple(flat.avals[i] for i in plan.needed), jnp.zeros(chunk, jnp.int32),
             jnp.zeros(chunk))
@@ -564,13 +568,13 @@ def test_a_structured_program_slower_than_a_forward_pass_is_abandoned(monkeypatc
     X = rng.normal(size=(8, 200))
     loss = lambda p, X: jnp.sum(jnp.tanh(X @ p["W"] + p["b"][None, :]) ** 2)
     fast = jgc.check_grad(loss, p, X, mode="sample", samples=8)
-    original = structured_evaluator.StructuredEvaluator._setup
+    original = StructuredEvaluator._setup
 
     def setup(self):
         original(self)
         self.forward_seconds = 0.0  # as if a forward pass cost nothing
 
-    monkeypatch.setattr(structured_evaluator.StructuredEvaluator, "_setup", setup)
+    monkeypatch.setattr(StructuredEvaluator, "_setup", setup)
     slow = jgc.check_grad(loss, p, X, mode="sample", samples=8)
     assert slow.ok and fast.ok
     assert any("the structured pass was abandoned: it ran" in n and "more than a whole forward "

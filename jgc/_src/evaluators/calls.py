@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src.evaluators import programs, structured
+from jgc._src.evaluators import programs
+from jgc._src.evaluators.structured.flatjaxpr import jaxpr_cost
 from jgc._src.stages.split import (
     InputError,
     Split,
@@ -289,7 +290,7 @@ def call_gradient(ev, fn: Callable, what: str = "grad(params, *args)") -> Gradie
 
             program = programs.compiled("call", build, segments, (traced,),
                                         (consts, ev.theta, ev.dyn),
-                                        work=structured.jaxpr_cost(traced.closed))
+                                        work=jaxpr_cost(traced.closed))
             flat = user_call(what, program, consts, ev.theta, ev.dyn)
             return GradientCall(jax.tree_util.tree_unflatten(traced.out_tree, flat))
     params, args = ev.host_inputs()

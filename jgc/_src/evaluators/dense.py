@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jgc._src.evaluators import programs, structured
+from jgc._src.evaluators import programs
 from jgc._src.evaluators.budget import (
     activation_bytes,
     agreed_budget,
@@ -38,6 +38,7 @@ from jgc._src.evaluators.calls import (
 from jgc._src.evaluators.deadline import Deadline
 from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.layout import as_traced, assemble
+from jgc._src.evaluators.structured.flatjaxpr import jaxpr_cost
 from jgc._src.stages.split import InputError
 
 # Perturbations per compiled call. Measured on 2 CPU cores: 32 to 64 per chunk runs best for
@@ -79,9 +80,9 @@ class DenseEvaluator(Evaluator):
         self.per_leaf = sp.n >= PER_LEAF_MIN and len(sp.checked) > 1
         # Activation memory matters for budgeting large problems only.
         self.act_bytes = activation_bytes(traced.closed.jaxpr) if sp.n > SMALL_BATCHED else 0
-        # The work of one evaluation (structured._cost's units), for the XLA options
+        # The work of one evaluation (flatjaxpr._cost's units), for the XLA options
         # (programs.light); infinite with a while loop (unknown trips): fully optimised.
-        self.work = structured.jaxpr_cost(traced.closed)
+        self.work = jaxpr_cost(traced.closed)
         self._place()
 
     # -- the single trace, and what programs are given ---------------------------------------

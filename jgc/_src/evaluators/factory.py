@@ -20,7 +20,7 @@ from jgc._src.evaluators.dense import DenseEvaluator
 from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.host import HostEvaluator
 from jgc._src.evaluators.layout import as_traced, assemble, check_scalar, make_layout
-from jgc._src.evaluators.structured_evaluator import STRUCTURED_MIN, StructuredEvaluator
+from jgc._src.evaluators.structured.evaluator import STRUCTURED_MIN, StructuredEvaluator
 from jgc._src.stages.split import InputError, Split
 
 

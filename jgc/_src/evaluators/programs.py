@@ -319,7 +319,7 @@ CACHE = _Cache(CACHE_SIZE)
 # on W1's two programs (benchmarks/cold_start.py --compile-options): compile 94 + 73 ms fully
 # optimised, 86 + 74 ms with the first two options, 43 + 29 ms with all three, while the code
 # runs up to ~2.5x slower. That pays only while the program's execution stays small next to the
-# time saved. LIGHT_WORK is the switch point, in the work units of structured._cost
+# time saved. LIGHT_WORK is the switch point, in the work units of flatjaxpr._cost
 # (multiply-adds of contractions, elements elsewhere) summed over every evaluation the program
 # is expected to run; measured with benchmarks/cold_start.py --light-sweep (README, "Cold
 # start"). Both emitters implement the same HLO; results may differ in the last bits of

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jgc._src.evaluators import programs, structured
+from jgc._src.evaluators import programs
 from jgc._src.evaluators.builders import INDEX_DTYPE, _displaced, _map, _Static
 from jgc._src.evaluators.calls import (
     first_line,
@@ -25,16 +25,25 @@ from jgc._src.evaluators.dense import (
     _SlowerThanDense,
     _Unbatchable,
 )
+from jgc._src.evaluators.structured.flatjaxpr import base_values, flatten
+from jgc._src.evaluators.structured.leafplan import (
+    LeafPlan,
+    cancellation,
+    describe,
+    leaf_losses,
+    leaf_losses_dense,
+    plan_leaf,
+)
 from jgc._src.stages.split import InputError
 
-# The structured evaluator (structured.py) for losses with at least this many parameters: below,
+# The structured evaluator (structured/) for losses with at least this many parameters: below,
 # one dense program over the flat vector costs less than compiling a program per leaf.
 STRUCTURED_MIN = PER_LEAF_MIN
 
 
 class StructuredEvaluator(DenseEvaluator):
     """The dense evaluator, except that a leaf's one-entry perturbations go through the
-    structured pass (structured.py) wherever it does less work: only what each perturbation
+    structured pass (structured/) wherever it does less work: only what each perturbation
     changes is recomputed, and directions in it start from the pass's base values (the
     upstream layers once per check). The complex step stays dense."""
 
@@ -42,7 +51,7 @@ class StructuredEvaluator(DenseEvaluator):
         super().__init__(*a, **kw)
         self.per_leaf = True
         self.flat = None
-        self.plans: dict[int, structured.LeafPlan] = {}
+        self.plans: dict[int, LeafPlan] = {}
         self.bases: dict[int, Any] = {}
         self.failed: dict[int, str] = {}
         self.forward_seconds = math.inf  # one plain forward pass: the base values' program
@@ -50,11 +59,11 @@ class StructuredEvaluator(DenseEvaluator):
     def _setup(self) -> None:
         """Plans every leaf (abstract traces, no compilation), then computes the base values
         the structured leaves read, in one forward pass shared by all of them."""
-        self.flat = flat = structured.flatten(self.traced.closed)
+        self.flat = flat = flatten(self.traced.closed)
         for k, (a, b, _) in enumerate(self.segments):
             leaf = jax.ShapeDtypeStruct((b - a,), self.dtype)
             try:
-                self.plans[k] = structured.plan_leaf(flat, flat.invars[k], flat.avals, leaf,
+                self.plans[k] = plan_leaf(flat, flat.invars[k], flat.avals, leaf,
                                                      self.dtypes[k])
             except Exception as e:  # noqa: BLE001 - a rule that cannot trace: dense
                 if forbidden_promotion(e):  # jgc's own code promoting implicitly: a bug, which
@@ -72,7 +81,7 @@ class StructuredEvaluator(DenseEvaluator):
         self.forward_seconds = time.perf_counter() - started
         self.bases = dict(zip(needed, values))
         for k, plan in self.plans.items():
-            why = structured.cancellation(plan, self.bases) if plan.use else None
+            why = cancellation(plan, self.bases) if plan.use else None
             if why:
                 self.failed[k] = f"was not used: {why}"
 
@@ -170,7 +179,7 @@ class StructuredEvaluator(DenseEvaluator):
         specs = self.sp.checked_specs()
         plans = {specs[k].path or "<params>": p for k, p in self.plans.items()
                  if k not in self.failed}
-        text = structured.describe(plans) if plans else ""
+        text = describe(plans) if plans else ""
         if self.failed:
             names = [specs[k].path or "<params>" for k in self.failed]
             text += ("; " if text else "") + (
@@ -182,7 +191,7 @@ class StructuredEvaluator(DenseEvaluator):
 def _program_base(flat, segments, needed):
     def run(consts, theta, dynamic):
         parts = [theta[a:b].astype(dt) for a, b, dt in segments]
-        return structured.base_values(flat, (*parts, *dynamic), consts, needed)
+        return base_values(flat, (*parts, *dynamic), consts, needed)
 
     return run
 
@@ -195,7 +204,7 @@ def _program_structured(flat, plan, segments, k: int, dtype):
         leaf = theta[a:b]
 
         def per_device(i, s):
-            out = structured.leaf_losses(flat, list(plan.eqns), flat.invars[k], plan.needed,
+            out = leaf_losses(flat, list(plan.eqns), flat.invars[k], plan.needed,
                                          bases, leaf, i, s, dtype)
             return out[:, 0]
 
@@ -217,7 +226,7 @@ def _program_structured_along(flat, plan, segments, k: int, dtype, st: _Static):
 
         def one(v, c, lo_, hi_):
             value = _displaced(leaf, positions, vectors, v, c, lo_, hi_).astype(dtype)
-            return structured.leaf_losses_dense(flat, list(plan.eqns), flat.invars[k],
+            return leaf_losses_dense(flat, list(plan.eqns), flat.invars[k],
                                                 plan.needed, bases, value[None])[0, 0]
 
         return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)

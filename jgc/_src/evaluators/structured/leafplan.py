@@ -1,0 +1,169 @@
+"""The structured program for one leaf: its losses at one-entry perturbations or along whole-leaf
+directions, and the plan that decides whether the leaf takes the structured pass at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jgc._src.evaluators.structured.flatjaxpr import (
+    Eqn,
+    Flat,
+    Lit,
+    _size,
+    dense_cost,
+    depends,
+    needed_ids,
+)
+from jgc._src.evaluators.structured.rules import apply
+from jgc._src.evaluators.structured.slab import Slab, Work, counting, dense
+from jgc._src.stages.split import listing
+
+# -- the program for one leaf -------------------------------------------------------------------
+
+def leaf_losses(flat: Flat, eqns: list[Eqn], leaf_id: int, needed: tuple[int, ...], bases,
+                leaf, index, step, dtype):
+    """The flat outputs at leaf + step[c] e_{index[c]}, for every c: (C, n_out).
+
+    `leaf` is the leaf's flat segment in the flat vector's dtype; the perturbed entry is
+    fl(leaf[i] + s) cast to the leaf's evaluation dtype, exactly as the dense evaluator forms it.
+    """
+    env = dict(zip(needed, bases))
+    val = (leaf[index] + step).astype(dtype)
+    slab = Slab(env[leaf_id], (0,), index[:, None].astype(jnp.int32), val)
+    return _outputs(flat, eqns, env, leaf_id, slab, index.shape[0])
+
+
+def leaf_losses_dense(flat: Flat, eqns: list[Eqn], leaf_id: int, needed: tuple[int, ...],
+                      bases, values):
+    """The flat outputs with the leaf's segment replaced by each row of `values` (C, size):
+    a perturbation of the whole leaf (a direction). Only the equations that depend on the leaf
+    run, densely; everything upstream is read from `bases` (computed once per check)."""
+    env = dict(zip(needed, bases))
+    return _outputs(flat, eqns, env, leaf_id, Slab(env[leaf_id], (), None, values),
+                    values.shape[0])
+
+
+def _outputs(flat: Flat, eqns: list[Eqn], env: dict, leaf_id: int, slab: Slab, c: int):
+    rep = {leaf_id: slab}
+    for eqn in eqns:
+        ins = [a.value if isinstance(a, Lit) else rep.get(a, env.get(a)) for a in eqn.ins]
+        outs = apply(eqn, ins, [env[i] if i >= 0 else None for i in eqn.outs])
+        for i, o in zip(eqn.outs, outs):
+            if i >= 0:
+                rep[i] = o
+    values = []
+    for o in flat.outs:
+        if isinstance(o, int) and o in rep:
+            values.append(jnp.reshape(dense(rep[o]), (c, -1)))
+        else:
+            base = o.value if isinstance(o, Lit) else env[o]
+            values.append(jnp.broadcast_to(jnp.reshape(base, (1, -1)),
+                                           (c, _size(jnp.shape(base)))))
+    return jnp.concatenate(values, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """Whether a leaf takes the structured pass, and what its program reads."""
+
+    use: bool
+    eqns: tuple
+    needed: tuple[int, ...]
+    structured: float  # work per perturbation (elements)
+    dense: float
+    fallbacks: tuple[str, ...]
+    materialized: float = 0.0  # elements made dense per perturbation
+
+
+# The structured pass is taken where it does at most half the dense pass's work per
+# perturbation: below that the gather and scatter overheads of its rules are not repaid.
+ADVANTAGE = 2.0
+
+
+def plan_leaf(flat: Flat, leaf_id: int, bases_avals: dict, leaf_aval, dtype) -> LeafPlan:
+    """Traces the leaf's structured program abstractly (no compilation) and weighs its work
+    against the dense pass's."""
+    _, eqns = depends(flat, leaf_id)
+    needed = needed_ids(flat, eqns)
+    if leaf_id not in needed:
+        needed = tuple(sorted({*needed, leaf_id}))
+    work = Work()
+    work.dense = dense_cost(flat)
+    with counting(work):
+        jax.eval_shape(
+            lambda b, x, i, s: leaf_losses(flat, eqns, leaf_id, needed, b, x, i, s, dtype),
+            tuple(bases_avals[i] for i in needed), leaf_aval,
+            jax.ShapeDtypeStruct((1,), np.int32), jax.ShapeDtypeStruct((1,), leaf_aval.dtype))
+    use = bool(np.isfinite(work.structured) and work.structured * ADVANTAGE <= work.dense)
+    return LeafPlan(use, tuple(eqns), needed, work.structured, work.dense,
+                    tuple(work.fallbacks), work.materialized)
+
+
+def cancellation(plan: LeafPlan, bases: dict) -> str | None:
+    """Why leaf's structured pass must not be used, when a sum it carries a change through
+    cancels: the terms summed are more than 1/sqrt(u) times the result, so it has lost more
+    than half its digits to rounding. The pass adds the change of the perturbed terms to the
+    sum's base value, where a plain evaluation rounds the whole sum again: two different
+    roundings of a value that is mostly rounding, and the two paths' verdicts differed (terms of
+    +-1e12 cancelling: the structured pass saw every small step round to no change at all). The
+    dense path evaluates the loss as written, with the noise of its rounding measured."""
+    for eqn in plan.eqns:
+        if eqn.prim.name not in ("reduce_sum", "dot_general") or any(
+                isinstance(a, Lit) or a not in bases for a in eqn.ins) or eqn.outs[0] not in bases:
+            continue
+        out = np.abs(np.asarray(bases[eqn.outs[0]], np.float64))
+        ins = [np.abs(np.asarray(bases[a], np.float64)) for a in eqn.ins]
+        if eqn.prim.name == "reduce_sum":
+            terms = np.sum(ins[0], axis=tuple(eqn.params["axes"]))
+        else:
+            terms = np.asarray(lax.dot_general(ins[0], ins[1], eqn.params["dimension_numbers"]))
+        u = float(jnp.finfo(eqn.dtypes[0]).eps)
+        # Over the sum's nonzero results (an exact 0, integer terms cancelling, has no rounding
+        # to lose), and for most of them: a single result near zero in a layer is no
+        # cancellation of the loss.
+        nonzero = out > 0
+        if not nonzero.any():
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lost = (terms * np.sqrt(u) / np.where(nonzero, out, 1.0))[nonzero]
+        j = int(np.argmax(lost))
+        if np.median(lost) > 1:
+            return (f"a {eqn.prim.name} on its path cancels: terms of magnitude "
+                    f"{terms[nonzero][j]:.1e} sum to {out[nonzero][j]:.1e}, more than half its "
+                    "digits lost to rounding; finite differences then see the loss's rounding, "
+                    "which only a plain evaluation reproduces")
+    return None
+
+
+def describe(plans: dict[str, LeafPlan]) -> str:
+    """Which leaves took the structured pass, for the report's notes."""
+    used = [p for p, x in plans.items() if x.use]
+    dense = [p for p, x in plans.items() if not x.use]
+    text = ""
+    if used:
+        speed = [plans[p].dense / max(plans[p].structured, 1.0) for p in used]
+        text = (f"structured evaluation (only what each perturbation changes is recomputed) for "
+                f"{listing(used, 6)}: {_factor(min(speed), max(speed))} less work per "
+                "perturbation")
+    if dense:
+        why = sorted({f for p in dense for f in plans[p].fallbacks[:1]})
+        text += ("; " if text else "") + (
+            f"dense evaluation for {listing(dense, 6)}"
+            + (f" (the perturbation spreads at {', '.join(why[:3])})" if why else ""))
+    return text
+
+
+def _factor(low: float, high: float) -> str:
+    """'12x', '3x to 40x'; the dense pass's work is unbounded with a while loop of unknown
+    length that the structured pass runs once per check instead of once per perturbation."""
+    if not np.isfinite(low):
+        return "an unbounded factor (a while loop runs once per check, not per perturbation)"
+    if not np.isfinite(high):
+        return f"{low:.0f}x to an unbounded factor (a while loop runs once per check)"
+    return f"{low:.0f}x" if round(low) == round(high) else f"{low:.0f}x to {high:.0f}x"
