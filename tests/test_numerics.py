@@ -13,7 +13,7 @@ import pytest
 from test_trust import _tied_relu_net, relu_grad, relu_loss
 
 import jgc
-from jgc._src.stages import estimate as es
+from jgc._src.stages import errormodel as em
 
 # -- a loss exactly 0 at params, its perturbed values only rounding ------------------------------
 
@@ -38,10 +38,10 @@ def test_noise_evidence_widens_only_levels_that_do_not_converge():
                 for v, e in zip(values, errors)]
 
     noisy = levels([3.6e-8, 7.7e-8, -2.5e-7, 4.9e-6], [1e-20] * 4)
-    es._with_noise_evidence(noisy, np.array([3]), np.array([False]))
+    em._with_noise_evidence(noisy, np.array([3]), np.array([False]))
     assert noisy[0]["error"][0] > 1e-8 and noisy[3]["error"][0] > 1e-6
     smooth = levels([1.0 + 1e-10, 1.0 + 6e-12, 1.0 + 1e-13, 1.0], [1e-20] * 4)
-    es._with_noise_evidence(smooth, np.array([3]), np.array([False]))
+    em._with_noise_evidence(smooth, np.array([3]), np.array([False]))
     assert all(lv["error"][0] == 1e-20 for lv in smooth)
 
 

@@ -11,8 +11,11 @@ import pytest
 import jgc
 from jgc._src.evaluators import dense, factory
 from jgc._src.report.render import to_html
-from jgc._src.report.report import LeafReport, leaf_cells, leaf_status
+from jgc._src.report.report import LeafReport
+from jgc._src.report.text import leaf_cells, leaf_status
 from jgc._src.report.vocab import Entry, Method, Mode, Pattern, Status, Verdict
+from jgc._src.stages import differences as dq
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
 from jgc._src.stages.diagnose import triage
@@ -32,11 +35,11 @@ def derivative_of(f, x, checked, h=None, **schedule):
     h = U64 ** (1 / 3) * np.maximum(1.0, np.abs(x)) if h is None else np.full(len(x), h)
 
     def evaluate(s, where):
-        step = es.SCALES[s] * h[where]
+        step = dq.SCALES[s] * h[where]
         hp, hm = (x[where] + step) - x[where], x[where] - (x[where] - step)
         return es.Sides(f(x[where] + hp), f(x[where] - hm), hp, hm, f0=f(x[where]))
 
-    d = es.differences(0.0, len(x), None, U64, True, f_scale=float(np.max(np.abs(f(x)))))
+    d = dq.differences(0.0, len(x), None, U64, True, f_scale=float(np.max(np.abs(f(x)))))
     return es.derivative(evaluate, d, np.asarray(checked, np.float64), 0.0,
                          schedule=es.Schedule(**schedule))
 
@@ -86,8 +89,8 @@ def test_ecnoise_measures_known_noise_and_refuses_a_kink():
     rng = np.random.default_rng(0)
     t = np.arange(9.0) * 1e-4
     noisy = 1.0 + 0.5 * t + rng.normal(scale=1e-10, size=9)
-    assert es.ecnoise(noisy, U64) == pytest.approx(1e-10, rel=0.7)
-    assert es.ecnoise(np.abs(t - 4.5e-4), U64) is None
+    assert dq.ecnoise(noisy, U64) == pytest.approx(1e-10, rel=0.7)
+    assert dq.ecnoise(np.abs(t - 4.5e-4), U64) is None
 
 
 def test_richardson_values_are_more_accurate_than_central_on_a_curved_function():
@@ -97,11 +100,11 @@ def test_richardson_values_are_more_accurate_than_central_on_a_curved_function()
     h = np.full(1, 1e-2)  # a large step, so truncation dominates
 
     def evaluate(s, where):
-        step = es.SCALES[s] * h
+        step = dq.SCALES[s] * h
         return es.Sides(f(x + step), f(x - step), step, step, f0=f(x))
 
-    central = es.values(evaluate, es.differences(0.0, 1, None, U64, True))
-    rich = es.values(evaluate, es.differences(0.0, 1, None, U64, True), Method.RICHARDSON)
+    central = es.values(evaluate, dq.differences(0.0, 1, None, U64, True))
+    rich = es.values(evaluate, dq.differences(0.0, 1, None, U64, True), Method.RICHARDSON)
     assert abs(rich[0] - exact) < abs(central[0] - exact) / 100
 
 
@@ -241,7 +244,7 @@ def test_the_leaf_level_fit_needs_a_systematic_pattern():
     ref = RNG.normal(size=64)
     sd = np.full(64, 1e-3)
     for g, expected in ((ref * 1.01, Pattern.SCALE), (ref + 0.02 * RNG.normal(size=64), None)):
-        c = Collective(ref, sd, es.chi2(g - ref, sd), es.chi2_threshold(64), np.arange(64))
+        c = Collective(ref, sd, em.chi2(g - ref, sd), em.chi2_threshold(64), np.arange(64))
         assert c.significant and c.fit(g, np.zeros(64))[0] == expected
 
 

@@ -14,7 +14,7 @@ from conftest import W, X, tanh_grad, tanh_loss
 import jgc
 from jgc._src.compat import enable_x64
 from jgc._src.evaluators import programs
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
 from jgc.examples import zoo
 
 # -- one check, one precision, whatever thread runs it -----------------------------------------
@@ -250,11 +250,11 @@ def test_relu_ties_with_either_convention_pass_and_bugs_are_caught(seed):
 def test_ecnoise_rejects_a_kink_among_its_points():
     t = 2.0 ** -24
     x = t * np.arange(-4, 5)
-    assert es.kinked(np.maximum(x, 0) + 1.0, 2.2e-16)
-    assert es.ecnoise(np.maximum(x, 0) + 1.0, 2.2e-16) is None
+    assert dq.kinked(np.maximum(x, 0) + 1.0, 2.2e-16)
+    assert dq.ecnoise(np.maximum(x, 0) + 1.0, 2.2e-16) is None
     noisy = 1.0 + 0.3 * x + np.random.default_rng(0).normal(size=9) * 1e-12
-    assert not es.kinked(noisy, 2.2e-16)
-    assert es.ecnoise(noisy, 2.2e-16) == pytest.approx(1e-12, rel=0.6)
+    assert not dq.kinked(noisy, 2.2e-16)
+    assert dq.ecnoise(noisy, 2.2e-16) == pytest.approx(1e-12, rel=0.6)
 
 
 # -- real models: no false alarm in any mode or precision --------------------------------------
@@ -319,8 +319,8 @@ def test_a_leaf_wrong_only_along_a_direction_shows_the_direction_not_agreeing_en
     from jgc._src.stages import directional
     tests = directional.DirectionResult(
         numerical=np.array([1.0, 2.0]), checked=np.array([1.3, 2.6]), autodiff=None,
-        status=np.array([es.MISMATCH, es.MISMATCH]), autodiff_status=None,
-        strict=np.array([es.MISMATCH, es.MISMATCH]), tol=np.array([0.01, 0.01]),
+        status=np.array([dq.MISMATCH, dq.MISMATCH]), autodiff_status=None,
+        strict=np.array([dq.MISMATCH, dq.MISMATCH]), tol=np.array([0.01, 0.01]),
         accept=np.array([0.01, 0.01]), norm=np.array([1.0, 1.0]))
     base = LeafReport("['W']", (64,), "float32", 16, "ok", worst=(((3,), 1.0, 1.0, 1.0),),
                       worst_index=(3,), numerical=1.0, checked=1.0, resolution=0.001)

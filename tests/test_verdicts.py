@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jgc
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
 from jgc.examples import ALL, conv_maxpool, dropout, mlp
 
 
@@ -128,10 +128,10 @@ def test_ecnoise_recovers_a_known_noise_level():
         for _ in range(50):
             t = np.arange(9) * 1e-6
             f = 1.0 + 0.3 * t + 2 * t ** 2 + rng.normal(scale=sigma, size=9)
-            estimates.append(es.ecnoise(f))
+            estimates.append(dq.ecnoise(f))
         est = np.median([e for e in estimates if e is not None])
         assert sigma / 2 < est < 2 * sigma
-    assert es.ecnoise(np.full(9, 1.0)) is None  # no noise visible at all
+    assert dq.ecnoise(np.full(9, 1.0)) is None  # no noise visible at all
 
 
 def test_richardson_gives_more_digits_in_float32():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jgc._src.report.report import LeafReport, pct
+from jgc._src.report.report import LeafReport
+from jgc._src.report.text import pct
 from jgc._src.report.vocab import Method, Pattern, Status, Verdict
 from jgc._src.stages.diagnose import COARSE, triage
 from jgc._src.stages.patterns import MIN_AGREE

@@ -4,11 +4,15 @@ extra)."""
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jgc._src.report.report import Report, fmt_path, leaf_cells
+from jgc._src.report.text import fmt_path, leaf_cells
 from jgc._src.report.vocab import Status, Verdict
+
+if TYPE_CHECKING:  # types only: report.py imports this module
+    from jgc._src.report.report import Report
 
 # The classic single-number thresholds (CS231n): below 1e-7 fine in float64, above 1e-2 almost
 # surely a bug. Drawn for orientation: jgc itself judges each entry against its error bar.

@@ -17,7 +17,8 @@ import numpy as np
 from jgc._src.report.report import LeafReport, Report
 from jgc._src.report.vocab import Method, Status, Verdict
 from jgc._src.stages import diagnose as dg
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import plan as pl
 from jgc._src.stages.patterns import Collective
 from jgc._src.stages.split import LeafSpec, Split
@@ -33,7 +34,7 @@ def leaf_rounding(a) -> np.ndarray:
     # A non-finite entry is a mismatch of its own (estimate.compare); it must not widen the
     # error bar of the others, as an Inf scale would.
     scale = float(np.max(np.abs(a[finite]))) if finite.any() else 0.0
-    return np.where(finite, es.rounding(a, eps, scale), 0.0)
+    return np.where(finite, em.rounding(a, eps, scale), 0.0)
 
 
 def restricted(plan: pl.Plan, leaves: list[np.ndarray]) -> np.ndarray:
@@ -52,9 +53,9 @@ def restricted_rounding(plan: pl.Plan, leaves: list[np.ndarray]) -> np.ndarray:
 class Compared:
     """A set of probes: the error model, and the checked gradient (and jax's) against it."""
 
-    model: es.ErrorModel
-    cmp: es.Comparison
-    cmp_ad: es.Comparison | None
+    model: em.ErrorModel
+    cmp: em.Comparison
+    cmp_ad: em.Comparison | None
     g: np.ndarray
     g_round: np.ndarray | float
     g_ad: np.ndarray | None
@@ -76,8 +77,8 @@ class Compared:
                         None if self.agree is None else cut(self.agree))
 
 
-def _cut_cmp(c: es.Comparison, where) -> es.Comparison:
-    return es.Comparison(c.status[where], c.abs_error[where], c.rel_error[where])
+def _cut_cmp(c: em.Comparison, where) -> em.Comparison:
+    return em.Comparison(c.status[where], c.abs_error[where], c.rel_error[where])
 
 
 def concatenate(parts: list[Compared]) -> Compared:
@@ -92,24 +93,24 @@ def concatenate(parts: list[Compared]) -> Compared:
         values = [get(p) for p in parts]
         if any(v is None for v in values):
             return None
-        return es.Comparison(*(np.concatenate([getattr(v, f) for v in values])
+        return em.Comparison(*(np.concatenate([getattr(v, f) for v in values])
                                for f in ("status", "abs_error", "rel_error")))
 
-    return Compared(es.concat_models([p.model for p in parts]), cmp(lambda p: p.cmp),
+    return Compared(em.concat_models([p.model for p in parts]), cmp(lambda p: p.cmp),
                     cmp(lambda p: p.cmp_ad), cat(lambda p: p.g), cat(lambda p: p.g_round),
                     cat(lambda p: p.g_ad), cat(lambda p: p.ad_round), cat(lambda p: p.tol),
                     cat(lambda p: p.accept), cat(lambda p: p.agree))
 
 
-def compared(model: es.ErrorModel, cmp: es.Comparison, cmp_ad: es.Comparison | None, g, g_round,
+def compared(model: em.ErrorModel, cmp: em.Comparison, cmp_ad: em.Comparison | None, g, g_round,
              g_ad, ad_round, rtol=None, atol=None) -> Compared:
-    tol = es.tolerance(model.error + g_round, model.value, rtol, atol)
-    accept = es.acceptance(model, tol, g_round, rtol, atol)
-    agree = None if g_ad is None else np.abs(g - g_ad) <= tol + es.TOL_FACTOR * ad_round
+    tol = em.tolerance(model.error + g_round, model.value, rtol, atol)
+    accept = em.acceptance(model, tol, g_round, rtol, atol)
+    agree = None if g_ad is None else np.abs(g - g_ad) <= tol + dq.TOL_FACTOR * ad_round
     return Compared(model, cmp, cmp_ad, g, g_round, g_ad, ad_round, tol, accept, agree)
 
 
-def collective(model: es.ErrorModel, sl: slice, g: np.ndarray, g_round,
+def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
                floor: float = 0.0) -> Collective:
     """The leaf-level test: are the leaf's residuals, taken together, larger than noise?
 
@@ -125,8 +126,8 @@ def collective(model: es.ErrorModel, sl: slice, g: np.ndarray, g_round,
     ref = model.reference[sl][keep]
     rounding = np.broadcast_to(g_round, g.shape)[keep]
     g = g[keep]
-    sd = np.sqrt(model.reference_sd[sl][keep] ** 2 + (rounding / es.NOISE_SIGMAS) ** 2)
-    return Collective(ref, sd, es.chi2(g - ref, sd), es.chi2_threshold(int(keep.sum())),
+    sd = np.sqrt(model.reference_sd[sl][keep] ** 2 + (rounding / dq.NOISE_SIGMAS) ** 2)
+    return Collective(ref, sd, em.chi2(g - ref, sd), em.chi2_threshold(int(keep.sum())),
                       np.flatnonzero(keep), floor)
 
 
@@ -157,8 +158,8 @@ def pattern_floor(u: float, method: str) -> float:
     every difference quotient of a leaf alike, and below this size nothing tells it from a
     real factor; a 1% bug is 40 times larger in float32."""
     if Method(method) == Method.COMPLEX:  # no subtraction: the derivative's own rounding
-        return es.TOL_FACTOR * u
-    return es.TOL_FACTOR * u ** (1 - Method(method).step_power)
+        return dq.TOL_FACTOR * u
+    return dq.TOL_FACTOR * u ** (1 - Method(method).step_power)
 
 
 def leaf_data(spec: LeafSpec, entries: np.ndarray, theta: np.ndarray, c: Compared,

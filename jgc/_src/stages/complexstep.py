@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 
 from jgc._src.report.vocab import Method
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import plan as pl
 from jgc._src.stages.perturbations import Coordinates, all_steps, global_indices
 from jgc._src.stages.split import InputError, Split, listing
@@ -56,15 +57,15 @@ def values(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bo
         method=Method.CENTRAL)
     probes = Coordinates(ev, sp, sample)
     everywhere = np.ones(len(probes.index), bool)
-    d = es.differences(f0, len(probes.index), sigma, u, float64, f_scale)
+    d = dq.differences(f0, len(probes.index), sigma, u, float64, f_scale)
     for s in (0, 1):
         v = probes.evaluate(s, everywhere)
-        d = es.with_stencil(d, s, everywhere, v.fp, v.fm, v.hp, v.hm)
-    central = es.error_model(d)
+        d = dq.with_stencil(d, s, everywhere, v.fp, v.fm, v.hp, v.hm)
+    central = em.error_model(d)
     pos = {int(i): j for j, i in enumerate(index)}
     cs = value[[pos[int(i)] for i in probes.index]]
-    cs_err = es.rounding(cs, u, float(np.max(np.abs(cs))) if cs.size else 0.0)
-    off = np.abs(cs - central.value) > es.TOL_FACTOR * (central.error + cs_err)
+    cs_err = em.rounding(cs, u, float(np.max(np.abs(cs))) if cs.size else 0.0)
+    off = np.abs(cs - central.value) > dq.TOL_FACTOR * (central.error + cs_err)
     if off.any():
         j = int(np.argmax(off))
         raise InputError(
@@ -77,7 +78,7 @@ def values(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bo
 
 
 def model(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: bool,
-          f_scale: float, seed: int) -> es.ErrorModel:
+          f_scale: float, seed: int) -> em.ErrorModel:
     """The complex step as an error model: its error bar is the rounding of the derivative
     itself, bounded like a gradient's (estimate.rounding, on the leaf's scale)."""
     value = values(ev, sp, plan, f0, sigma, u, float64, f_scale, seed)
@@ -85,9 +86,9 @@ def model(ev, sp: Split, plan: pl.Plan, f0: float, sigma, u: float, float64: boo
                                     if len(e) else 0.0)
                             for a, e in zip(np.cumsum([0] + [len(e) for e in plan.entries]),
                                             plan.entries)]) if len(value) else np.zeros(0)
-    error = es.rounding(value, u, scale)
+    error = em.rounding(value, u, scale)
     nan = np.full(len(value), np.nan)
-    return es.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
-                         error / es.NOISE_SIGMAS, np.ones(len(value), bool),
-                         slope_low=value - es.TOL_FACTOR * error,
-                         slope_high=value + es.TOL_FACTOR * error, rounding=error)
+    return em.ErrorModel(value, error, np.zeros(len(value), bool), nan, nan, value,
+                         error / dq.NOISE_SIGMAS, np.ones(len(value), bool),
+                         slope_low=value - dq.TOL_FACTOR * error,
+                         slope_high=value + dq.TOL_FACTOR * error, rounding=error)

@@ -19,7 +19,8 @@ import numpy as np
 
 from jgc._src.report.report import LeafReport
 from jgc._src.report.vocab import Pattern, Status, Verdict
-from jgc._src.stages.estimate import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR, Comparison
+from jgc._src.stages.differences import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR
+from jgc._src.stages.errormodel import Comparison
 from jgc._src.stages.patterns import Collective, find_pattern
 from jgc._src.stages.split import LeafSpec
 

@@ -32,6 +32,8 @@ import zlib
 import numpy as np
 
 from jgc._src.report.vocab import Method, Pattern, Status
+from jgc._src.stages import differences as dq
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
 from jgc._src.stages.diagnose import COARSE, UNRESOLVED
@@ -55,7 +57,7 @@ class DirectionResult:
     numerical: np.ndarray  # the directional derivative along v (per unit of t), measured
     checked: np.ndarray  # g . v
     autodiff: np.ndarray | None  # jax.grad . v
-    status: np.ndarray  # es.OK / KINK / TIE / MISMATCH
+    status: np.ndarray  # dq.OK / KINK / TIE / MISMATCH
     autodiff_status: np.ndarray | None
     # MISMATCH also where only a finer stencil's support passed the checked value (see
     # estimate.compare): group testing descends on this, so that anything suspicious is
@@ -89,7 +91,7 @@ class LeafOutcome:
 
     @property
     def failed(self) -> np.ndarray:
-        return np.zeros(0, bool) if self.tests is None else self.tests.status == es.MISMATCH
+        return np.zeros(0, bool) if self.tests is None else self.tests.status == dq.MISMATCH
 
     @property
     def ok(self) -> bool:
@@ -99,7 +101,7 @@ class LeafOutcome:
     def autodiff_ok(self) -> bool | None:
         if self.tests is None or self.tests.autodiff_status is None:
             return None
-        return not bool(np.any(self.tests.autodiff_status == es.MISMATCH))
+        return not bool(np.any(self.tests.autodiff_status == dq.MISMATCH))
 
 
 class Directional:
@@ -138,19 +140,19 @@ class Directional:
         checked_err = np.array([np.linalg.norm(probes.rows[v][a:b] * g_round[a:b])
                                 for v, a, b in zip(probes.vid, probes.lo, probes.hi)])
         autodiff = None if g_ad is None else probes.dot(g_ad)
-        d = es.differences(self.f0, len(checked), self.sigma, self.u, self.float64,
+        d = dq.differences(self.f0, len(checked), self.sigma, self.u, self.float64,
                            self.f_scale)
         found = es.derivative(probes.evaluate, d, checked, checked_err, autodiff, checked_err,
                               schedule=self.schedule,
                               checked_is_autodiff=self.checked_is_autodiff)
-        tol = es.tolerance(found.model.error + checked_err, found.model.value,
+        tol = em.tolerance(found.model.error + checked_err, found.model.value,
                            self.schedule.rtol, self.schedule.atol)
         norm = probes.norms()
         strict = found.cmp.status.copy()
         with np.errstate(invalid="ignore"):
-            strict[(strict == es.OK) & ~(np.abs(checked - found.model.value) <= tol)] = \
-                es.MISMATCH
-        accept = es.acceptance(found.model, tol, checked_err, self.schedule.rtol,
+            strict[(strict == dq.OK) & ~(np.abs(checked - found.model.value) <= tol)] = \
+                dq.MISMATCH
+        accept = em.acceptance(found.model, tol, checked_err, self.schedule.rtol,
                                self.schedule.atol)
         return DirectionResult(found.model.value, checked, autodiff, found.cmp.status,
                                None if found.cmp_ad is None else found.cmp_ad.status, strict,
@@ -188,7 +190,7 @@ class Directional:
         probes = Directions(self.ev, self._x(k), k, rows, on_device, every,
                             np.zeros(n_directions), np.full(n_directions, size), g)
         tests = self.test(probes, g_round, g_ad)
-        failing = np.flatnonzero(tests.strict == es.MISMATCH)
+        failing = np.flatnonzero(tests.strict == dq.MISMATCH)
         candidates = np.zeros(0, np.int64)
         if failing.size:
             candidates = self._localize(k, rows, on_device, int(failing[0]), size, g, g_round)
@@ -208,7 +210,7 @@ class Directional:
             probes = Directions(self.ev, self._x(k), k, rows, on_device,
                                 np.full(len(halves), v), lo, hi, g)
             tests = self.test(probes, g_round, None)
-            frontier = [r for r, s in zip(halves, tests.strict) if s == es.MISMATCH][:MAX_FOUND]
+            frontier = [r for r, s in zip(halves, tests.strict) if s == dq.MISMATCH][:MAX_FOUND]
         if not found:
             return np.zeros(0, np.int64)
         return np.concatenate([np.arange(a, b) for a, b in found])
@@ -233,7 +235,7 @@ def merge(report, outcome: LeafOutcome, judge_resolution: bool = True):
     ad_status = report.autodiff_status
     if outcome.autodiff_ok is False:
         ad_status = Status.MISMATCH
-    n_kink = int(np.sum(np.isin(t.status, (es.KINK, es.TIE))))
+    n_kink = int(np.sum(np.isin(t.status, (dq.KINK, dq.TIE))))
     # The leaf's resolution: the better of its entries' and its directions' (the acceptance
     # width relative to the measured directional derivative). Directions that cannot tell a
     # 100% error verify nothing: a leaf checked by them alone is then unresolved.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from jgc._src.report.vocab import Mode
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
 from jgc._src.stages import plan as pl
 from jgc._src.stages.split import Split
 
@@ -36,11 +36,11 @@ def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
             break
         values = _probe_values(ev, sp, plan, probes)
         sigmas += [(x, probe, float(np.max(np.abs(v))))
-                   for x, probe, v in zip((es.ecnoise(v, eps) for v in values), probes, values)
+                   for x, probe, v in zip((dq.ecnoise(v, eps) for v in values), probes, values)
                    if x is not None]
         # Flat or a staircase: the loss rounds its inputs more coarsely than the spacing.
         again = {i: float(np.max(np.abs(st))) for (i, st), v in zip(probes, values)
-                 if es.staircase(v)}
+                 if dq.staircase(v)}
     for sigma, probe, scale in sorted(sigmas, key=lambda x: -x[0]):
         confirmed = _confirmed(ev, sp, plan, probe, sigma, eps * scale)
         if confirmed is not None:
@@ -73,9 +73,9 @@ def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: floa
     if sigma <= rounding:
         return sigma
     (fine,) = _probe_values(ev, sp, plan, [(i, steps * FINER)])
-    if es.staircase(fine):
+    if dq.staircase(fine):
         return sigma
-    level = es.ecnoise(fine, 0.0)
+    level = dq.ecnoise(fine, 0.0)
     if level is not None and level * CONFIRM >= sigma:
         return sigma
     return level

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from jgc._src.report.vocab import Pattern
-from jgc._src.stages import estimate as es
+from jgc._src.stages import errormodel as em
 
 EXPLAINED = 0.01  # A pattern must leave less than 1% of the discrepancy unexplained.
 MIN_FIT = 3  # entries a leaf-level pattern needs
@@ -53,7 +53,7 @@ class Collective:
         claim 10x the resolution); noise adds about one to each squared standardised entry,
         which is taken off the signal. Never finer than the floor below which a pattern does
         not count."""
-        return max(self.floor, es.resolution(self.reference, self.sd, self.threshold,
+        return max(self.floor, em.resolution(self.reference, self.sd, self.threshold,
                                              bias=len(self.where)))
 
     def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
@@ -88,7 +88,7 @@ class Collective:
             c = float((g - offset) @ basis) / bb
             size = abs(c - 1) if name == Pattern.SCALE else abs(c) * np.sqrt(bb / max(
                 float(ref @ ref), 1e-300))
-            after = es.chi2(g - offset - c * basis, self.sd)
+            after = em.chi2(g - offset - c * basis, self.sd)
             fits = after <= self.threshold and self.chi2 - after >= excess / 2
             if len(self.where) < MIN_FIT:
                 fits = fits and _each_shows(g - offset - basis * (1.0 if name == Pattern.SCALE

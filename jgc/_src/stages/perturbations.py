@@ -1,4 +1,4 @@
-"""The probes a derivative is measured at: how each kind moves the parameters.
+"""The perturbations a derivative is measured at: how each kind moves the parameters.
 
 estimate.derivative owns the stencil schedule for every kind; a probe kind says how stencil s
 (step multiplier SCALES[s]) is evaluated, returning `estimate.Sides`:
@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from jgc._src.report.vocab import Method
+from jgc._src.stages import differences as dq
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
 from jgc._src.stages.noise import CONFIRM, FINER
@@ -53,8 +54,8 @@ class Coordinates:
 
     def evaluate(self, s: int, where: np.ndarray) -> es.Sides:
         # The fine stencils look closer than the central step, whatever the method's own step.
-        hp, hm = all_steps(self.sp, self.plan, es.SCALES[s],
-                           Method.CENTRAL if s >= es.FINE else None)
+        hp, hm = all_steps(self.sp, self.plan, dq.SCALES[s],
+                           Method.CENTRAL if s >= dq.FINE else None)
         hp, hm, idx = hp[where], hm[where], self.index[where]
         values = self.ev.perturbed(np.concatenate([idx, idx]), np.concatenate([hp, -hm]),
                                    deadline=self.deadline if s == 0 else None)
@@ -100,7 +101,7 @@ class Directions:
                          for v, a, b in zip(self.vid, self.lo, self.hi)])
 
     def evaluate(self, s: int, where: np.ndarray) -> es.Sides:
-        scale = es.SCALES[s]
+        scale = dq.SCALES[s]
         vid, lo, hi = self.vid[where], self.lo[where], self.hi[where]
         n = len(vid)
         f = self.ev.along(self.k, self.on_device, np.concatenate([vid, vid]),
@@ -158,7 +159,7 @@ class Tangents:
         return np.asarray(out, np.float64).reshape(k, self.m)
 
     def evaluate(self, s: int, where: np.ndarray) -> es.Sides:
-        scale = es.SCALES[s]
+        scale = dq.SCALES[s]
         dirs = np.arange(self.n_dirs)
         f = self._along(np.concatenate([dirs, dirs]),
                         np.concatenate([np.full(self.n_dirs, scale),
@@ -173,7 +174,7 @@ class Tangents:
         spacing = 2.0 ** math.floor(math.log2(u ** 0.5 * max(
             1.0, float(np.max(np.abs(self.x))) if self.x.size else 1.0)))
         values = self._table(spacing)
-        sigma = np.array([[es.ecnoise(values[d, :, e], u) or np.nan for e in range(self.m)]
+        sigma = np.array([[dq.ecnoise(values[d, :, e], u) or np.nan for e in range(self.m)]
                           for d in range(self.n_dirs)])
         # Confirmed at a 256x finer spacing, as noise.measure confirms a loss's noise: rounding
         # keeps its level there, an oscillation at the probe's scale does not (noise._confirmed).
@@ -181,9 +182,9 @@ class Tangents:
         if np.any(doubtful):
             fine = self._table(spacing * FINER)
             for d, e in zip(*np.nonzero(doubtful)):
-                if es.staircase(fine[d, :, e]):
+                if dq.staircase(fine[d, :, e]):
                     continue
-                level = es.ecnoise(fine[d, :, e], 0.0)
+                level = dq.ecnoise(fine[d, :, e], 0.0)
                 if level is None or level * CONFIRM < sigma[d, e]:
                     sigma[d, e] = np.nan if level is None else level
         sigma = sigma.ravel()

@@ -23,7 +23,9 @@ from jgc._src.report.vocab import Method, Mode, Status
 from jgc._src.stages import compare as cp
 from jgc._src.stages import complexstep, noise, userprecision
 from jgc._src.stages import diagnose as dg
+from jgc._src.stages import differences as dq
 from jgc._src.stages import directional as dr
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
 from jgc._src.stages.perturbations import Coordinates
@@ -167,12 +169,12 @@ def coordinate_phase(check: Check, deadline: Deadline | None = None) -> cp.Compa
     if o.method == Method.COMPLEX:
         model = complexstep.model(check.ev, sp, plan, check.f0, check.sigma, check.u,
                                   check.float64, check.subject.f_scale, o.seed)
-        cmp = es.compare(checked, model, o.rtol, o.atol, g_round)
-        cmp_ad = None if g_ad is None else es.compare(g_ad, model, o.rtol, o.atol, ad_round)
+        cmp = em.compare(checked, model, o.rtol, o.atol, g_round)
+        cmp_ad = None if g_ad is None else em.compare(g_ad, model, o.rtol, o.atol, ad_round)
         return cp.compared(model, cmp, cmp_ad, checked, g_round, g_ad, ad_round, o.rtol,
                            o.atol)
     probes = Coordinates(check.ev, sp, plan, deadline)
-    d = es.differences(check.f0, len(probes.index), check.sigma, check.u, check.float64,
+    d = dq.differences(check.f0, len(probes.index), check.sigma, check.u, check.float64,
                        check.subject.f_scale)
     found = es.derivative(probes.evaluate, d, checked, g_round, g_ad, ad_round,
                           schedule=check.schedule, checked_is_autodiff=g.is_autodiff)
@@ -202,12 +204,12 @@ def leaf_reports(check: Check, found: cp.Compared, outcomes: dict):
     """One LeafReport per leaf of params, in tree order, and whether the checked gradient
     agrees with jax.grad where it mismatches (for the three-way triage)."""
     sp, plan, g, o = check.sp, check.plan, check.side, check.options
-    bounds = cp.Bounds(None if o.user_tolerance else es.zero_bound(g.checked),
-                       0.0 if g.autodiff is None else es.zero_bound(g.autodiff),
+    bounds = cp.Bounds(None if o.user_tolerance else em.zero_bound(g.checked),
+                       0.0 if g.autodiff is None else em.zero_bound(g.autodiff),
                        check.full_stencils and check.sigma is not None
                        and not o.user_tolerance,
                        cp.pattern_floor(check.u, o.method),
-                       es.KAPPA * check.u * max(abs(check.f0), check.subject.f_scale))
+                       dq.KAPPA * check.u * max(abs(check.f0), check.subject.f_scale))
     leaves, agrees, pos = [], {}, 0
     checked_at = {i: k for k, i in enumerate(sp.checked)}
     own = userprecision.findings(
@@ -312,7 +314,7 @@ def numerical_grad(subject: Subject, o: Options, prec: Precision):
         value = complexstep.values(ev, sp, plan, check.f0, None, check.u, check.float64, 0.0, 0)
     else:
         probes = Coordinates(ev, sp, plan)
-        d = es.differences(check.f0, len(probes.index), None, check.u, check.float64)
+        d = dq.differences(check.f0, len(probes.index), None, check.u, check.float64)
         value = es.values(probes.evaluate, d, o.method)
     out = [None] * len(sp.specs)
     for k, (i, leaf) in enumerate(zip(sp.checked, _to_leaves(sp, value))):

@@ -30,7 +30,7 @@ from jgc._src.evaluators import calls
 from jgc._src.evaluators.factory import make_evaluator
 from jgc._src.report.report import LeafReport
 from jgc._src.report.vocab import Status
-from jgc._src.stages import estimate as es
+from jgc._src.stages import differences as dq
 from jgc._src.stages.split import InputError, match_gradient
 
 
@@ -128,7 +128,7 @@ def findings(own: Own | None, reference: tuple[np.ndarray, ...],
     scale = _scale(reference)
     out = {}
     for k, (g64, g) in enumerate(zip(reference, own.checked)):
-        floor = es.KAPPA * float(jnp.finfo(dtypes[k]).eps) * loss_size / np.maximum(
+        floor = dq.KAPPA * float(jnp.finfo(dtypes[k]).eps) * loss_size / np.maximum(
             1.0, np.abs(thetas[k]))
         found = _compare(np.asarray(g64, np.float64), np.asarray(g, np.float64), scale,
                          dtypes[k], floor)

@@ -31,6 +31,8 @@ from jgc._src.report.report import Report
 from jgc._src.report.vocab import Mode, Verdict
 from jgc._src.stages import compare as cp
 from jgc._src.stages import diagnose as dg
+from jgc._src.stages import differences as dq
+from jgc._src.stages import errormodel as em
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
 from jgc._src.stages.perturbations import Tangents
@@ -109,7 +111,7 @@ def _measure(problem: _Problem) -> list[cp.Compared]:
         if problem.use_autodiff:
             autodiff, _ = calls.autodiff_jvp(ev, used, hessian=problem.hessian)
             autodiff = None if autodiff is None else autodiff.ravel()
-        d = es.differences(0.0, len(checked), probes.noise(u), u, check.float64)
+        d = dq.differences(0.0, len(checked), probes.noise(u), u, check.float64)
         found = es.derivative(probes.evaluate, d, checked, g_round, autodiff, g_round,
                               schedule=schedule,
                               checked_is_autodiff=problem.checked_is_autodiff)
@@ -130,8 +132,8 @@ def _leaves(specs: list[LeafSpec], parts: list[cp.Compared], o):
     c = cp.concatenate(parts)
     m = sum(s.size for s in specs if s.checked)
     n_dirs = len(c.g) // max(m, 1)
-    bounds = cp.Bounds(None if o.user_tolerance else es.zero_bound([c.g]),
-                       0.0 if c.g_ad is None else es.zero_bound([c.g_ad]))
+    bounds = cp.Bounds(None if o.user_tolerance else em.zero_bound([c.g]),
+                       0.0 if c.g_ad is None else em.zero_bound([c.g_ad]))
     leaves, agrees, offset = [], {}, 0
     for spec in specs:
         if not spec.checked:
