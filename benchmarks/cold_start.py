@@ -12,11 +12,11 @@ mode="full". Each figure is the median of --repeats fresh processes, imports exc
 Run: python benchmarks/cold_start.py [--repeats 5] [--light-sweep] [--compile-options]
 
 --light-sweep times the first check of MLPs of growing size with XLA's full optimisation and
-with jgc's light options (forced by JGC_XLA_LIGHT), against the predicted work of the dense
-program: the switch point programs.LIGHT_WORK comes from it.
+with jgc's light options (forced through programs.compiled's private `forced_light`), against
+the predicted work of the dense program: the switch point xla.LIGHT_WORK comes from it.
 
 --compile-options times XLA's compilation of W1's two programs (the loss batch and jax.grad)
-under full optimisation and under programs.LIGHT_OPTIONS, with and without each option (the
+under full optimisation and under xla.LIGHT_OPTIONS, with and without each option (the
 fastest of 3 compilations each), and the compiled batch's execution time.
 """
 
@@ -31,9 +31,13 @@ import sys
 import tempfile
 
 CHILD = """
-import json, os, time
+import functools, json, os, time
 from jgc.examples import zoo
 import jgc
+from jgc._src.evaluators import programs, xla
+if os.environ.get("FORCE_LIGHT") in ("0", "1"):  # --light-sweep: both sides of LIGHT_WORK
+    programs.compiled = functools.partial(programs.compiled,
+                                          forced_light=os.environ["FORCE_LIGHT"] == "1")
 sizes = tuple(json.loads(os.environ.get("SIZES", "[20, 16, 3]")))
 model = zoo.mlp(sizes, batch=int(os.environ.get("BATCH", "8")))
 grad = zoo.mlp_grad(model)
@@ -79,9 +83,9 @@ SWEEP = [((20, 16, 3), 8), ((50, 32, 10), 16), ((100, 64, 10), 32), ((256, 64, 1
 
 
 def light_sweep(repeats: int) -> None:
-    """The first check's time with XLA's full optimisation and with programs.LIGHT_OPTIONS,
-    forced either way (JGC_XLA_LIGHT), against the dense program's predicted work: where light
-    stops paying is programs.LIGHT_WORK."""
+    """The first check's time with XLA's full optimisation and with xla.LIGHT_OPTIONS,
+    forced either way (FORCE_LIGHT, read by the child), against the dense program's predicted
+    work: where light stops paying is xla.LIGHT_WORK."""
     import jax
 
     from jgc._src.evaluators.dense import EVALS_PER_ENTRY
@@ -98,9 +102,9 @@ def light_sweep(repeats: int) -> None:
             jaxpr = jax.make_jaxpr(model.loss)(model.params, *model.args)
         work = EVALS_PER_ENTRY * n * jaxpr_cost(jaxpr)
         env = {"SIZES": json.dumps(sizes), "BATCH": str(batch)}
-        full = statistics.median(run(CHILD, {**env, "JGC_XLA_LIGHT": "0"})["first"]
+        full = statistics.median(run(CHILD, {**env, "FORCE_LIGHT": "0"})["first"]
                                  for _ in range(repeats))
-        light = statistics.median(run(CHILD, {**env, "JGC_XLA_LIGHT": "1"})["first"]
+        light = statistics.median(run(CHILD, {**env, "FORCE_LIGHT": "1"})["first"]
                                   for _ in range(repeats))
         print(f"| {'-'.join(map(str, sizes))}, {batch} | {n:,} | {work:.2g} | {full:.3f} s | "
               f"{light:.3f} s | {light / full:.2f} |")
@@ -111,7 +115,7 @@ import json, random, time
 import jax
 from jgc.examples import zoo
 import jgc
-from jgc._src.evaluators import programs
+from jgc._src.evaluators import programs, xla
 captured = []
 real = programs.compiled
 def spy(name, build, static, traced, args, work=None):
@@ -121,7 +125,7 @@ programs.compiled = spy
 model = zoo.mlp((20, 16, 3), batch=8)
 jgc.check_grad(model.loss, model.params, *model.args, grad=zoo.mlp_grad(model), mode="full",
                progress=False)
-light = dict(programs.LIGHT_OPTIONS)
+light = dict(xla.LIGHT_OPTIONS)
 level0 = {k: v for k, v in light.items() if k != "xla_cpu_use_fusion_emitters"}
 variants = {"full optimisation": {}, "level 0, no expensive LLVM passes": level0,
             "+ classic emitter (LIGHT_OPTIONS)": light,
@@ -164,12 +168,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--light-sweep", action="store_true",
-                    help="measure where light XLA options stop paying (programs.LIGHT_WORK)")
+                    help="measure where light XLA options stop paying (xla.LIGHT_WORK)")
     ap.add_argument("--compile-options", action="store_true",
                     help="time XLA's compilation of W1's programs under each option set")
     args = ap.parse_args()
     plain = {k: v for k, v in os.environ.items()
-             if k not in ("JGC_COMPILATION_CACHE", "JGC_XLA_LIGHT")}
+             if k not in ("JGC_COMPILATION_CACHE", "FORCE_LIGHT")}
     os.environ.clear()
     os.environ.update(plain)
     if args.light_sweep:

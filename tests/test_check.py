@@ -237,7 +237,7 @@ def test_garbage_collector_paused_while_tracing_and_restored(outcome, enabled):
 def test_an_interrupt_anywhere_in_the_pause_leaves_the_collector_as_it_was(step, monkeypatch):
     """A Ctrl-C (KeyboardInterrupt) raised at each step of pausing and resuming, as Python may
     raise it between any two bytecodes: the collector's state is restored every time."""
-    from jgc._src.evaluators import programs
+    from jgc._src.evaluators import collector
 
     thresholds = gc.get_threshold()
     calls = {"n": 0}
@@ -259,29 +259,29 @@ def test_an_interrupt_anywhere_in_the_pause_leaves_the_collector_as_it_was(step,
     monkeypatch.setattr(gc, "get_threshold", get_threshold)
     monkeypatch.setattr(gc, "set_threshold", set_threshold)
     with contextlib.suppress(KeyboardInterrupt):
-        with programs.collector_paused():
+        with collector.collector_paused():
             tick()
     # The interrupt after the pause took effect, before `with` entered its body: the pause
     # is undone when its context manager is dropped, never left behind.
-    cm = programs.collector_paused()
+    cm = collector.collector_paused()
     with contextlib.suppress(KeyboardInterrupt):
         cm.__enter__()
         tick()
     del cm
     monkeypatch.undo()
     assert gc.get_threshold() == thresholds and gc.isenabled()
-    assert not programs.COLLECTOR._sections and programs.COLLECTOR._saved is None
+    assert not collector.COLLECTOR._sections and collector.COLLECTOR._saved is None
 
 
 def test_a_user_disabling_the_collector_during_a_pause_keeps_it_disabled():
     """gc.disable() on one thread while another thread's check has collection paused: the end of
     the pause must not turn it back on."""
-    from jgc._src.evaluators import programs
+    from jgc._src.evaluators import collector
 
     paused, disabled = threading.Event(), threading.Event()
 
     def section():
-        with programs.collector_paused():
+        with collector.collector_paused():
             paused.set()
             assert disabled.wait(timeout=30)
 

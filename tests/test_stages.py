@@ -368,17 +368,13 @@ def test_largest_entries_match_a_stable_argsort():
             assert set(pl._largest(size, k).tolist()) == want
 
 
-def test_light_xla_options_follow_the_predicted_work(monkeypatch):
-    from jgc._src.evaluators import programs
+def test_light_xla_options_follow_the_predicted_work():
+    from jgc._src.evaluators import programs, xla
 
-    monkeypatch.delenv("JGC_XLA_LIGHT", raising=False)
-    assert programs.light(1e6) and not programs.light(1e12) and not programs.light(None)
-    monkeypatch.setenv("JGC_XLA_LIGHT", "0")
-    assert not programs.light(1e6)
-    monkeypatch.setenv("JGC_XLA_LIGHT", "1")
-    assert programs.light(1e12)
+    assert xla.light(1e6) and not xla.light(1e12) and not xla.light(None)
+    assert not xla.light(1e6, forced=False)
+    assert xla.light(1e12, forced=True)
     # A tiny check's batch program is compiled light; the key records it.
-    monkeypatch.delenv("JGC_XLA_LIGHT")
     ex = mlp("tanh", seed=11)
     programs.CACHE.entries.clear()
     assert jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad).ok

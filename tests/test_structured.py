@@ -23,7 +23,7 @@ from jax import lax
 
 import jgc
 from jgc._src.compat import enable_x64
-from jgc._src.evaluators import dense, factory, programs
+from jgc._src.evaluators import dense, factory, programs, xla
 from jgc._src.evaluators.structured.evaluator import StructuredEvaluator
 from jgc._src.evaluators.structured.flatjaxpr import base_values, flatten
 from jgc._src.evaluators.structured.leafplan import leaf_losses, plan_leaf
@@ -553,11 +553,11 @@ def test_a_transposed_convolution_is_left_to_the_dense_path():
            "['b2'], ['k3']" in note
     lowered = jax.jit(lambda x, k: lax.conv_transpose(x, k, (2, 2), "SAME", dimension_numbers=dn)
                       ).lower(X[..., :2], p["k2"][:, :, :2, :2]).as_text()
-    assert programs.slowdown(lowered) == 100.0
+    assert xla.slowdown(lowered) == 100.0
     plain = jax.jit(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                           dimension_numbers=dn)).lower(
         X, p["k1"]).as_text()
-    assert programs.slowdown(plain) == 1.0
+    assert xla.slowdown(plain) == 1.0
 
 
 def test_a_structured_program_slower_than_a_forward_pass_is_abandoned(monkeypatch):

@@ -30,11 +30,7 @@ from jgc._src.evaluators.builders import (
     _program_losses_at,
     _Static,
 )
-from jgc._src.evaluators.calls import (
-    first_line,
-    forbidden_promotion,
-    promotion_advice,
-)
+from jgc._src.evaluators.calls import first_line, forbidden_promotion, promotion_advice
 from jgc._src.evaluators.deadline import Deadline
 from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.layout import as_traced, assemble
@@ -81,7 +77,7 @@ class DenseEvaluator(Evaluator):
         # Activation memory matters for budgeting large problems only.
         self.act_bytes = activation_bytes(traced.closed.jaxpr) if sp.n > SMALL_BATCHED else 0
         # The work of one evaluation (flatjaxpr._cost's units), for the XLA options
-        # (programs.light); infinite with a while loop (unknown trips): fully optimised.
+        # (xla.light); infinite with a while loop (unknown trips): fully optimised.
         self.work = jaxpr_cost(traced.closed)
         self._place()
 

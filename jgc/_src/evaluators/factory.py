@@ -11,11 +11,7 @@ import jax
 import numpy as np
 
 from jgc._src.evaluators import programs
-from jgc._src.evaluators.calls import (
-    first_line,
-    numpy_code,
-    promotion_refused,
-)
+from jgc._src.evaluators.calls import first_line, numpy_code, promotion_refused
 from jgc._src.evaluators.dense import DenseEvaluator
 from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.host import HostEvaluator

@@ -7,9 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jgc._src.evaluators.calls import (
-    user_call,
-)
+from jgc._src.evaluators.calls import user_call
 from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.layout import _copy_arrays, assemble, check_scalar, loss_value, segments_of
 from jgc._src.stages.split import flat_output, tree_pformat

@@ -35,12 +35,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import gc
 import hashlib
-import os
-import re
 import threading
-import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -50,6 +46,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jgc._src import compat
+from jgc._src.evaluators import xla
+from jgc._src.evaluators.collector import collector_paused
 
 CACHE_SIZE = 64  # compiled programs kept; each holds an XLA executable (and its rules alive)
 _ATOMS = (int, float, bool, str, bytes, type(None), np.dtype, np.generic)
@@ -173,74 +171,6 @@ class Traced:
         return jax.core.eval_jaxpr(self.closed.jaxpr, consts, *args)
 
 
-class _Pause:
-    """A token per paused section: the pause lasts while any is alive (see `collector_paused`)."""
-
-
-class _Collector:
-    """The pauses of Python's automatic garbage collection, across threads.
-
-    Automatic collection is paused by setting generation 0's threshold to 0 (which disables
-    automatic collection, as documented for `gc.set_threshold`), not with `gc.disable()`: the
-    collector stays enabled, so a user who calls `gc.disable()` or `gc.enable()` meanwhile (on
-    another thread) keeps what they asked for, and `gc.collect()` still works. The thresholds
-    found by the first pause are restored when the last one ends.
-
-    Every state change is made inside the `try` that undoes it, in an order that leaves a
-    consistent state wherever an exception (a Ctrl-C) lands: a section registers before it
-    pauses, restores before it unregisters, and is held in a WeakSet, so a section that could
-    not unregister vanishes with its frame instead of holding the pause forever.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._sections: weakref.WeakSet[_Pause] = weakref.WeakSet()
-        self._saved: tuple[int, ...] | None = None
-
-    def pause(self, section: _Pause) -> None:
-        with self._lock:
-            self._sections.add(section)
-            if self._saved is None:
-                saved = gc.get_threshold()
-                if saved[0] != 0:  # automatic collection already off: nothing to restore
-                    self._saved = saved
-                    gc.set_threshold(0, *saved[1:])
-
-    def resume(self, section: _Pause) -> None:
-        with self._lock:
-            if section not in self._sections:
-                return
-            if len(self._sections) == 1 and self._saved is not None:
-                gc.set_threshold(*self._saved)
-                self._saved = None
-            self._sections.discard(section)
-
-
-COLLECTOR = _Collector()
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's automatic garbage collection paused while jgc traces, lowers or compiles a
-    program (on any thread); resumed when the last of them finishes or raises (`_Collector`).
-
-    Tracing and lowering allocate objects in bursts, and a burst triggers full (generation-2)
-    collections, each of which walks every object the process holds: JAX's import alone is
-    ~120k objects, ~60 ms a walk on this machine. W1's first check in a fresh process ran two
-    of them (0.12 s of its 0.28 s), and they freed almost nothing: reference counting frees
-    tracing's garbage. Only tracing and compiling are covered: the user's own Python code run
-    on the host (a NumPy loss or gradient) keeps the collector, since a from-scratch autograd's
-    graph nodes are reference cycles that only it frees. Paused for a whole check, a
-    micrograd-style loss of 320 parameters held 4.3 GB at its peak instead of 0.19 GB.
-    """
-    section = _Pause()
-    try:
-        COLLECTOR.pause(section)
-        yield
-    finally:
-        COLLECTOR.resume(section)
-
-
 def thread_config() -> tuple[bool, str, str]:
     """This thread's JAX settings that a check's worker threads must share: x64 and the two
     numpy promotion modes. JAX's context managers (jax.enable_x64, jax.numpy_rank_promotion,
@@ -312,59 +242,9 @@ class _Cache:
 CACHE = _Cache(CACHE_SIZE)
 
 
-# Lighter XLA compilation for programs whose whole execution is small: on a tiny check most of
-# the time is XLA's CPU backend compiling code that then runs for microseconds. Per program (no
-# environment variables): optimisation level 0 without LLVM's expensive passes, and XLA's
-# classic elemental emitter for fused loops instead of its newer MLIR fusion emitters. Measured
-# on W1's two programs (benchmarks/cold_start.py --compile-options): compile 94 + 73 ms fully
-# optimised, 86 + 74 ms with the first two options, 43 + 29 ms with all three, while the code
-# runs up to ~2.5x slower. That pays only while the program's execution stays small next to the
-# time saved. LIGHT_WORK is the switch point, in the work units of flatjaxpr._cost
-# (multiply-adds of contractions, elements elsewhere) summed over every evaluation the program
-# is expected to run; measured with benchmarks/cold_start.py --light-sweep (README, "Cold
-# start"). Both emitters implement the same HLO; results may differ in the last bits of
-# transcendental functions, as between any two XLA versions, which the error model's rounding
-# bounds already allow for.
-LIGHT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
-                 "xla_cpu_use_fusion_emitters": False}
-LIGHT_WORK = 1e9
-# Operations that run much slower under LIGHT_OPTIONS than fully optimised, by the factor each
-# multiplies the program's work with before it is weighed against LIGHT_WORK: run time with the
-# light options over run time fully optimised, measured on 2 CPU cores in float64
-# (benchmarks/cold_start.py --light-ops): a transposed convolution (lhs_dilate) 60x, a
-# scatter-add 6x, a cumulative sum (reduce_window) 7x, a vmapped dynamic_slice 5x, an argsort
-# 3.4x; plain and strided convolutions, dots, pools, elementwise and linear algebra 0.5x to 3x.
-# Each factor is rounded up, so that the light options are taken only where even the slowed
-# execution stays small: they must never cost more than they save.
-LIGHT_SLOWDOWN = (
-    (re.compile(r"lhs_dilate = \[(?!1(, 1)*\])"), 100.0),
-    (re.compile(r"stablehlo\.scatter"), 10.0),
-    (re.compile(r"stablehlo\.reduce_window"), 10.0),
-    (re.compile(r"stablehlo\.dynamic_slice|stablehlo\.dynamic_update_slice"), 10.0),
-    (re.compile(r"stablehlo\.sort"), 5.0),
-    (re.compile(r"stablehlo\.gather"), 5.0),
-)
-
-
-def light(work: float | None) -> bool:
-    """Compile with LIGHT_OPTIONS? `work`: the program's predicted total work (None: unknown,
-    so fully optimised). JGC_XLA_LIGHT=1 or 0 forces it either way (for measurements)."""
-    forced = os.environ.get("JGC_XLA_LIGHT", "")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return work is not None and work <= LIGHT_WORK
-
-
-def slowdown(text: str) -> float:
-    """How much slower a lowered program (its StableHLO text) may run under LIGHT_OPTIONS: the
-    largest factor of LIGHT_SLOWDOWN among its operations, 1 without any."""
-    return max((factor for pattern, factor in LIGHT_SLOWDOWN if pattern.search(text)),
-               default=1.0)
-
-
 def compiled(name: str, build: Callable[[], Callable], static: Hashable,
              traced: tuple[Traced, ...], args: tuple, work: float | None = None, *,
-             by_program: bool = False) -> Callable:
+             by_program: bool = False, forced_light: bool | None = None) -> Callable:
     """The compiled program `build()` for these arguments, from the cache when provably equal.
 
     `build()` returns a function of `args` (a flat tuple of arrays) that evaluates the traced
@@ -376,8 +256,11 @@ def compiled(name: str, build: Callable[[], Callable], static: Hashable,
     `by_program`: key the program on its own trace (`program_key`) instead of the user traces'
     keys: for a program that differentiates through custom rules (`Traced.has_rules`), or that
     traces the user's function afresh, since neither is shown by the user trace's key.
+
+    `forced_light`: compile with the light XLA options (True) or without (False) whatever the
+    work, for measurements only (benchmarks/cold_start.py); None lets the work decide.
     """
-    options = LIGHT_OPTIONS if light(work) else None
+    options = xla.LIGHT_OPTIONS if xla.light(work, forced_light) else None
     if by_program:
         keys = (program_key(build, args),)
     else:
@@ -390,8 +273,8 @@ def compiled(name: str, build: Callable[[], Callable], static: Hashable,
     if program is None:
         with collector_paused():
             lowered = jax.jit(build()).lower(*args)
-            if options is not None and os.environ.get("JGC_XLA_LIGHT", "") != "1" and not light(
-                    work * slowdown(lowered.as_text())):
+            if options is not None and forced_light is None and not xla.light(
+                    work * xla.slowdown(lowered.as_text())):
                 options = None
             program = lowered.compile(compiler_options=options)
         CACHE.put(key, program)

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from jgc._src.evaluators import autodiff as ad
 from jgc._src.evaluators import calls
 from jgc._src.evaluators.deadline import Deadline, TooSlow
 from jgc._src.report import explain
@@ -74,7 +75,7 @@ def run(subject: Subject, grad, o: Options, prec: Precision,
 
 def _gradient_jobs(grad, what: str) -> tuple:
     """jax.grad, and the user's gradient function if one is given, compiled alongside f0."""
-    jobs = [calls.autodiff]
+    jobs = [ad.autodiff]
     if calls.is_function(grad):
         jobs.append(lambda ev: calls.call_gradient(ev, grad, what))
     return tuple(jobs)
@@ -90,7 +91,7 @@ def with_gradients(check: Check, grad, what: str) -> Check:
     if grad is None:
         if autodiff is None:
             jaxpr = ev.traced.closed.jaxpr if ev.traceable else None
-            raise calls.autodiff_failure(why, error, jaxpr) from error
+            raise ad.autodiff_failure(why, error, jaxpr) from error
         return dataclasses.replace(check, side=Gradients(leaves, None, "jax.grad", why, True))
     given = (calls.without_aux(call.out, sp, params, check.subject.has_aux)
              if call is not None else grad)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import compat
+from jgc._src.evaluators import autodiff as ad
 from jgc._src.evaluators import calls
 from jgc._src.evaluators.factory import make_evaluator
 from jgc._src.report.report import LeafReport
@@ -90,7 +91,7 @@ def evaluate(check, grad, what: str) -> Own | None:
                                 has_aux=subject.has_aux, name=subject.fn_name)
         except InputError as e:
             return Own(str(coarsest), None, None, str(e).splitlines()[0])
-        autodiff, why, _ = calls.autodiff(ev) if ev.traceable else (None, None, None)
+        autodiff, why, _ = ad.autodiff(ev) if ev.traceable else (None, None, None)
         autodiff = None if autodiff is None else _leaves(sp, autodiff)
         if grad is None:
             return Own(str(coarsest), autodiff, None, why)

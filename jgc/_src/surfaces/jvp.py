@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jgc._src.evaluators import autodiff as ad
 from jgc._src.evaluators import calls
 from jgc._src.report import explain
 from jgc._src.report.report import Report
@@ -109,7 +110,7 @@ def _measure(problem: _Problem) -> list[cp.Compared]:
         g_round = np.concatenate([cp.leaf_rounding(c) for c in checked.reshape(len(T), -1)])
         autodiff = None
         if problem.use_autodiff:
-            autodiff, _ = calls.autodiff_jvp(ev, used, hessian=problem.hessian)
+            autodiff, _ = ad.autodiff_jvp(ev, used, hessian=problem.hessian)
             autodiff = None if autodiff is None else autodiff.ravel()
         d = dq.differences(0.0, len(checked), probes.noise(u), u, check.float64)
         found = es.derivative(probes.evaluate, d, checked, g_round, autodiff, g_round,
@@ -416,7 +417,7 @@ def _hvp_rule(hvp, check: Check, params, args) -> Callable:
 
     def rule(v_flat):
         if hvp is None:
-            out, why = calls.autodiff_jvp(ev, v_flat[None], hessian=True)
+            out, why = ad.autodiff_jvp(ev, v_flat[None], hessian=True)
             if out is None:
                 raise InputError(f"hvp=None checks jax's Hessian-vector product, but {why}. "
                                  "Pass your hand-written product as hvp=.")

@@ -14,10 +14,7 @@ import numpy as np
 
 from jgc._src.evaluators import programs
 from jgc._src.evaluators.builders import INDEX_DTYPE, _displaced, _map, _Static
-from jgc._src.evaluators.calls import (
-    first_line,
-    forbidden_promotion,
-)
+from jgc._src.evaluators.calls import first_line, forbidden_promotion
 from jgc._src.evaluators.dense import (
     PER_LEAF_MIN,
     DenseEvaluator,
