@@ -11,8 +11,6 @@ while a wrong rule (a misplaced slice, a wrong coordinate) is off by O(1) of the
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -426,13 +424,20 @@ def test_structured_pass_sees_a_changed_closure():
     assert not r.ok and all(b.pattern == "scale" for b in r.bad_leaves)
 
 
-def test_environment_variable_turns_it_off(monkeypatch):
+def test_evaluator_dense_turns_it_off():
     model, grad = _w2()
-    monkeypatch.setenv("JGC_STRUCTURED", "0")
     r = jgc.check_grad(model.loss, model.params, *model.args, grad=grad, mode="sample",
-                       samples=16)
+                       samples=16, evaluator="dense")
     assert r.ok and not any("structured" in n for n in r.notes)
-    assert os.environ["JGC_STRUCTURED"] == "0"
+    auto = jgc.check_grad(model.loss, model.params, *model.args, grad=grad, mode="sample",
+                          samples=16)
+    assert auto.ok and any("structured evaluation" in n for n in auto.notes)
+
+
+def test_evaluator_refuses_an_unknown_strategy():
+    with pytest.raises(jgc.InputError, match=r"evaluator='structured' is not one of "
+                                             r"\('auto', 'dense'\)"):
+        jgc.check_grad(lambda p: jnp.sum(p ** 2), np.ones(3), evaluator="structured")
 
 
 def test_no_chunk_by_n_array_on_the_structured_path():

@@ -15,7 +15,7 @@
   same shapes compiles nothing. A function JAX can trace but not vmap (a `jax.pure_callback`
   without a vmap method) is evaluated one perturbation at a time inside the compiled program.
 * `StructuredEvaluator` (a loss with at least STRUCTURED_MIN parameters; the default there, off with
-  the environment variable JGC_STRUCTURED=0): the dense evaluator, except that one-entry
+  the option evaluator="dense"): the dense evaluator, except that one-entry
   perturbations of a leaf go through the structured pass (structured/) over the same trace, which
   recomputes only what each perturbation changes (a column of a layer's output, one output channel
   of a convolution, a rank-1 update of the next layer), wherever its planned work is at most half

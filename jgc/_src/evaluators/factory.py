@@ -4,7 +4,6 @@ per check from one trace.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import jax
@@ -23,8 +22,9 @@ from jgc._src.stages.split import InputError, Split
 def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tuple, *,
                    vector: bool = False, has_aux: bool = False,
                    memory_budget: int | None = None, progress=None,
-                   name: str = "loss") -> Evaluator:
-    """The strategy for this function: dense (JAX traces it) or host (it converts to NumPy).
+                   name: str = "loss", structured: bool = True) -> Evaluator:
+    """The strategy for this function: dense or structured (JAX traces it), or host (it converts
+    to NumPy). `structured=False` (the user's evaluator="dense") keeps a traced loss dense.
 
     The function is traced once, here (no compilation). A loss is checked to return a real
     scalar; an InputError from the function (a pair without has_aux, say) is refused, and any
@@ -62,7 +62,7 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
     # structured pass's rounding at relu kinks moved the largest conv-kernel entry's D(h) 2.8
     # error bars from the truth, and the leaf-level test missed a 1% bug that the dense path
     # catches. Until that is understood, reduced precision stays dense.
-    if (not vector and sp.n >= STRUCTURED_MIN and os.environ.get("JGC_STRUCTURED", "1") != "0"
+    if (not vector and sp.n >= STRUCTURED_MIN and structured
             and all(np.dtype(d) == np.float64 for d in dtypes)):
         kind = StructuredEvaluator
     return kind(fn, sp, theta, dtypes, args, traced=traced, vector=vector, has_aux=has_aux,

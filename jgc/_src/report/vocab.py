@@ -1,4 +1,4 @@
-"""jgc's vocabularies: statuses, verdicts, patterns, modes and methods.
+"""jgc's vocabularies: statuses, verdicts, patterns, modes, methods and evaluators.
 
 Each is a str-valued Enum whose members carry their own words (the label the text and HTML views
 print, the help the command line shows) and colour, as lineax keeps its outcomes. A member is
@@ -173,3 +173,16 @@ METHOD_ADVICE = ("'central' (default) costs 2 loss evaluations per entry; 'richa
                  "and gives more digits, which matters most in float32; 'complex' (the complex "
                  "step, for complex-analytic losses) costs 1 complex evaluation and is exact to "
                  "rounding.")
+
+
+class EvaluatorChoice(_Vocab):
+    """The `evaluator` option: which strategy evaluates a traceable loss's perturbations."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+
+
+EVALUATOR_ADVICE = ("'auto' (default) takes the structured pass (only what a perturbation "
+                    "changes is recomputed) for float64 losses of at least 20,000 parameters, "
+                    "leaf by leaf where it does less work; 'dense' evaluates the whole loss for "
+                    "every perturbation.")

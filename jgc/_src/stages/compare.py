@@ -1,4 +1,4 @@
-"""Stage 5, `compare`: the gradients against the numerical derivative, per leaf, and the Report.
+"""Stage `compare`: the gradients against the numerical derivative, per leaf, and the Report.
 
 Every surface (check_grad, check_vjp, check_jvp, check_hvp) ends here: its probes' error model
 and the gradients at them become one `LeafData` per leaf (diagnose.leaf_report turns each into a

@@ -1,4 +1,4 @@
-"""Stage 6, `diagnose`: each leaf's status, pattern and resolution, and who is wrong.
+"""Stage `diagnose`: each leaf's status, pattern and resolution, and who is wrong.
 
 Three-way triage, per mismatched leaf (checked = the hand-written gradient):
   * checked vs numerical disagree, jax.grad agrees with numerical: the hand-written gradient
@@ -311,12 +311,6 @@ def _autodiff_disagrees(x: LeafData, beyond_ties: bool = False, where=None) -> b
         if where is not None:
             differ = differ[where]
         return bool(np.any(differ))
-
-
-def skipped_report(spec: LeafSpec) -> LeafReport:
-    return LeafReport(spec.path, spec.shape, spec.dtype, 0, Status.SKIPPED,
-                      reason=spec.reason)
-
 
 
 def agrees_with_autodiff(x: LeafData) -> bool | None:

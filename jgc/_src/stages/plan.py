@@ -1,4 +1,4 @@
-"""Stage 2, `plan`: which entries to perturb, at what precision, and by how much.
+"""Stage `plan`: which entries to perturb, at what precision, and by how much.
 
 Step size. A central difference (f(x+h) - f(x-h)) / 2h has two errors:
   * truncation, h**2 |f'''| / 6, which grows with h, and

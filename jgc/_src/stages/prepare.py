@@ -34,7 +34,7 @@ from jgc._src.evaluators.evaluator import Evaluator
 from jgc._src.evaluators.factory import make_evaluator
 from jgc._src.evaluators.progress import progress_factory
 from jgc._src.report.report import Report
-from jgc._src.report.vocab import Method
+from jgc._src.report.vocab import EvaluatorChoice, Method
 from jgc._src.stages import compare as cp
 from jgc._src.stages import complexstep
 from jgc._src.stages import estimate as es
@@ -181,7 +181,8 @@ def prepare(subject: Subject, o: Options, prec: Precision,
     notes = _input_notes(sp, o, promoted_args)
     ev = make_evaluator(subject.fn, sp, plan.theta, plan.dtypes, args, vector=subject.vector,
                         has_aux=subject.has_aux, memory_budget=o.memory_budget,
-                        progress=progress_factory(o.progress), name=subject.fn_name)
+                        progress=progress_factory(o.progress), name=subject.fn_name,
+                        structured=o.evaluator == EvaluatorChoice.AUTO)
     if not ev.traceable:
         notes.append(f"{subject.fn_name} is not traceable by JAX (it converts to NumPy), so jgc "
                      "evaluated it on the host, one perturbation at a time")

@@ -1,4 +1,4 @@
-"""Stage 1, `split`: which leaves of a pytree are checked, and how a gradient pytree maps onto them.
+"""Stage `split`: which leaves of a pytree are checked, and how a gradient pytree maps onto them.
 
 A leaf is *checked* when it is a floating-point or complex array (NumPy or JAX, any shape,
 including scalars and empty arrays) or a Python float or complex. Every other leaf (ints,

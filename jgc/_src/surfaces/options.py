@@ -17,7 +17,14 @@ import numbers
 import jax
 import numpy as np
 
-from jgc._src.report.vocab import METHOD_ADVICE, MODE_ADVICE, Method, Mode
+from jgc._src.report.vocab import (
+    EVALUATOR_ADVICE,
+    METHOD_ADVICE,
+    MODE_ADVICE,
+    EvaluatorChoice,
+    Method,
+    Mode,
+)
 from jgc._src.stages.split import InputError
 
 _TRANSFORMED = (
@@ -98,6 +105,7 @@ class Options:
     memory_budget: int | None = None
     progress: bool | None = None
     has_aux: bool = False
+    evaluator: EvaluatorChoice = EvaluatorChoice.AUTO
 
     @property
     def user_tolerance(self) -> bool:
@@ -123,7 +131,9 @@ def make_options(**kw) -> Options:
     """Options from the user's keywords, with an InputError naming any bad one."""
     mode = Mode.parse(kw.pop("mode", "auto"), "mode", MODE_ADVICE)
     method = Method.parse(kw.pop("method", "central"), "method", METHOD_ADVICE)
-    opts = Options(mode=mode, method=method, **kw)
+    evaluator = EvaluatorChoice.parse(kw.pop("evaluator", "auto"), "evaluator",
+                                      EVALUATOR_ADVICE)
+    opts = Options(mode=mode, method=method, evaluator=evaluator, **kw)
     for name in ("rtol", "atol"):
         v = getattr(opts, name)
         if v is not None and not (_is_number(v) and np.isfinite(v) and v >= 0):

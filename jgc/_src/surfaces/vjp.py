@@ -98,7 +98,7 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
       Complex primals, outputs and cotangents follow JAX's convention (the module doc): for a
         holomorphic f, f_vjp(c, z) = c * f'(z), as jax.vjp gives; a VJP written as
         conj(c) * f'(z) or conj(c * f'(z)) is diagnosed as "conjugate".
-      x64, seed, **options: as for `check_grad` (mode, eps, rtol, atol, samples).
+      x64, seed, **options: as for `check_grad` (mode, eps, rtol, atol, samples, evaluator).
 
     Returns:
       A Report whose leaves are the primals, named by their position, field or key.
