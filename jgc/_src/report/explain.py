@@ -67,68 +67,72 @@ def describe_factor(a: float, batch: int | None) -> str:
     return f"{size}: likely {causes[0]}"
 
 
+# What a mismatched leaf without a pattern shows, by the extent of its mismatch (`_extent`).
+_EXTENT_MESSAGES = {
+    "located": "{what} is wrong at {n} {entries} located by group testing",
+    "spread": (
+        "{what} fails a random-direction test (the values shown are derivatives along it), "
+        "beyond its error bar and any kink along it, but group testing isolated no single wrong "
+        "entry: the error is spread over many entries, each too small to show alone (a small "
+        "factor or an extra term across the leaf)"),
+    "systematic": (
+        "{what} is systematically off: no single entry is outside its error bar, but taken "
+        "together the leaf's entries differ from finite differences far more than the measured "
+        "noise allows"),
+    "few": (
+        "{what} has the wrong value: {checked:.6g} where finite differences give "
+        "{numerical:.6g} (too few entries to tell a pattern: a wrong formula, a dropped term, a "
+        "rounding or a branch taken wrongly)"),
+    "unpatterned": (
+        "{what} is wrong in {n} of {n_checked} entries with no simple pattern (a wrong formula, "
+        "a wrong index or a missing path)"),
+}
+
+
+def _entries(n: int) -> str:
+    return f"entr{'y' if n == 1 else 'ies'}"
+
+
+def _pattern_sentence(leaf: LeafReport, what: str, batch: int | None, noun: str) -> str:
+    pattern = Pattern(leaf.pattern)
+    variant, fields = "", {}
+    if pattern == Pattern.SCALE:
+        fields = {"factor": describe_factor(leaf.factor, batch)}
+    elif pattern == Pattern.REGULARIZATION:
+        variant = "missing" if leaf.factor < 0 else "extra"
+        fields = {"lam": abs(leaf.factor) if leaf.factor < 0 else leaf.factor}
+    elif pattern == Pattern.CONJUGATE:
+        variant = "gradient" if noun == "gradient" else ""
+    elif pattern == Pattern.NONFINITE:
+        fields = {"n": leaf.n_nonfinite, "entries": _entries(leaf.n_nonfinite),
+                  "first": (f", first at {leaf.worst_index}" if leaf.worst_index is not None
+                            else "")}
+    return pattern.message(variant).format(what=what, **fields)
+
+
+def _extent(leaf: LeafReport) -> str:
+    """Which of _EXTENT_MESSAGES a leaf without a pattern gets."""
+    if leaf.directions:
+        return "located" if leaf.n_mismatch else "spread"
+    if leaf.n_mismatch == 0:
+        return "systematic"
+    return "few" if leaf.n_checked < MIN_AGREE else "unpatterned"
+
+
 def describe_leaf(leaf: LeafReport, source: str, batch: int | None,
                   noun: str = "gradient", autodiff: str = "jax.grad") -> str:
     """One sentence about a mismatched leaf: its pattern (or its extent) and likely cause."""
-    p = leaf.path or "<params>"
-    what = f"{_the(source, noun)} of {p}"
-    if leaf.pattern in (Pattern.SCALE, Pattern.SIGN):
-        if leaf.pattern == Pattern.SIGN:
-            body = f"{what} has the wrong sign (factor -1): likely a subtraction reversed " \
-                   "(y - p instead of p - y) or an ascent direction"
-        else:
-            body = f"{what} {describe_factor(leaf.factor, batch)}"
-    elif leaf.pattern == Pattern.TRANSPOSE:
-        body = (f"{what} is the transpose of the right gradient: likely X @ dZ.T where "
-                "X.T @ dZ was meant, or a weight used as W.T in the forward pass")
-    elif leaf.pattern == Pattern.REGULARIZATION:
-        lam = leaf.factor
-        if lam < 0:
-            body = (f"{what} is missing a term proportional to the parameters: the "
-                    f"regularisation gradient λ·θ is missing, λ ≈ {abs(lam):.3g}")
-        else:
-            body = (f"{what} has an extra term proportional to the parameters, λ ≈ {lam:.3g}: "
-                    "regularisation counted twice (λ·θ with a loss of ½λθ² gives λ·θ, not "
-                    "2λ·θ), or applied to a parameter the loss does not regularise")
-    elif leaf.pattern == Pattern.CONJUGATE and noun != "gradient":
-        body = (f"{what} is the complex conjugate of the right one: likely one conj() too many "
-                "or too few (the derivative of conj(z) taken as that of z, or the reverse)")
-    elif leaf.pattern == Pattern.CONJUGATE:
-        body = (f"{what} is the complex conjugate of the right one: it is written in the "
-                "∂f/∂x + i·∂f/∂y convention (as PyTorch's .grad holds it), or has one conj() "
-                "too many or too few, where JAX's convention is ∂f/∂x − i·∂f/∂y (jax.grad of a "
-                "real loss returns it); conjugate it (jnp.conj)")
-    elif leaf.pattern == Pattern.ZERO:
-        body = f"{what} is all zeros: it was never computed, or was overwritten"
-    elif leaf.pattern == Pattern.NONFINITE:
-        n = leaf.n_nonfinite
-        first = f", first at {leaf.worst_index}" if leaf.worst_index is not None else ""
-        body = (f"{what} has {n} non-finite entr{'y' if n == 1 else 'ies'} (NaN or Inf){first}"
-                f" where finite differences give a finite derivative: a division by zero, a "
-                "log or sqrt at 0, or an overflow (exp of a large number) in the computation")
-    elif leaf.directions and leaf.n_mismatch and leaf.pattern is None:
-        body = (f"{what} is wrong at {leaf.n_mismatch} entr"
-                f"{'y' if leaf.n_mismatch == 1 else 'ies'} located by group testing")
-    elif leaf.n_mismatch == 0 and leaf.directions:
-        body = (f"{what} fails a random-direction test (the values shown are derivatives along "
-                "it), beyond its error bar and any kink along it, but group testing isolated no "
-                "single wrong entry: the error is spread over many entries, each too small to "
-                "show alone (a small factor or an extra term across the leaf)")
-    elif leaf.n_mismatch == 0:
-        body = (f"{what} is {'' if leaf.pattern is None else 'slightly but '}systematically "
-                "off: no single entry is outside its error bar, but taken together the leaf's "
-                "entries differ from finite differences far more than the measured noise "
-                "allows")
-        if leaf.pattern is None and leaf.autodiff_status == Status.OK:
+    what = f"{_the(source, noun)} of {leaf.path or '<params>'}"
+    if leaf.pattern is not None:
+        body = _pattern_sentence(leaf, what, batch, noun)
+    else:
+        extent = _extent(leaf)
+        body = _EXTENT_MESSAGES[extent].format(
+            what=what, n=leaf.n_mismatch, entries=_entries(leaf.n_mismatch),
+            n_checked=leaf.n_checked, checked=leaf.checked, numerical=leaf.numerical)
+        if extent == "systematic" and leaf.autodiff_status == Status.OK:
             body += (f", while {autodiff} passes the same test (so the finite differences are "
                      "not biased there)")
-    elif leaf.n_checked < MIN_AGREE:
-        body = (f"{what} has the wrong value: {leaf.checked:.6g} where finite differences give "
-                f"{leaf.numerical:.6g} (too few entries to tell a pattern: a wrong formula, a "
-                "dropped term, a rounding or a branch taken wrongly)")
-    else:
-        body = (f"{what} is wrong in {leaf.n_mismatch} of {leaf.n_checked} entries with no "
-                "simple pattern (a wrong formula, a wrong index or a missing path)")
     if leaf.directions and leaf.n_mismatch:
         body += (f" (found by {leaf.directions} random-direction tests and group testing, and "
                  "confirmed entry by entry)")

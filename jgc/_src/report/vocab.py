@@ -122,6 +122,45 @@ class Pattern(_Vocab):
     NONFINITE = "nonfinite"
     CONJUGATE = "conjugate"
 
+    def message(self, variant: str = "") -> str:
+        """The sentence naming this pattern in a mismatched leaf and its likely cause, as a
+        `str.format` template: `{what}` is "the hand-written gradient of ['W1']"; a scale has
+        `{factor}` (explain.describe_factor's words), a regularisation `{lam}`, non-finite
+        entries `{n}`, `{entries}` and `{first}`. `variant`: a regularisation term that is
+        "missing" or "extra"; a conjugate "gradient" or the other nouns' ("")."""
+        return _PATTERN_MESSAGES[self, variant]
+
+
+_PATTERN_MESSAGES = {
+    (Pattern.SCALE, ""): "{what} {factor}",
+    (Pattern.SIGN, ""): (
+        "{what} has the wrong sign (factor -1): likely a subtraction reversed (y - p instead of "
+        "p - y) or an ascent direction"),
+    (Pattern.TRANSPOSE, ""): (
+        "{what} is the transpose of the right gradient: likely X @ dZ.T where X.T @ dZ was "
+        "meant, or a weight used as W.T in the forward pass"),
+    (Pattern.REGULARIZATION, "missing"): (
+        "{what} is missing a term proportional to the parameters: the regularisation gradient "
+        "λ·θ is missing, λ ≈ {lam:.3g}"),
+    (Pattern.REGULARIZATION, "extra"): (
+        "{what} has an extra term proportional to the parameters, λ ≈ {lam:.3g}: regularisation "
+        "counted twice (λ·θ with a loss of ½λθ² gives λ·θ, not 2λ·θ), or applied to a parameter "
+        "the loss does not regularise"),
+    (Pattern.CONJUGATE, ""): (
+        "{what} is the complex conjugate of the right one: likely one conj() too many or too "
+        "few (the derivative of conj(z) taken as that of z, or the reverse)"),
+    (Pattern.CONJUGATE, "gradient"): (
+        "{what} is the complex conjugate of the right one: it is written in the ∂f/∂x + i·∂f/∂y "
+        "convention (as PyTorch's .grad holds it), or has one conj() too many or too few, where "
+        "JAX's convention is ∂f/∂x − i·∂f/∂y (jax.grad of a real loss returns it); conjugate it "
+        "(jnp.conj)"),
+    (Pattern.ZERO, ""): "{what} is all zeros: it was never computed, or was overwritten",
+    (Pattern.NONFINITE, ""): (
+        "{what} has {n} non-finite {entries} (NaN or Inf){first} where finite differences give "
+        "a finite derivative: a division by zero, a log or sqrt at 0, or an overflow (exp of a "
+        "large number) in the computation"),
+}
+
 
 class Mode(_Vocab):
     AUTO = "auto"
