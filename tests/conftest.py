@@ -9,6 +9,10 @@ import pytest
 # both; jgc must then run unchanged (tests/test_strict.py compares it with the defaults).
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Two CPU devices, as equinox's conftest forces: the dense evaluator shards every chunk over
+# jax.devices(), and a user's machine may have several. Set before JAX starts its backend (the
+# first array), which nothing before this conftest does: `import jgc` does not import JAX.
+jax.config.update("jax_num_cpu_devices", 2)
 
 
 @pytest.fixture(autouse=True)

@@ -148,3 +148,10 @@ def test_the_structured_work_counter_is_per_context():
         t.join()
     assert seen == {"a": 1.0, "b": 5.0}
     assert slab._WORK.get() is None
+
+
+def test_the_suite_runs_on_two_cpu_devices():
+    """conftest.py forces two CPU devices, so that sharding over jax.devices() is exercised."""
+    import jax
+
+    assert jax.device_count() == 2

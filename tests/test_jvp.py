@@ -1,5 +1,5 @@
-"""Beyond first order: forward-mode rules (check_jvp), Hessian-vector products (check_hvp),
-and the complex step (method="complex")."""
+"""check_jvp and check_hvp (surfaces/jvp.py): forward-mode rules and Hessian-vector products, and
+the complex step (method="complex") as a check_grad method."""
 
 import jax
 import jax.numpy as jnp

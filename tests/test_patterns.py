@@ -1,0 +1,68 @@
+"""The bug patterns (stages/patterns.py) fitted one by one, and the triage that names who is wrong
+(stages/diagnose.py)."""
+
+import numpy as np
+import pytest
+
+from jgc._src.report.report import LeafReport
+from jgc._src.report.vocab import Pattern, Status, Verdict
+from jgc._src.stages import errormodel as em
+from jgc._src.stages.diagnose import triage
+from jgc._src.stages.patterns import Collective, find_pattern
+
+RNG = np.random.default_rng(7)
+D = RNG.normal(size=(4, 4))
+D = D + 0.5 * np.eye(4) + np.triu(D, 1)  # not symmetric
+THETA = RNG.normal(size=16)
+TOL = np.full(16, 1e-9)
+
+
+@pytest.mark.parametrize("g, expected", [
+    (3.0 * D.ravel(), (Pattern.SCALE, 3.0)),
+    (-D.ravel(), (Pattern.SIGN, -1.0)),
+    (D.T.ravel(), (Pattern.TRANSPOSE, None)),
+    (D.ravel() + 0.1 * THETA, (Pattern.REGULARIZATION, 0.1)),
+    (np.zeros(16), (Pattern.ZERO, 0.0)),
+    (D.ravel() + RNG.normal(size=16), (None, None)),
+    (D.ravel(), (None, None)),
+], ids=["scale", "sign", "transpose", "regularization", "zero", "no pattern", "no bug"])
+def test_each_pattern_is_fitted(g, expected):
+    pattern, factor = find_pattern(g, D.ravel(), THETA, TOL, (4, 4), full=True)
+    assert pattern == expected[0]
+    if expected[1] is not None:
+        assert factor == pytest.approx(expected[1])
+
+
+def test_patterns_skip_entries_at_kinks():
+    g = 2.0 * D.ravel()
+    d = D.ravel().copy()
+    d[:3] = 40.0  # central differences across kinks: no derivative
+    smooth = np.ones(16, bool)
+    smooth[:3] = False
+    assert find_pattern(g, d, THETA, TOL, (4, 4), True, smooth)[0] == Pattern.SCALE
+    assert find_pattern(g, d, THETA, TOL, (4, 4), True)[0] != Pattern.SCALE
+
+
+def test_the_leaf_level_fit_needs_a_systematic_pattern():
+    ref = RNG.normal(size=64)
+    sd = np.full(64, 1e-3)
+    for g, expected in ((ref * 1.01, Pattern.SCALE), (ref + 0.02 * RNG.normal(size=64), None)):
+        c = Collective(ref, sd, em.chi2(g - ref, sd), em.chi2_threshold(64), np.arange(64))
+        assert c.significant and c.fit(g, np.zeros(64))[0] == expected
+
+
+def _leaf(path, status, autodiff_status=None):
+    return LeafReport(path, (2,), "float64", 2, status, autodiff_status=autodiff_status)
+
+
+def test_triage_names_who_is_wrong():
+    ok = _leaf("a", Status.OK, Status.OK)
+    wrong = _leaf("b", Status.MISMATCH, Status.OK)
+    numerics = _leaf("c", Status.MISMATCH, Status.MISMATCH)
+    assert triage([ok], {}, False).verdict == Verdict.OK
+    assert triage([ok, _leaf("u", Status.UNRESOLVED)], {}, False).verdict == Verdict.UNRESOLVED
+    t = triage([ok, wrong], {"b": False}, False)
+    assert t.verdict == Verdict.WRONG_GRADIENT and t.wrong == [wrong]
+    assert triage([numerics], {"c": True}, False).verdict == Verdict.SUSPECT_NUMERICS
+    assert triage([numerics], {"c": False}, False).verdict == Verdict.DISAGREEMENT
+    assert triage([numerics], {"c": True}, True).verdict == Verdict.WRONG_GRADIENT
