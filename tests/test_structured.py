@@ -27,8 +27,8 @@ from jgc._src.evaluators.structured.flatjaxpr import base_values, flatten
 from jgc._src.evaluators.structured.leafplan import leaf_losses, plan_leaf
 from jgc._src.evaluators.structured.rules import _groups
 from jgc._src.stages import plan as pl
+from jgc._src.stages.inputs import promote_args
 from jgc._src.stages.split import split_checked
-from jgc._src.surfaces.options import promote_args
 from jgc.examples import zoo
 
 # derandomize: CI draws the same examples every run, so that it fails for a change, not for

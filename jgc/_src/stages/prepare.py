@@ -39,8 +39,9 @@ from jgc._src.stages import compare as cp
 from jgc._src.stages import complexstep
 from jgc._src.stages import estimate as es
 from jgc._src.stages import plan as pl
+from jgc._src.stages.inputs import promote_args, refuse_unusable
 from jgc._src.stages.split import InputError, Split, listing, split_checked
-from jgc._src.surfaces.options import Options, promote_args, refuse_unusable
+from jgc._src.surfaces.options import Options
 
 
 @dataclasses.dataclass(frozen=True)
