@@ -128,3 +128,15 @@ def test_a_memory_budget_too_small_for_one_evaluation_names_the_minimum():
 def test_other_bad_options_are_refused_by_name(option, value, words):
     with pytest.raises(jgc.InputError, match=words.replace("(", r"\(")):
         jgc.check_grad(tanh_loss, W, X, **{option: value})
+
+
+def test_check_jvp_refuses_clearly_when_jaxs_own_jvp_fails():
+    """f_jvp=None checks jax.jvp(f); where JAX cannot compute it (forward mode through a
+    custom_vjp rule, or an XLA runtime failure), that is an InputError saying so, not a crash."""
+    @jax.custom_vjp
+    def f(x):
+        return jax.numpy.sin(x)
+
+    f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jax.numpy.cos(x),))
+    with pytest.raises(jgc.InputError, match=r"jax\.jvp\(f, primals, tangents\) raised"):
+        jgc.check_jvp(f, None, (np.linspace(0.1, 1.0, 4),))

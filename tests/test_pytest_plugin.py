@@ -259,7 +259,7 @@ def test_under_xdist_the_totals_and_reports_are_those_of_one_process(pytester, t
 
 def test_the_readme_example_runs_as_it_says(pytester):
     """The README's test-suite example: its test file and its command line."""
-    text = README.read_text().split("### In a test suite", 1)[1]
+    text = README.read_text().split("## In a test suite", 1)[1]
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     command = re.search(r"```bash\n(pytest [^\n]*)", text).group(1).split("#")[0].split()
     pytester.makepyfile(test_layer=code)

@@ -138,3 +138,24 @@ def test_complex_step_on_a_sample_of_a_large_leaf():
     # X cast to the parameters' dtype: complex under the complex step (strict promotion)
     loss = lambda p, X: jnp.sum(jnp.tanh(X.astype(p["W"].dtype) @ p["W"] + p["b"][None]) ** 2)
     assert jgc.check_grad(loss, p, X, method="complex", mode="sample").ok
+
+
+def test_a_loss_that_draws_by_dtype_is_not_compared_across_precisions():
+    """jax.random.normal draws different numbers in float32 and float64, so the loss at the
+    user's precision is another function: its gradient differs for that reason alone. Nothing is
+    blamed, and a note says why only non-finite entries were looked for."""
+    import jax
+
+    def loss(p, key):
+        return jnp.sum(jnp.tanh(p["w"]) * jax.random.normal(key, (3,)))
+
+    report = jgc.check_grad(loss, {"w": jnp.ones(3, jnp.float32)}, jax.random.key(0))
+    assert report.ok and report.verdict == "ok", report
+    assert any("different functions" in n and "draws random numbers" in n for n in report.notes)
+    # A NaN at that precision is still found, draws or not.
+    def masked(p, key):
+        x = p["w"] * 100.0
+        return jnp.sum(jnp.where(x < 50, jnp.exp(x), 0.0) * jax.random.uniform(key, (3,)))
+
+    report = jgc.check_grad(masked, {"w": jnp.ones(3, jnp.float32)}, jax.random.key(0))
+    assert report.verdict == "precision", report

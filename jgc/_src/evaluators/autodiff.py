@@ -130,7 +130,7 @@ def autodiff_jvp(ev, tangents: np.ndarray, hessian: bool = False
 # -- when jax.grad cannot be taken ----------------------------------------------------------
 
 
-def _walk(jaxpr):
+def walk(jaxpr):
     """Every equation of a jaxpr, nested ones included."""
     for eqn in jaxpr.eqns:
         yield eqn
@@ -138,13 +138,13 @@ def _walk(jaxpr):
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 inner = getattr(item, "jaxpr", item)
                 if hasattr(inner, "eqns"):
-                    yield from _walk(inner)
+                    yield from walk(inner)
 
 
 def _rule_functions(jaxpr) -> dict:
     """Code objects of the custom_vjp backward rules in a jaxpr (nested ones included)."""
     out = {}
-    for eqn in _walk(jaxpr):
+    for eqn in walk(jaxpr):
         f = getattr(eqn.params.get("bwd"), "f", None)
         if eqn.primitive.name == "custom_vjp_call" and hasattr(f, "__code__"):
             out[f.__code__] = f.__name__
@@ -153,7 +153,7 @@ def _rule_functions(jaxpr) -> dict:
 
 def _callbacks(jaxpr) -> set[str]:
     """Names of the host-callback primitives a jaxpr uses (nested ones included)."""
-    return {f"jax.{eqn.primitive.name}" for eqn in _walk(jaxpr)
+    return {f"jax.{eqn.primitive.name}" for eqn in walk(jaxpr)
             if "callback" in eqn.primitive.name and eqn.primitive.name != "debug_callback"}
 
 

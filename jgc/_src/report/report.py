@@ -19,7 +19,7 @@ class LeafReport:
     """The result for one leaf of params.
 
     Attributes:
-      path: `jax.tree_util.keystr` of the leaf's path, e.g. "['W1']" or "[0]['W']".
+      path: `jax.tree_util.keystr` of the leaf's path, e.g. `['W1']` or `[0]['W']`.
       shape: the leaf's shape.
       dtype: the leaf's dtype name (None for a non-array leaf).
       n_checked: how many entries were checked (0 for skipped leaves).

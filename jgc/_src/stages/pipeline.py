@@ -248,6 +248,12 @@ def closing_notes(check: Check, found: cp.Compared, text: str) -> tuple[Check, s
         check = check.note(f"not compared at your own precision ({g.own.dtype}): {g.source} "
                            f"could not be evaluated there ({g.own.why}); the check itself ran "
                            "in float64")
+    if g.own is not None and g.own.checked is not None and g.own.draws:
+        check = check.note(
+            f"at your own precision ({g.own.dtype}) only non-finite gradient entries were looked "
+            "for: the loss draws random numbers (jax.random), which become different numbers "
+            "in each precision, so the two compute different functions whose gradients cannot "
+            "be compared")
     if g.autodiff is None and not g.is_autodiff:
         check = check.note(f"jax.grad is not available as a third opinion: {g.autodiff_why}")
     strategy = check.ev.strategy_note()

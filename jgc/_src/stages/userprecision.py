@@ -14,6 +14,14 @@ more than the square root of that precision's unit roundoff (about 3e-4 in float
 bfloat16) of the gradient's largest entry: a correct computation loses a few units of roundoff
 to rounding, and more than half of its digits only to an overflow, a cancellation or a branch
 taken differently, which is what the user's training then sees.
+
+The comparison presumes that both precisions compute the same function. A loss that draws
+random numbers does not: `jax.random.normal(key, shape)` and `jax.random.bernoulli` turn the
+same random bits into different numbers in float32 and float64, so its gradients differ for that
+reason alone. Such a loss (its trace holds a `random_bits` equation, at any depth) is compared
+only for non-finite entries, with a note saying why. Comparing the two losses' values instead
+would not tell the draws from rounding: a loss that cancels in float32 loses all its digits
+there while computing the same function.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class Own:
     checked: tuple[np.ndarray, ...] | None
     autodiff: tuple[np.ndarray, ...] | None
     why: str | None = None  # why the checked gradient could not be evaluated there
+    draws: bool = False  # the loss draws random numbers: values not comparable (module doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,19 +100,28 @@ def evaluate(check, grad, what: str) -> Own | None:
                                 has_aux=subject.has_aux, name=subject.fn_name)
         except InputError as e:
             return Own(str(coarsest), None, None, str(e).splitlines()[0])
+        draws = _draws(ev)
         autodiff, why, _ = ad.autodiff(ev) if ev.traceable else (None, None, None)
         autodiff = None if autodiff is None else _leaves(sp, autodiff)
         if grad is None:
-            return Own(str(coarsest), autodiff, None, why)
+            return Own(str(coarsest), autodiff, None, why, draws)
         try:
             call = calls.call_gradient(ev, grad, what)
             out = calls.without_aux(call.out, sp, subject.params, subject.has_aux)
             checked = tuple(match_gradient(out, sp, subject.params, what))
         except InputError as e:
-            return Own(str(coarsest), None, autodiff, str(e).splitlines()[0])
-        return Own(str(coarsest), checked, autodiff)
+            return Own(str(coarsest), None, autodiff, str(e).splitlines()[0], draws)
+        return Own(str(coarsest), checked, autodiff, None, draws)
 
     return check.precision.run(run, own=True)
+
+
+def _draws(ev) -> bool:
+    """Whether the traced loss draws random numbers (a `random_bits` equation, nested ones
+    included). A NumPy loss is not traced: its hidden randomness has its own verdict."""
+    traced = getattr(ev, "traced", None)
+    return traced is not None and any(
+        eqn.primitive.name == "random_bits" for eqn in ad.walk(traced.closed.jaxpr))
 
 
 def _leaves(sp, flat: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -123,10 +141,12 @@ def findings(own: Own | None, reference: tuple[np.ndarray, ...],
     """Per checked leaf k with a finding: the checked gradient at the user's precision against
     the float64 one (`reference`), on the scale of the whole float64 gradient. A difference
     too small to change the loss at that precision (|dg| max(1, |theta|) within KAPPA u |f|,
-    `loss_size` = |f|) is none: erf'(10) = 4e-45 is 0 in float32, and rightly so."""
+    `loss_size` = |f|) is none: erf'(10) = 4e-45 is 0 in float32, and rightly so. A loss that draws
+    random numbers is compared for non-finite entries only (see the module doc)."""
     if own is None or own.checked is None:
         return {}
-    scale = _scale(reference)
+    values = not own.draws
+    scale = _scale(reference) if values else 0.0
     out = {}
     for k, (g64, g) in enumerate(zip(reference, own.checked)):
         floor = dq.KAPPA * float(jnp.finfo(dtypes[k]).eps) * loss_size / np.maximum(
@@ -139,7 +159,8 @@ def findings(own: Own | None, reference: tuple[np.ndarray, ...],
         if own.autodiff is not None and reference_ad is not None:
             autodiff_too = _compare(np.asarray(reference_ad[k], np.float64),
                                     np.asarray(own.autodiff[k], np.float64),
-                                    _scale(reference_ad), dtypes[k], floor) is not None
+                                    _scale(reference_ad) if values else 0.0, dtypes[k],
+                                    floor) is not None
         out[k] = dataclasses.replace(found, autodiff_too=autodiff_too)
     return out
 

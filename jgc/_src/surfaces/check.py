@@ -59,8 +59,11 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
         cost) for about one more correct digit; worth it in float32. "complex": the complex
         step, exact to rounding for complex-analytic losses (refused for others).
       eps: a fixed absolute step. None (default) picks u**(1/3)·max(1,|θ|) per entry.
-      rtol, atol: override the error model: an entry fails when |g - num| > atol + rtol·|num|.
-      samples: entries per leaf in mode "sample". seed: seeds the sample and the directions.
+      rtol: with atol, overrides the error model: an entry fails when
+        |g - num| > atol + rtol·|num|.
+      atol: see rtol.
+      samples: entries per leaf in mode "sample".
+      seed: seeds the sample and the directions.
       memory_budget: bytes for one batch of perturbed evaluations (default: a quarter of the
         available memory, between 256 MiB and 1 GiB); chunks are sized to fit it.
       progress: show a progress bar on long checks (None: when stderr is a terminal or in a
@@ -80,13 +83,14 @@ def check_grad(loss: Loss, params: ArrayTree, *args, grad=None, x64: bool = True
       InputError (a ValueError): on inputs jgc cannot check, with a message naming the leaf or
         argument and the fix.
 
-    >>> import jax.numpy as jnp, jgc
-    >>> loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
-    >>> p, x = {"w": jnp.ones(3) * 0.1}, jnp.arange(6.0).reshape(2, 3)
-    >>> jgc.check_grad(loss, p, x, grad=lambda p, x: {"w": 2 * p["w"]}).ok
-    False
-    >>> jgc.check_grad(loss, p, x).ok  # grad=None: checks jax.grad itself
-    True
+    Examples:
+      >>> import jax.numpy as jnp, jgc
+      >>> loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+      >>> p, x = {"w": jnp.ones(3) * 0.1}, jnp.arange(6.0).reshape(2, 3)
+      >>> jgc.check_grad(loss, p, x, grad=lambda p, x: {"w": 2 * p["w"]}).ok
+      False
+      >>> jgc.check_grad(loss, p, x).ok  # grad=None: checks jax.grad itself
+      True
     """
     calls.require_function(loss)
     with precision(x64) as prec:
@@ -118,9 +122,10 @@ def assert_grad(loss: Loss, params: ArrayTree, *args, grad=None,
     there), unless `allow_unresolved=True`; mismatches always fail it. Like every chex
     assertion it honours `chex.disable_asserts()`: then it checks nothing and returns None.
 
-    >>> import jax.numpy as jnp, jgc
-    >>> _ = jgc.assert_grad(lambda p: jnp.sum(p ** 3), jnp.arange(3.0),
-    ...                     grad=lambda p: 3 * p ** 2)
+    Examples:
+      >>> import jax.numpy as jnp, jgc
+      >>> _ = jgc.assert_grad(lambda p: jnp.sum(p ** 3), jnp.arange(3.0),
+      ...                     grad=lambda p: 3 * p ** 2)
     """
     if not _chex_asserts_enabled():
         return None
@@ -148,10 +153,11 @@ def numerical_grad(loss: Loss, params: ArrayTree, *args, x64: bool = True,
       InputError: as check_grad; method="complex" on a loss that is not complex-analytic
         (abs, max, .real, NumPy code) is refused, since its complex step is meaningless.
 
-    >>> import jax.numpy as jnp, jgc
-    >>> g = jgc.numerical_grad(lambda p: jnp.sum(p["a"] ** 2), {"a": jnp.array([1.0, -2.0])})
-    >>> [round(float(v), 6) for v in g["a"]]
-    [2.0, -4.0]
+    Examples:
+      >>> import jax.numpy as jnp, jgc
+      >>> g = jgc.numerical_grad(lambda p: jnp.sum(p["a"] ** 2), {"a": jnp.array([1.0, -2.0])})
+      >>> [round(float(v), 6) for v in g["a"]]
+      [2.0, -4.0]
     """
     calls.require_function(loss)
     with precision(x64) as prec:

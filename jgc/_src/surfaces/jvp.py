@@ -198,20 +198,22 @@ def check_jvp(f: Callable, f_jvp: Callable | None, primals, tangents=None, *,
         ones, "full" every basis direction (the whole Jacobian), "sample" `samples` basis
         directions per input leaf.
       eps: a fixed step along each direction; None picks it from the dtype and the scale.
-      memory_budget, progress: as for check_grad.
+      memory_budget: as for check_grad.
+      progress: as for check_grad.
 
     Returns:
       A Report whose leaves are the output's leaves (paths as `keystr` of the output pytree),
       each entry an output element; entries are pooled over the directions.
 
-    >>> import jax, jax.numpy as jnp, jgc
-    >>> @jax.custom_jvp
-    ... def f(x):
-    ...     return jnp.sin(x)
-    >>> f.defjvp(lambda p, t: (f(p[0]), 2 * jnp.cos(p[0]) * t[0]))  # wrong: the 2
-    <...>
-    >>> jgc.check_jvp(f, None, (jnp.linspace(0.1, 1, 4),)).ok
-    False
+    Examples:
+      >>> import jax, jax.numpy as jnp, jgc
+      >>> @jax.custom_jvp
+      ... def f(x):
+      ...     return jnp.sin(x)
+      >>> f.defjvp(lambda p, t: (f(p[0]), 2 * jnp.cos(p[0]) * t[0]))  # wrong: the 2
+      <...>
+      >>> jgc.check_jvp(f, None, (jnp.linspace(0.1, 1, 4),)).ok
+      False
     """
     calls.require_function(f, "f", "(*primals) -> out", "check_jvp(f, f_jvp, primals, ...)")
     if f_jvp is not None and not callable(f_jvp):
@@ -285,8 +287,9 @@ def _jvp_rule(f, f_jvp, check: Check, out_holder) -> Callable:
 
     def rule(t_flat):
         t_tree = _unflat(sp, plan, t_flat)
-        if f_jvp is None:
-            out, t_out = jax.jvp(f, tuple(primal_tree), tuple(t_tree))
+        if f_jvp is None:  # jax's own JVP is what is checked; its failure is a refusal
+            out, t_out = calls.user_call("jax.jvp(f, primals, tangents)", jax.jvp, f,
+                                         tuple(primal_tree), tuple(t_tree))
         else:
             res = calls.user_call("f_jvp(primals, tangents)", f_jvp, tuple(primal_tree),
                                   tuple(t_tree))
@@ -324,16 +327,19 @@ def check_hvp(loss: Callable, params, *args, grad: Callable | None = None,
       hvp: `hvp(params, v, *args) -> H·v` shaped like params. None: jax's own product, the
         derivative of the gradient function along v: forward-over-reverse, or
         reverse-over-reverse where forward mode fails (a custom_vjp rule in the loss).
-      eps, memory_budget, progress: as for check_grad.
+      eps: as for check_grad.
+      memory_budget: as for check_grad.
+      progress: as for check_grad.
 
     Returns:
       A Report whose leaves are the params' leaves.
 
-    >>> import jax.numpy as jnp, numpy as np, jgc
-    >>> loss = lambda p: jnp.sum(p["w"] ** 3)
-    >>> jgc.check_hvp(loss, {"w": np.array([1.0, 2.0])},
-    ...               hvp=lambda p, v: {"w": 6 * p["w"] * v["w"]}).ok
-    True
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, jgc
+      >>> loss = lambda p: jnp.sum(p["w"] ** 3)
+      >>> jgc.check_hvp(loss, {"w": np.array([1.0, 2.0])},
+      ...               hvp=lambda p, v: {"w": 6 * p["w"] * v["w"]}).ok
+      True
     """
     calls.require_function(loss)
     if grad is not None:

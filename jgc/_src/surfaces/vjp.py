@@ -95,20 +95,23 @@ def check_vjp(f: Callable, f_vjp: Callable | None, primals, cotangent=None, *,
         **primals); leaves named "['x']", "['w']"). A single array is taken as a 1-tuple.
       cotangent: the output cotangent to contract with; None draws a seeded standard normal
         (complex, with independent real and imaginary parts, for a complex output).
-      Complex primals, outputs and cotangents follow JAX's convention (the module doc): for a
-        holomorphic f, f_vjp(c, z) = c * f'(z), as jax.vjp gives; a VJP written as
+        Complex primals, outputs and cotangents follow JAX's convention (the module doc): for
+        a holomorphic f, f_vjp(c, z) = c * f'(z), as jax.vjp gives; a VJP written as
         conj(c) * f'(z) or conj(c * f'(z)) is diagnosed as "conjugate".
-      x64, seed, **options: as for `check_grad` (mode, eps, rtol, atol, samples, evaluator).
+      x64: as for `check_grad`.
+      seed: seeds the random cotangent, and the sample and directions as for `check_grad`.
+      **options: as for `check_grad` (mode, eps, rtol, atol, samples, evaluator).
 
     Returns:
       A Report whose leaves are the primals, named by their position, field or key.
 
-    >>> import numpy as np, jgc
-    >>> f = lambda x, w: x @ w
-    >>> f_vjp = lambda dy, x, w: (dy @ w.T, x.T @ dy)
-    >>> rng = np.random.default_rng(0)
-    >>> jgc.check_vjp(f, f_vjp, (rng.normal(size=(2, 3)), rng.normal(size=(3, 4)))).ok
-    True
+    Examples:
+      >>> import numpy as np, jgc
+      >>> f = lambda x, w: x @ w
+      >>> f_vjp = lambda dy, x, w: (dy @ w.T, x.T @ dy)
+      >>> rng = np.random.default_rng(0)
+      >>> jgc.check_vjp(f, f_vjp, (rng.normal(size=(2, 3)), rng.normal(size=(3, 4)))).ok
+      True
     """
     calls.require_function(f, "f", "(*primals) -> out", "check_vjp(f, f_vjp, primals, ...)")
     if f_vjp is not None and not callable(f_vjp):

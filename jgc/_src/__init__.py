@@ -1,0 +1,1 @@
+"""jgc's implementation, private: it may change without notice (docs/architecture.md maps it)."""
