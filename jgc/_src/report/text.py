@@ -76,20 +76,12 @@ def format_report(r: Report) -> str:
 def leaf_status(leaf: LeafReport) -> str:
     """The status cell, the same in the text and HTML views: MISMATCH (3/12), ok, ..."""
     status = Status(leaf.status)
-    if status == Status.SKIPPED:
-        return f"skipped ({leaf.reason})"
-    text = status.label
-    if leaf.n_mismatch:
-        text += f" ({leaf.n_mismatch}/{leaf.n_checked})"
-    elif status == Status.MISMATCH:
-        text += " (as a whole)"
-    elif status == Status.UNRESOLVED:
-        text += f" (resolution {pct(leaf.resolution)})"
-    elif status == Status.PRECISION:
-        text += f" (in {leaf.own_dtype}: {leaf.own_n_bad}/{leaf.n_checked})"
-    elif leaf.n_kink:
-        text += f" ({leaf.n_kink} at kinks)"
-    return text
+    if leaf.n_mismatch and status != Status.SKIPPED:
+        return f"{status.label} ({leaf.n_mismatch}/{leaf.n_checked})"
+    return status.cell.format(
+        label=status.label, reason=leaf.reason, resolution=pct(leaf.resolution),
+        own_dtype=leaf.own_dtype, own_n_bad=leaf.own_n_bad, n_checked=leaf.n_checked,
+        kinks=f" ({leaf.n_kink} at kinks)" if leaf.n_kink else "")
 
 
 def leaf_cells(leaf: LeafReport) -> list[str]:

@@ -64,7 +64,22 @@ class Status(_Vocab):
     def colour(self) -> str:
         return _STATUS_COLOURS[self]
 
+    @property
+    def cell(self) -> str:
+        """The status cell of the text and HTML tables, as a `str.format` template that
+        text.leaf_status fills in, where no entry mismatches (otherwise the cell counts them):
+        `{label}`, and the fields each status names (`{kinks}` is " (3 at kinks)" or "")."""
+        return _STATUS_CELLS[self]
 
+
+_STATUS_CELLS = {
+    Status.OK: "{label}{kinks}",
+    Status.KINK: "{label}{kinks}",
+    Status.MISMATCH: "{label} (as a whole)",
+    Status.UNRESOLVED: "{label} (resolution {resolution})",
+    Status.SKIPPED: "skipped ({reason})",
+    Status.PRECISION: "{label} (in {own_dtype}: {own_n_bad}/{n_checked})",
+}
 _STATUS_COLOURS = {Status.OK: "#1a7f37", Status.KINK: "#9a6700", Status.MISMATCH: "#cf222e",
                    Status.UNRESOLVED: "#9a6700", Status.SKIPPED: "#6e7781",
                    Status.PRECISION: "#cf222e"}
