@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # the names _LAZY imports on first use, for type checkers and
     from jgc._src.check import numerical_grad as numerical_grad
     from jgc._src.jvp import check_hvp as check_hvp
     from jgc._src.jvp import check_jvp as check_jvp
+    from jgc._src.localize.audit import RulesReport as RulesReport
+    from jgc._src.localize.audit import check_rules as check_rules
+    from jgc._src.localize.findings import RuleFinding as RuleFinding
     from jgc._src.report import LeafReport as LeafReport
     from jgc._src.report import Report as Report
     from jgc._src.tree import InputError as InputError
@@ -35,6 +38,9 @@ _LAZY = {  # public name -> the private module that defines it
     "check_grad": "jgc._src.check",
     "check_hvp": "jgc._src.jvp",
     "check_jvp": "jgc._src.jvp",
+    "check_rules": "jgc._src.localize.audit",
+    "RuleFinding": "jgc._src.localize.findings",
+    "RulesReport": "jgc._src.localize.audit",
     "check_vjp": "jgc._src.vjp",
     "numerical_grad": "jgc._src.check",
 }
@@ -43,11 +49,14 @@ __all__ = (
     "InputError",
     "LeafReport",
     "Report",
+    "RuleFinding",
+    "RulesReport",
     "__version__",
     "assert_grad",
     "check_grad",
     "check_hvp",
     "check_jvp",
+    "check_rules",
     "check_vjp",
     "enable_compilation_cache",
     "numerical_grad",

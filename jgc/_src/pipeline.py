@@ -23,6 +23,7 @@ from jgc._src import estimate as es
 from jgc._src import plan as pl
 from jgc._src.evaluate import Deadline, TooSlow
 from jgc._src.inputs import Options
+from jgc._src.localize import audit as localize
 from jgc._src.prepare import Check, Precision, Subject, prepare
 from jgc._src.probes import Coordinates
 from jgc._src.report import LeafReport, Report
@@ -62,10 +63,11 @@ def run(subject: Subject, grad, o: Options, prec: Precision,
         autodiff_why=g.autodiff_why, batch=batch_size(subject.args), eps=o.eps,
         float64=check.float64, method=o.method)
     check, text = closing_notes(check, found, text)
-    return cp.build_report(leaves, verdict, text, header(check), n_checked=len(found.g),
-                           n_evaluations=check.ev.n_evaluations, start=check.start,
-                           notes=check.notes, noise=check.sigma,
-                           global_rel=cp.global_rel_error(found.g, found.model.value))
+    report = cp.build_report(leaves, verdict, text, header(check), n_checked=len(found.g),
+                             n_evaluations=check.ev.n_evaluations, start=check.start,
+                             notes=check.notes, noise=check.sigma,
+                             global_rel=cp.global_rel_error(found.g, found.model.value))
+    return localize.attach(report, check)  # issue 23: name the wrong rule
 
 
 def _gradient_jobs(grad, what: str) -> tuple:

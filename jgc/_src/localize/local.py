@@ -1,0 +1,256 @@
+"""The local check of one equation: its autodiff derivative against finite differences of its
+own output, at the inputs it received.
+
+For an equation y = F(x) (a primitive, or a custom rule's call) recorded at x, a probe is a
+direction u over its active floating-point inputs (integer and inactive inputs are held fixed)
+and a cotangent c over its live floating-point outputs: the scalar g(t) = <c, F(x + t u)> is
+differenced by jgc's one stencil schedule and error model (estimate.derivative: the same steps,
+refinement, kink, tie and rounding handling as check_grad), and compared with autodiff's
+<jax.vjp(F)(c), u>. jax.vjp uses what jax.grad uses: the primitive's JVP and transpose, the
+custom_jvp's jvp rule, the custom_vjp's bwd rule.
+
+Probes: RANDOM directions over all active inputs together, and, with several active inputs,
+one direction per input alone, so that a disagreement names the input. Each equation's probes
+are evaluated together in one program (jit + vmap over probes), compiled once per equation
+signature (primitive, parameters, shapes): the layers of a network, the iterations of a loop
+share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jgc._src import estimate as es
+from jgc._src import patterns
+from jgc._src.calls import first_line
+from jgc._src.localize.equations import Unit, bind, inexact
+from jgc._src.probes import exact_displacements
+from jgc._src.vocab import Entry
+
+RANDOM = 2  # random directions over all active inputs, per equation
+
+
+class Verdict:
+    """A unit's outcome (plain strings: they serialise as they are)."""
+
+    OK = "ok"
+    KINK = "kink"  # verified: autodiff lies between the one-sided slopes
+    WRONG = "wrong"
+    UNRESOLVED = "unresolved"  # finite differences could not judge it (domain edge, rough)
+    SKIPPED = "skipped"  # not differentiable here, or could not be evaluated
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """The local check of one unit.
+
+    Attributes:
+      verdict: a `Verdict`.
+      inputs: per probe, the input position it moves (None: all active inputs together).
+      autodiff, numerical: per probe, autodiff's and finite differences' derivative.
+      status: per probe, estimate's entry status (OK, KINK, MISMATCH, ...).
+      max_rel_error: the largest relative error over the probes.
+      pattern, factor: the pattern of autodiff against finite differences (patterns.py).
+      why: for skipped or unresolved units, why.
+    """
+
+    verdict: str
+    inputs: tuple = ()
+    autodiff: np.ndarray | None = None
+    numerical: np.ndarray | None = None
+    status: np.ndarray | None = None
+    max_rel_error: float = 0.0
+    pattern: str | None = None
+    factor: float | None = None
+    why: str | None = None
+    varying: tuple = ()
+
+    @property
+    def wrong_inputs(self) -> tuple[int, ...]:
+        """The input positions whose own probe disagrees (all inputs together when only the
+        joint probes were made)."""
+        if self.status is None:
+            return ()
+        bad = self.status == Entry.MISMATCH
+        single = tuple(i for i, b in zip(self.inputs, bad) if b and i is not None)
+        if single:
+            return single
+        return self.varying if bad.any() else ()
+
+
+class _Signature:
+    """A static jit argument: the equation to apply, equal for equations with the same
+    primitive, parameters and input types (they compute the same function)."""
+
+    def __init__(self, eqn, inputs, varying, live):
+        self.eqn, self.varying, self.live = eqn, varying, live
+        try:
+            params = tuple(sorted((k, v) for k, v in eqn.params.items()))
+            hash(params)
+        except TypeError:
+            params = id(eqn)
+        avals = tuple((jnp.shape(x), str(jnp.result_type(x))) for x in inputs)
+        self.key = (eqn.primitive, params, avals, varying, live)
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Signature) and self.key == other.key
+
+    def apply(self, inputs, xs):
+        vals = list(inputs)
+        for i, x in zip(self.varying, xs):
+            vals[i] = x
+        outs = bind(self.eqn, vals)
+        return [outs[k] for k in self.live]
+
+
+def _dot(c, outs):
+    """sum <c, out>, in the widest float; a zero cotangent leaves its entry out (an output
+    that is Inf or NaN at the recorded point gets one)."""
+    wide = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return sum(jnp.sum(jnp.where(ci == 0, jnp.zeros((), o.dtype), ci * o)).astype(wide)
+               for ci, o in zip(c, outs))
+
+
+# The stencils every probe gets (h and 2h: estimate.derivative's first two), computed in the
+# program that takes autodiff's derivative; finer ones (refinement) are a second program.
+FIRST = (0, 1)
+
+
+@partial(jax.jit, static_argnums=0)
+def _at(sig: _Signature, inputs, c, rows):
+    """<c, F(x)>, the sum of |c F(x)| (the size of its terms), jax.vjp's cotangents, and the
+    first stencils (`_along` at FIRST)."""
+    outs, pullback = jax.vjp(lambda *xs: sig.apply(inputs, xs),
+                             *[inputs[i] for i in sig.varying])
+    c = [ci.astype(o.dtype) for ci, o in zip(c, outs)]
+    mults = jnp.asarray([m * es.SCALES[s] for s in FIRST for m in (1.0, -1.0)])
+    return (_dot(c, outs), _dot([jnp.abs(ci) for ci in c], [jnp.abs(o) for o in outs]),
+            pullback(c), _along_traced(sig, inputs, c, rows, mults))
+
+
+@partial(jax.jit, static_argnums=0)
+def _along(sig: _Signature, inputs, c, rows, mults):
+    return _along_traced(sig, inputs, c, rows, mults)
+
+
+def _along_traced(sig: _Signature, inputs, c, rows, mults):
+    """<c, F(x + m row)> for each probe's rows and each multiplier m: (probes, multipliers)."""
+    def one(row, m):
+        xs = [inputs[i] + m.astype(r.dtype) * r for i, r in zip(sig.varying, row)]
+        outs = sig.apply(inputs, xs)
+        return _dot([ci.astype(o.dtype) for ci, o in zip(c, outs)], outs)
+
+    return jax.vmap(lambda row: jax.vmap(lambda m: one(row, m))(mults))(rows)
+
+
+def check_unit(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int
+               ) -> Local:
+    """The local check of `unit`, moving its inputs `varying` and reading its outputs `live`."""
+    inputs = [jnp.asarray(x) for x in unit.inputs]
+    sig = _Signature(unit.eqn, inputs, varying, live)
+    rng = np.random.default_rng(seed)
+    c = [jnp.asarray(np.where(np.isfinite(unit.outputs[k]),
+                              rng.standard_normal(np.shape(unit.outputs[k])), 0.0))
+         for k in live]
+    rows, effective, which = probes(varying, [np.asarray(inputs[i]) for i in varying], rng)
+    stacked = [jnp.asarray(np.stack([r[k] for r in rows])) for k in range(len(varying))]
+    try:
+        f0, size, bars, first = _at(sig, inputs, c, stacked)
+    except Exception as e:  # noqa: BLE001 - a rule that cannot run here
+        return Local(Verdict.UNRESOLVED, why=f"autodiff raised {first_line(e)}", varying=varying)
+    bars = [np.asarray(b, np.float64) for b in bars]
+    dtype = np.result_type(*[np.asarray(inputs[i]).dtype for i in varying])
+    eps = float(jnp.finfo(dtype).eps)
+    h = _step(dtype)
+    n = len(which)
+    ad = np.array([sum(float(np.sum(b * e)) for b, e in zip(bars, eff)) for eff in effective])
+    terms = np.array([sum(float(np.sum(np.abs(b * e))) for b, e in zip(bars, eff))
+                      for eff in effective])
+    first = np.asarray(first, np.float64)
+    cache = {s: first[:, 2 * k:2 * k + 2] for k, s in enumerate(FIRST)}
+
+    def evaluate(s, where):
+        if s not in cache:
+            m = jnp.asarray([es.SCALES[s], -es.SCALES[s]])
+            cache[s] = np.asarray(_along(sig, inputs, c, stacked, m), np.float64)
+        v = cache[s]
+        width = np.full(n, es.SCALES[s] * h)
+        return es.Sides(v[where, 0], v[where, 1], width[where], width[where],
+                        f0=np.full(n, float(f0))[where])
+
+    try:
+        d = es.differences(float(f0), n, None, eps, dtype == np.float64, f_scale=float(size))
+        found = es.derivative(evaluate, d, ad, es.rounding(ad, eps, terms),
+                              checked_is_autodiff=True)
+    except Exception as e:  # noqa: BLE001 - the equation cannot be evaluated off its point
+        return Local(Verdict.UNRESOLVED, why=f"finite differences raised {first_line(e)}",
+                     varying=varying)
+    return dataclasses.replace(_judge(found, ad, which, cache[0]), varying=varying)
+
+
+def probes(varying, xs, rng) -> tuple[list, list, tuple]:
+    """Per probe: the step rows (h times the direction, in each input's dtype), the effective
+    directions (the exact displacements over 2h), and which input it moves (None: all)."""
+    h = _step(np.result_type(*[x.dtype for x in xs]))
+    which = [None] * RANDOM + (list(varying) if len(varying) > 1 else [])
+    rows, effective = [], []
+    for target in which:
+        row, eff = [], []
+        for i, x in zip(varying, xs):
+            z = rng.standard_normal(x.shape) if target in (None, i) else np.zeros(x.shape)
+            finite = np.isfinite(x)  # an Inf or NaN input entry stays as it is
+            z = np.where(finite, z, 0.0) * np.maximum(1.0, np.abs(np.where(finite, x, 0.0)))
+            z = z / max(float(np.max(np.abs(z), initial=0)), 1e-300)
+            r = (h * z).astype(x.dtype)
+            plus, minus = exact_displacements(x, [r])
+            row.append(r)
+            eff.append((plus[0] + minus[0]) / (2 * h))
+        rows.append(row)
+        effective.append(eff)
+    return rows, effective, tuple(which)
+
+
+def _step(dtype) -> float:
+    """The probes' step: u**(1/3) rounded down to a power of two (exact multiples)."""
+    return 2.0 ** math.floor(math.log2(float(jnp.finfo(dtype).eps) ** (1 / 3)))
+
+
+def _judge(found: es.Derivative, ad: np.ndarray, which: tuple, sides: np.ndarray) -> Local:
+    model, status = found.model, found.cmp.status
+    finite = np.isfinite(sides).all(axis=1) & np.isfinite(model.value)
+    rel = np.where(finite, found.cmp.rel_error, 0.0)
+    common = dict(inputs=which, autodiff=ad, numerical=model.value, status=status,
+                  max_rel_error=float(np.max(rel, initial=0.0)))
+    if not finite.all():
+        return Local(Verdict.UNRESOLVED, **common,
+                     why="finite differences leave the equation's domain here")
+    if np.any(status == Entry.MISMATCH):
+        tol = es.tolerance(model.error, model.value)
+        pattern, factor = patterns.find_pattern(ad, model.value, np.zeros(len(ad)), tol,
+                                                (len(ad),), False, smooth=~model.kink)
+        return Local(Verdict.WRONG, **common, pattern=pattern, factor=factor)
+    if np.any(status == Entry.ROUGH):
+        return Local(Verdict.UNRESOLVED, **common,
+                     why="the equation is not smooth at the step's scale")
+    if np.any((status == Entry.KINK) | (status == Entry.TIE)):
+        return Local(Verdict.KINK, **common)
+    return Local(Verdict.OK, **common)
+
+
+def probed(unit: Unit, active: set, live: set) -> tuple[tuple, tuple]:
+    """(varying, live) of a unit: its floating-point inputs that depend on the parameters,
+    and its floating-point outputs that reach the loss."""
+    varying = tuple(k for k, (x, i) in enumerate(zip(unit.inputs, unit.in_ids))
+                    if i in active and inexact(x))
+    outs = tuple(k for k, (x, i) in enumerate(zip(unit.outputs, unit.out_ids))
+                 if i in live and inexact(x))
+    return varying, outs
