@@ -390,3 +390,43 @@ def test_check_rules_restores_precision():
     before = jax.config.jax_enable_x64
     jgc.check_rules(lambda x: jnp.sum(jnp.exp(x)), np.ones(2, np.float32))
     assert jax.config.jax_enable_x64 == before
+
+
+def test_overflow_is_said_not_blamed_on_a_rule():
+    """jax's documentation's naive log1pexp at x = 100 in float32: exp overflows, jax.grad is
+    NaN (0 times Inf in the chain rule), and no rule is wrong."""
+    def loss(x):
+        return jnp.sum(jnp.log(1.0 + jnp.exp(x)))
+
+    r = jgc.check_rules(loss, np.array([100.0, 3.0], np.float32), x64=False)
+    assert not r.ok and not r.wrong and r.note == audit.NOT_FINITE
+    assert "jgc rules check: NOT FINITE" in str(r)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def clip_gradient(lo, hi, x):
+    return x
+
+
+def clip_gradient_fwd(lo, hi, x):
+    return x, None
+
+
+def clip_gradient_bwd(lo, hi, _, g):
+    return (jnp.clip(g, lo, hi),)
+
+
+clip_gradient.defvjp(clip_gradient_fwd, clip_gradient_bwd)
+
+
+def test_documentation_clip_gradient_named():
+    """jax's documentation's clip_gradient: a bwd rule that clips its cotangent, deliberately
+    not the derivative; it shows only where the cotangent is large, so jgc also checks a
+    custom_vjp with the cotangent scaled (a right VJP is linear in it)."""
+    def loss(x):
+        return jnp.sum(jnp.sin(clip_gradient(-0.75, 0.75, x)) * 3.0)  # clipped
+
+    report = jgc.check_grad(loss, x64([0.1, 2.0]))
+    f = report.rule
+    assert (f.name, f.rule_line) == ("clip_gradient_bwd", line_of(clip_gradient_bwd))
+    assert f.line == line_with(loss, "# clipped") and "not linear in its cotangent" in f.note

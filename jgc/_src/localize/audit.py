@@ -28,6 +28,10 @@ NOTHING = ("no single equation disagrees with finite differences at the values i
            "every local derivative agrees (or could not be judged), so the disagreement is "
            "not one rule's")
 FAILED = "localisation could not run: {why}"
+NOT_FINITE = ("f(*args) is Inf or NaN at these inputs: each equation was checked on its finite "
+              "values only, and an overflow on the way (exp of a large number) makes autodiff's "
+              "chain rule give NaN (0 times Inf) without any rule being wrong. Check at inputs "
+              "where f is finite.")
 
 
 def _recorded(closed, args, active_args, live_outputs):
@@ -150,6 +154,7 @@ class RulesReport:
       rows: one RuleRow per rule (or primitive) and call site, custom rules first.
       n_equations: equations checked; seconds: wall time.
       finding: the first wrong equation in program order, as check_grad would name it.
+      note: why the audit is not ok although no row says so (f's output is not finite).
     """
 
     ok: bool
@@ -157,6 +162,7 @@ class RulesReport:
     n_equations: int
     seconds: float
     finding: fd.RuleFinding | None = None
+    note: str | None = None
 
     @property
     def wrong(self) -> tuple[RuleRow, ...]:
@@ -165,7 +171,8 @@ class RulesReport:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "rows": [dataclasses.asdict(r) for r in self.rows],
                 "n_equations": self.n_equations, "seconds": self.seconds,
-                "finding": None if self.finding is None else self.finding.to_dict()}
+                "finding": None if self.finding is None else self.finding.to_dict(),
+                "note": self.note}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -176,7 +183,8 @@ class RulesReport:
 
 def format_rules(r: RulesReport) -> str:
     n_custom = sum(1 for row in r.rows if row.kind != "primitive")
-    head = (f"jgc rules check: {'ok' if r.ok else 'WRONG' if r.wrong else 'UNRESOLVED'} "
+    verdict = "ok" if r.ok else "WRONG" if r.wrong else "NOT FINITE" if r.note else "UNRESOLVED"
+    head = (f"jgc rules check: {verdict} "
             f"({len(r.rows)} rules and call sites, {n_custom} custom; {r.n_equations} "
             f"equations checked locally, {r.seconds:.2f} s)")
     cols = ("rule", "kind", "called at", "defined at", "calls", "max rel err", "verdict")
@@ -193,6 +201,8 @@ def format_rules(r: RulesReport) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in rows]
     if r.finding is not None and r.finding.found:
         lines += ["", *fd.text_lines(r.finding)]
+    if r.note:
+        lines += ["", f"note: {r.note}"]
     return "\n".join(lines)
 
 
@@ -227,7 +237,10 @@ def audit(closed, args, active_args, seed: int = 0) -> RulesReport:
     if first is not None:
         first = dataclasses.replace(first, n_checked=n, seconds=seconds)
     ok = all(r.verdict in (Verdict.OK, Verdict.KINK, Verdict.SKIPPED) for r in rows)
-    return RulesReport(ok, tuple(rows), n, seconds, first)
+    note = None
+    if not all(np.isfinite(np.asarray(x)).all() for x in tape.outputs if eq.inexact(x)):
+        ok, note = False, NOT_FINITE
+    return RulesReport(ok, tuple(rows), n, seconds, first, note)
 
 
 def check_rules(f, *args, x64: bool = True, seed: int = 0) -> RulesReport:

@@ -95,6 +95,7 @@ class Tape:
     items: list = dataclasses.field(default_factory=list)
     arg_ids: tuple = ()
     out_ids: tuple = ()
+    outputs: list = dataclasses.field(default_factory=list)
     unrolled: int = 0
     _ids: Any = dataclasses.field(default_factory=itertools.count)
 
@@ -120,7 +121,7 @@ def record(closed, args: list) -> Tape:
     tape = Tape()
     tape.arg_ids = tape.new(len(args))
     consts = list(closed.consts)
-    _, tape.out_ids = _run(tape, closed.jaxpr, consts, tape.new(len(consts)), list(args),
+    tape.outputs, tape.out_ids = _run(tape, closed.jaxpr, consts, tape.new(len(consts)), list(args),
                            tape.arg_ids, ())
     return tape
 

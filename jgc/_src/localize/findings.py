@@ -37,6 +37,7 @@ class RuleFinding:
       context: where the equation sits ("jit inner", "scan iteration 3", "cond branch 1").
       iteration, branch: the loop iteration and the cond branch, when inside one.
       n_checked: equations checked locally; seconds: what localisation cost.
+      note: how the disagreement showed, when not plainly (a cotangent scaled up).
       summary: one line saying what was found.
     """
 
@@ -60,6 +61,7 @@ class RuleFinding:
     branch: int | None = None
     n_checked: int = 0
     seconds: float = 0.0
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -110,7 +112,8 @@ def finding(unit: Unit, local: Local, n_checked: int, seconds: float) -> RuleFin
                     numerical=float(local.numerical[worst]),
                     pattern=None if local.pattern is None else str(local.pattern),
                     factor=local.factor, context=unit.context, iteration=unit.iteration,
-                    branch=unit.branch, n_checked=n_checked, seconds=seconds)
+                    branch=unit.branch, n_checked=n_checked, seconds=seconds,
+                    note=local.why)
     return dataclasses.replace(f, summary=headline(f))
 
 
@@ -184,6 +187,8 @@ def text_lines(f: RuleFinding) -> list[str]:
     lines.append(f"  derivative w.r.t. {which}: autodiff {f.autodiff:.6e}, finite differences "
                  f"{f.numerical:.6e} (along a random direction and cotangent)"
                  f"{pattern_words(f)}")
+    if f.note:
+        lines.append(f"  {f.note}")
     lines.append(f"  ({cost}: custom rules first, then primitives in program order; those "
                  "checked before it agree)")
     return lines

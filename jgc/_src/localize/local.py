@@ -152,29 +152,59 @@ def _along_traced(sig: _Signature, inputs, c, rows, mults):
     return jax.vmap(lambda row: jax.vmap(lambda m: one(row, m))(mults))(rows)
 
 
+# A custom_vjp's bwd receives the cotangent as data and may treat it nonlinearly (jax's
+# documentation's clip_gradient clips it): its rule is also checked with the cotangent scaled
+# by these factors. A VJP is linear in the cotangent, so a right rule passes at every scale.
+COTANGENT_SCALES = (2.0 ** 10, 2.0 ** -10)
+
+
 def check_unit(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int
                ) -> Local:
     """The local check of `unit`, moving its inputs `varying` and reading its outputs `live`."""
+    local = _check(unit, varying, live, seed)
+    if unit.name.startswith("custom_vjp") and local.verdict in (Verdict.OK, Verdict.KINK):
+        for scale in COTANGENT_SCALES:
+            scaled = _check(unit, varying, live, seed, scale=scale)
+            if scaled.verdict == Verdict.WRONG:
+                return dataclasses.replace(
+                    scaled, why=f"with the cotangent scaled by {scale:g}: the rule is not "
+                                "linear in its cotangent")
+    return local
+
+
+def _check(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int,
+           scale: float = 1.0, frozen: list | None = None) -> Local:
+    """One local check. `scale` multiplies the cotangent; `frozen` (per varying input, a bool
+    mask or None) holds input entries fixed."""
     inputs = [jnp.asarray(x) for x in unit.inputs]
     sig = _Signature(unit.eqn, inputs, varying, live)
     rng = np.random.default_rng(seed)
     c = [jnp.asarray(np.where(np.isfinite(unit.outputs[k]),
-                              rng.standard_normal(np.shape(unit.outputs[k])), 0.0))
+                              scale * rng.standard_normal(np.shape(unit.outputs[k])), 0.0))
          for k in live]
-    rows, effective, which = probes(varying, [np.asarray(inputs[i]) for i in varying], rng)
+    rows, effective, which = probes(varying, [np.asarray(inputs[i]) for i in varying], rng,
+                                    frozen)
     stacked = [jnp.asarray(np.stack([r[k] for r in rows])) for k in range(len(varying))]
     try:
         f0, size, bars, first = _at(sig, inputs, c, stacked)
     except Exception as e:  # noqa: BLE001 - a rule that cannot run here
         return Local(Verdict.UNRESOLVED, why=f"autodiff raised {first_line(e)}", varying=varying)
     bars = [np.asarray(b, np.float64) for b in bars]
+    overflow = not all(np.isfinite(unit.outputs[k]).all() for k in live)
+    if frozen is None and overflow and not all(np.isfinite(b).all() for b in bars):
+        # An output that is Inf or NaN at this point (exp overflowing) has no derivative to
+        # judge; its zero cotangent times its infinite partials is NaN in the inputs' bars.
+        # Those input entries are held fixed, and the rest checked.
+        return _check(unit, varying, live, seed, scale, [~np.isfinite(b) for b in bars])
     dtype = np.result_type(*[np.asarray(inputs[i]).dtype for i in varying])
     eps = float(jnp.finfo(dtype).eps)
     h = _step(dtype)
     n = len(which)
-    ad = np.array([sum(float(np.sum(b * e)) for b, e in zip(bars, eff)) for eff in effective])
-    terms = np.array([sum(float(np.sum(np.abs(b * e))) for b, e in zip(bars, eff))
-                      for eff in effective])
+    with np.errstate(invalid="ignore"):  # a held entry's NaN bar times its zero step
+        products = [[np.where(e == 0, 0.0, b * e) for b, e in zip(bars, eff)]
+                    for eff in effective]
+    ad = np.array([sum(float(np.sum(p)) for p in row) for row in products])
+    terms = np.array([sum(float(np.sum(np.abs(p))) for p in row) for row in products])
     first = np.asarray(first, np.float64)
     cache = {s: first[:, 2 * k:2 * k + 2] for k, s in enumerate(FIRST)}
 
@@ -197,17 +227,19 @@ def check_unit(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed
     return dataclasses.replace(_judge(found, ad, which, cache[0]), varying=varying)
 
 
-def probes(varying, xs, rng) -> tuple[list, list, tuple]:
+def probes(varying, xs, rng, frozen=None) -> tuple[list, list, tuple]:
     """Per probe: the step rows (h times the direction, in each input's dtype), the effective
-    directions (the exact displacements over 2h), and which input it moves (None: all)."""
+    directions (the exact displacements over 2h), and which input it moves (None: all).
+    Non-finite input entries, and those `frozen` marks, stay fixed."""
     h = _step(np.result_type(*[x.dtype for x in xs]))
     which = [None] * RANDOM + (list(varying) if len(varying) > 1 else [])
     rows, effective = [], []
+    frozen = frozen or [None] * len(xs)
     for target in which:
         row, eff = [], []
-        for i, x in zip(varying, xs):
+        for i, x, fixed in zip(varying, xs, frozen):
             z = rng.standard_normal(x.shape) if target in (None, i) else np.zeros(x.shape)
-            finite = np.isfinite(x)  # an Inf or NaN input entry stays as it is
+            finite = np.isfinite(x) if fixed is None else np.isfinite(x) & ~fixed
             z = np.where(finite, z, 0.0) * np.maximum(1.0, np.abs(np.where(finite, x, 0.0)))
             z = z / max(float(np.max(np.abs(z), initial=0)), 1e-300)
             r = (h * z).astype(x.dtype)
