@@ -21,7 +21,7 @@ import numpy as np
 from jgc._src.localize import boundary
 from jgc._src.localize import equations as eq
 from jgc._src.localize import findings as fd
-from jgc._src.localize.local import Local, Verdict, check_unit, probed
+from jgc._src.localize.local import Local, Verdict, check_units, probed
 from jgc._src.tree import InputError
 
 NOTHING = ("no single equation disagrees with finite differences at the values it received: "
@@ -39,6 +39,22 @@ def _recorded(closed, args, active_args, live_outputs):
     tape = eq.record(closed, args)
     tape.out_ids = tuple(i for i, on in zip(tape.out_ids, live_outputs) if on)
     return (tape, *eq.flow(tape, active_args))
+
+
+BATCH = 64  # equations checked in one program
+
+
+def _batches(units, seed: int = 0):
+    """(unit, varying, live, seed) lists of up to BATCH units, the custom rules apart from the
+    primitives (they come first when checked first, and are the likely culprits)."""
+    batch: list = []
+    for k, unit, varying, outs in units:
+        if batch and (len(batch) == BATCH or batch[-1][0].custom != unit.custom):
+            yield batch
+            batch = []
+        batch.append((unit, varying, outs, seed + k))
+    if batch:
+        yield batch
 
 
 def _checked_units(tape, active, live, custom_first=False):
@@ -67,11 +83,11 @@ def localize(closed, args, active_args, live_outputs=None, seed: int = 0) -> fd.
     live_outputs = live_outputs or [True] * len(closed.jaxpr.outvars)
     try:
         tape, active, live = _recorded(closed, args, active_args, live_outputs)
-        for k, unit, varying, outs in _checked_units(tape, active, live, custom_first=True):
-            n += 1
-            local = check_unit(unit, varying, outs, seed + k)
-            if local.verdict == Verdict.WRONG:
-                return fd.finding(unit, local, n, time.perf_counter() - start)
+        for items in _batches(_checked_units(tape, active, live, custom_first=True), seed):
+            for (unit, *_), local in zip(items, check_units(items)):
+                n += 1
+                if local.verdict == Verdict.WRONG:
+                    return fd.finding(unit, local, n, time.perf_counter() - start)
         edge = boundary.find(tape, active, live, seed)
         if edge is not None:
             return fd.boundary_finding(*edge, n, time.perf_counter() - start)
@@ -224,9 +240,10 @@ def audit(closed, args, active_args, seed: int = 0) -> RulesReport:
     n = 0
     tape, active, live = _recorded(closed, args, active_args,
                                    [True] * len(closed.jaxpr.outvars))
-    for k, unit, varying, outs in _checked_units(tape, active, live):
+    checked = [(unit, local) for items in _batches(_checked_units(tape, active, live), seed)
+               for (unit, *_), local in zip(items, check_units(items))]
+    for unit, local in checked:
         n += 1
-        local = check_unit(unit, varying, outs, seed + k)
         d = fd.describe(unit)
         groups.setdefault((d["kind"], d["name"], d["file"], d["line"]), []).append((unit, local))
         if first is None and local.verdict == Verdict.WRONG:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jgc._src import estimate as es
-from jgc._src import patterns
+from jgc._src import patterns, programs, structured
 from jgc._src.calls import first_line
 from jgc._src.localize.equations import Unit, bind, inexact
 from jgc._src.probes import exact_displacements
@@ -127,6 +127,31 @@ FIRST = (0, 1)
 
 @partial(jax.jit, static_argnums=0)
 def _at(sig: _Signature, inputs, c, rows):
+    return _at_traced(sig, inputs, c, rows)
+
+
+def _at_many(sigs: tuple, inputs, c, rows):
+    """`_at` of several equations in one program: one compilation instead of one each (a
+    small program's fixed cost, tracing and compiling, is most of its time), with XLA's light
+    options where the program's work is small (programs.light), from jgc's program cache."""
+    args = (inputs, c, rows)
+    leaves = jax.tree_util.tree_leaves(args)
+    work = sum((len(r[0]) * 2 * len(FIRST) + 3) * structured._cost(
+        s.eqn.primitive.name, s.eqn.params, [tuple(v.aval.shape) for v in s.eqn.invars],
+        [tuple(v.aval.shape) for v in s.eqn.outvars]) for s, r in zip(sigs, rows))
+    options = programs.LIGHT_OPTIONS if programs.light(work) else None
+    key = ("localize", sigs, tuple(programs._aval_key(x) for x in leaves), options is not None)
+    program = programs.CACHE.get(key)
+    if program is None:
+        def run(inputs, c, rows):
+            return [_at_traced(*a) for a in zip(sigs, inputs, c, rows)]
+
+        program = jax.jit(run).lower(*args).compile(compiler_options=options)
+        programs.CACHE.put(key, program)
+    return program(*args)
+
+
+def _at_traced(sig: _Signature, inputs, c, rows):
     """<c, F(x)>, the sum of |c F(x)| (the size of its terms), jax.vjp's cotangents, and the
     first stencils (`_along` at FIRST)."""
     outs, pullback = jax.vjp(lambda *xs: sig.apply(inputs, xs),
@@ -161,7 +186,24 @@ COTANGENT_SCALES = (2.0 ** 10, 2.0 ** -10)
 def check_unit(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int
                ) -> Local:
     """The local check of `unit`, moving its inputs `varying` and reading its outputs `live`."""
-    local = _check(unit, varying, live, seed)
+    return check_units([(unit, varying, live, seed)])[0]
+
+
+def check_units(items: list[tuple]) -> list[Local]:
+    """The local checks of several (unit, varying, live, seed), autodiff and the first
+    stencils of all of them in one program; each alone where that program fails (a rule that
+    raises is then named by its own check)."""
+    preps = [_prepare(*item) for item in items]
+    try:
+        results = _at_many(tuple(p.sig for p in preps), [p.inputs for p in preps],
+                           [p.c for p in preps], [p.stacked for p in preps])
+    except Exception:  # noqa: BLE001 - one equation's failure: each checked alone
+        return [_rechecked(item, _check(*item)) for item in items]
+    return [_rechecked(item, _finish(p, r)) for item, p, r in zip(items, preps, results)]
+
+
+def _rechecked(item: tuple, local: Local) -> Local:
+    unit, varying, live, seed = item
     if unit.name.startswith("custom_vjp") and local.verdict in (Verdict.OK, Verdict.KINK):
         for scale in COTANGENT_SCALES:
             scaled = _check(unit, varying, live, seed, scale=scale)
@@ -172,12 +214,29 @@ def check_unit(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed
     return local
 
 
-def _check(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int,
-           scale: float = 1.0, frozen: list | None = None) -> Local:
-    """One local check. `scale` multiplies the cotangent; `frozen` (per varying input, a bool
-    mask or None) holds input entries fixed."""
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """One local check's inputs, cotangent and probes (see `_prepare`)."""
+
+    unit: Unit
+    varying: tuple
+    live: tuple
+    seed: int
+    scale: float
+    frozen: list | None
+    sig: _Signature
+    inputs: list
+    c: list
+    stacked: list
+    effective: list
+    which: tuple
+
+
+def _prepare(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int,
+             scale: float = 1.0, frozen: list | None = None) -> _Prepared:
+    """A local check's inputs: `scale` multiplies the cotangent; `frozen` (per varying input,
+    a bool mask or None) holds input entries fixed."""
     inputs = [jnp.asarray(x) for x in unit.inputs]
-    sig = _Signature(unit.eqn, inputs, varying, live)
     rng = np.random.default_rng(seed)
     c = [jnp.asarray(np.where(np.isfinite(unit.outputs[k]),
                               scale * rng.standard_normal(np.shape(unit.outputs[k])), 0.0))
@@ -185,33 +244,50 @@ def _check(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: in
     rows, effective, which = probes(varying, [np.asarray(inputs[i]) for i in varying], rng,
                                     frozen)
     stacked = [jnp.asarray(np.stack([r[k] for r in rows])) for k in range(len(varying))]
+    return _Prepared(unit, varying, live, seed, scale, frozen,
+                     _Signature(unit.eqn, inputs, varying, live), inputs, c, stacked, effective,
+                     which)
+
+
+def _check(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: int,
+           scale: float = 1.0, frozen: list | None = None) -> Local:
+    """One local check, in its own program."""
+    p = _prepare(unit, varying, live, seed, scale, frozen)
     try:
-        f0, size, bars, first = _at(sig, inputs, c, stacked)
+        result = _at(p.sig, p.inputs, p.c, p.stacked)
     except Exception as e:  # noqa: BLE001 - a rule that cannot run here
         return Local(Verdict.UNRESOLVED, why=f"autodiff raised {first_line(e)}", varying=varying)
+    return _finish(p, result)
+
+
+def _finish(p: _Prepared, result) -> Local:
+    """The local check's verdict from `_at`'s result: the error model, refined where needed."""
+    f0, size, bars, first = result
     bars = [np.asarray(b, np.float64) for b in bars]
-    overflow = not all(np.isfinite(unit.outputs[k]).all() for k in live)
-    if frozen is None and overflow and not all(np.isfinite(b).all() for b in bars):
+    overflow = not all(np.isfinite(p.unit.outputs[k]).all() for k in p.live)
+    if p.frozen is None and overflow and not all(np.isfinite(b).all() for b in bars):
         # An output that is Inf or NaN at this point (exp overflowing) has no derivative to
         # judge; its zero cotangent times its infinite partials is NaN in the inputs' bars.
         # Those input entries are held fixed, and the rest checked.
-        return _check(unit, varying, live, seed, scale, [~np.isfinite(b) for b in bars])
-    dtype = np.result_type(*[np.asarray(inputs[i]).dtype for i in varying])
+        return _check(p.unit, p.varying, p.live, p.seed, p.scale,
+                      [~np.isfinite(b) for b in bars])
+    which = p.which
+    dtype = np.result_type(*[np.asarray(p.inputs[i]).dtype for i in p.varying])
     eps = float(jnp.finfo(dtype).eps)
     h = _step(dtype)
     n = len(which)
     with np.errstate(invalid="ignore"):  # a held entry's NaN bar times its zero step
         products = [[np.where(e == 0, 0.0, b * e) for b, e in zip(bars, eff)]
-                    for eff in effective]
-    ad = np.array([sum(float(np.sum(p)) for p in row) for row in products])
-    terms = np.array([sum(float(np.sum(np.abs(p))) for p in row) for row in products])
+                    for eff in p.effective]
+    ad = np.array([sum(float(np.sum(q)) for q in row) for row in products])
+    terms = np.array([sum(float(np.sum(np.abs(q))) for q in row) for row in products])
     first = np.asarray(first, np.float64)
     cache = {s: first[:, 2 * k:2 * k + 2] for k, s in enumerate(FIRST)}
 
     def evaluate(s, where):
         if s not in cache:
             m = jnp.asarray([es.SCALES[s], -es.SCALES[s]])
-            cache[s] = np.asarray(_along(sig, inputs, c, stacked, m), np.float64)
+            cache[s] = np.asarray(_along(p.sig, p.inputs, p.c, p.stacked, m), np.float64)
         v = cache[s]
         width = np.full(n, es.SCALES[s] * h)
         return es.Sides(v[where, 0], v[where, 1], width[where], width[where],
@@ -223,8 +299,8 @@ def _check(unit: Unit, varying: tuple[int, ...], live: tuple[int, ...], seed: in
                               checked_is_autodiff=True)
     except Exception as e:  # noqa: BLE001 - the equation cannot be evaluated off its point
         return Local(Verdict.UNRESOLVED, why=f"finite differences raised {first_line(e)}",
-                     varying=varying)
-    return dataclasses.replace(_judge(found, ad, which, cache[0]), varying=varying)
+                     varying=p.varying)
+    return dataclasses.replace(_judge(found, ad, which, cache[0]), varying=p.varying)
 
 
 def probes(varying, xs, rng, frozen=None) -> tuple[list, list, tuple]:
