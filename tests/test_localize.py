@@ -313,6 +313,10 @@ def test_three_calls_deep_in_text_html_and_json():
             "`tanh_neg`, called at ") in text
     assert f"{HERE}:{line}" in text and f"{HERE}:{line_of(tanh_neg_bwd)}" in text
     assert "autodiff has the wrong sign" in text
+    calls = [f"layer ({HERE}:{line})", f"block ({HERE}:{line_with(block, 'layer(')})",
+             f"model_loss ({HERE}:{line_with(model_loss, 'block(')})"]
+    assert [c.split("/")[-1] for c in report.rule.stack] == [c.split("/")[-1] for c in calls]
+    assert "  call stack: layer (" in text
     d = json.loads(report.to_json())
     assert d["rule"]["name"] == "tanh_neg_bwd" and d["rule"]["line"] == line
     assert d["rule"]["inputs"] == ["input 0"]
@@ -430,3 +434,10 @@ def test_documentation_clip_gradient_named():
     f = report.rule
     assert (f.name, f.rule_line) == ("clip_gradient_bwd", line_of(clip_gradient_bwd))
     assert f.line == line_with(loss, "# clipped") and "not linear in its cotangent" in f.note
+
+
+def test_check_rules_holds_non_array_leaves_fixed():
+    """An equinox module's activation function is a leaf of params: held, not traced."""
+    params = {"w": x64([0.3, 0.5]), "act": jax.nn.relu, "name": "layer"}
+    r = jgc.check_rules(lambda p: jnp.sum(p["act"](p["w"]) * 2.0), params)
+    assert r.ok and r.n_equations >= 2

@@ -147,6 +147,7 @@ class RuleRow:
     rule_file: str | None
     rule_line: int | None
     library: str | None
+    stack: tuple[str, ...]
     verdict: str
     calls: int
     max_rel_error: float
@@ -252,7 +253,7 @@ def audit(closed, args, active_args, seed: int = 0) -> RulesReport:
     rows.sort(key=lambda r: (r.kind == "primitive", _ORDER.index(r.verdict)))
     seconds = time.perf_counter() - start
     if first is not None:
-        first = dataclasses.replace(first, n_checked=n, seconds=seconds)
+        first = dataclasses.replace(first, n_checked=n, seconds=seconds, custom_first=False)
     ok = all(r.verdict in (Verdict.OK, Verdict.KINK, Verdict.SKIPPED) for r in rows)
     note = None
     if not all(np.isfinite(np.asarray(x)).all() for x in tape.outputs if eq.inexact(x)):
@@ -287,16 +288,23 @@ def check_rules(f, *args, x64: bool = True, seed: int = 0) -> RulesReport:
 
     calls.require_function(f, "f", "(*args) -> arrays", "check_rules(f, *args)")
     with precision(x64) as prec:
-        flat, tree = jax.tree_util.tree_flatten(args)
-        flat = [_promoted(x, prec.effective) for x in flat]
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        leaves = [_promoted(x, prec.effective) for x in leaves]
+        arrays = [k for k, x in enumerate(leaves) if isinstance(x, jax.Array)]
+        flat = [leaves[k] for k in arrays]  # the rest (functions, strings) held as they are
+
+        def call(*xs):
+            full = list(leaves)
+            for k, x in zip(arrays, xs):
+                full[k] = x
+            return f(*jax.tree_util.tree_unflatten(tree, full))
+
         try:
-            closed = jax.make_jaxpr(lambda *xs: f(*jax.tree_util.tree_unflatten(tree, xs)))(
-                *flat)
+            closed = jax.make_jaxpr(call)(*flat)
         except Exception as e:  # noqa: BLE001 - the user's code
             raise InputError(f"check_rules needs a function JAX can trace, but tracing f(*args) "
                              f"raised {calls.first_line(e)}") from e
-        active = [isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
-                  for x in flat]
+        active = [jnp.issubdtype(x.dtype, jnp.floating) for x in flat]
         if not any(active):
             raise InputError("check_rules(f, *args) found no floating-point array among args: "
                              "there is nothing to differentiate.")

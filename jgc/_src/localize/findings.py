@@ -29,6 +29,8 @@ class RuleFinding:
         where the select or cond it decides is.
       library: for an equation written by a library built on jax (jax.nn.logsumexp), its
         function and line there ("logsumexp at jax/_src/ops/special.py:87").
+      stack: the user's calls that led to it, innermost first ("dense (model.py:24)",
+        "mlp (model.py:29)", "loss (model.py:33)").
       inputs: the inputs whose derivative is wrong, by name where jax recorded one, else by
         position ("input 1").
       autodiff, numerical: the two derivatives along the worst probe (a random direction
@@ -51,6 +53,7 @@ class RuleFinding:
     rule_file: str | None = None
     rule_line: int | None = None
     library: str | None = None
+    stack: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     autodiff: float | None = None
     numerical: float | None = None
@@ -62,10 +65,12 @@ class RuleFinding:
     n_checked: int = 0
     seconds: float = 0.0
     note: str | None = None
+    custom_first: bool = True  # the order equations were checked in (see text_lines)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["inputs"], d["context"] = list(self.inputs), list(self.context)
+        for name in ("inputs", "context", "stack"):
+            d[name] = list(d[name])
         return d
 
     def __str__(self) -> str:
@@ -78,10 +83,12 @@ def describe(unit: Unit) -> dict[str, Any]:
     site = source.call_site(eqn, unit.callers)
     kind = KINDS.get(unit.name, "primitive")
     lib = source.library_site(eqn, unit.callers)
+    stack = tuple(f"{p.name} ({source.short_file(p.file)}:{p.line})"
+                  for p in source.user_stack(eqn, unit.callers))
     out = dict(kind=kind, name=unit.name, primal=None, file=source.short_file(site.file),
                line=site.line, rule_file=None, rule_line=None,
                library=None if lib is None else
-               f"{lib.name} at {source.short_file(lib.file)}:{lib.line}")
+               f"{lib.name} at {source.short_file(lib.file)}:{lib.line}", stack=stack)
     if kind != "primitive":
         places = source.rule_places(eqn)
         rule = places.get("jvp") or places.get("bwd") or places.get("fwd")
@@ -168,10 +175,13 @@ def pattern_words(f: RuleFinding) -> str:
 
 def text_lines(f: RuleFinding) -> list[str]:
     """The paragraph in the text report."""
-    cost = f"{f.n_checked} equations checked locally in {f.seconds:.2f} s"
+    cost = (f"{f.n_checked} equation{'s' if f.n_checked != 1 else ''} checked locally in "
+            f"{f.seconds:.2f} s")
     if not f.found:
         return [f"rule localisation: {f.summary} ({cost})"]
     lines = [f.summary]
+    if len(f.stack) > 1:
+        lines.append(f"  call stack: {' <- '.join(f.stack)}")
     if f.library:
         lines.append(f"  written in {f.library}")
     if f.kind == "branch":
@@ -189,6 +199,6 @@ def text_lines(f: RuleFinding) -> list[str]:
                  f"{pattern_words(f)}")
     if f.note:
         lines.append(f"  {f.note}")
-    lines.append(f"  ({cost}: custom rules first, then primitives in program order; those "
-                 "checked before it agree)")
+    order = "custom rules first, then primitives" if f.custom_first else "all equations"
+    lines.append(f"  ({cost}: {order} in program order; those checked before it agree)")
     return lines

@@ -78,6 +78,20 @@ def call_site(eqn, callers=()) -> Place:
     return Place(None, None, None)
 
 
+def user_stack(eqn, callers=(), depth: int = 4) -> tuple[Place, ...]:
+    """The user's frames that led to `eqn`, innermost first (up to `depth`): the call chain
+    from the equation's line out to the loss."""
+    out: list[Place] = []
+    for e in (eqn, *callers):
+        for file, line, fn in _frames(e):
+            file = file.replace("\\", "/")
+            place = Place(fn, file, line)
+            if any(p in file for p in (*_JAX, *_OURS)) or _stdlib(file) or place in out:
+                continue
+            out.append(place)
+    return tuple(out[:depth])
+
+
 def library_site(eqn, callers=()) -> Place | None:
     """The innermost frame of a library built on jax that wrote `eqn` (jax.nn.logsumexp's
     line in jax/_src/ops/special.py), or None when the equation is the user's own."""
