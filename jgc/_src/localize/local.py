@@ -357,8 +357,14 @@ def _judge(found: es.Derivative, ad: np.ndarray, which: tuple, sides: np.ndarray
 
 
 def probed(unit: Unit, active: set, live: set) -> tuple[tuple, tuple]:
-    """(varying, live) of a unit: its floating-point inputs that depend on the parameters,
-    and its floating-point outputs that reach the loss."""
+    """(varying, live) of a unit: its real floating-point inputs that depend on the
+    parameters, and its real floating-point outputs that reach the loss. An equation with a
+    complex active input or live output is not checked locally (its probes are real): both
+    come back empty."""
+    if any(jnp.issubdtype(jnp.result_type(x), jnp.complexfloating)
+           for x, i in zip((*unit.inputs, *unit.outputs), (*unit.in_ids, *unit.out_ids))
+           if i in active or i in live):
+        return (), ()
     varying = tuple(k for k, (x, i) in enumerate(zip(unit.inputs, unit.in_ids))
                     if i in active and inexact(x))
     outs = tuple(k for k, (x, i) in enumerate(zip(unit.outputs, unit.out_ids))

@@ -106,7 +106,7 @@ def library_site(eqn, callers=()) -> Place | None:
 
 
 def _stdlib(file: str) -> bool:
-    return file.startswith("<") or "/lib/python3" in file and "site-packages" not in file
+    return file.startswith("<frozen") or "/lib/python3" in file and "site-packages" not in file
 
 
 def _parse(debug_info) -> Place | None:
