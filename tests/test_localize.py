@@ -443,3 +443,17 @@ def test_check_rules_holds_non_array_leaves_fixed():
     params = {"w": x64([0.3, 0.5]), "act": jax.nn.relu, "name": "layer"}
     r = jgc.check_rules(lambda p: jnp.sum(p["act"](p["w"]) * 2.0), params)
     assert r.ok and r.n_equations >= 2
+
+
+def test_an_equation_that_cannot_be_judged_is_named_not_blamed():
+    """jnp.linalg.norm at 0: jax.grad is NaN (sqrt's infinite slope times 0), finite
+    differences see a kink; no rule is wrong, and sqrt, where they cannot judge, is named."""
+    def loss(x):
+        return jnp.linalg.norm(x)  # norm at 0
+
+    report = jgc.check_grad(loss, x64([0.0, 0.0]))
+    f = report.rule
+    assert not report.ok and not f.found and f.name == "sqrt"
+    assert f.line == line_with(loss, "# norm at 0")
+    assert f.summary.startswith("no equation is found wrong, but jax's rule for the primitive "
+                                "`sqrt` at ")

@@ -79,7 +79,7 @@ def localize(closed, args, active_args, live_outputs=None, seed: int = 0) -> fd.
     default all): what the derivative is of. Never raises: a failure is said in the summary.
     """
     start = time.perf_counter()
-    n = 0
+    n, unjudged = 0, None
     live_outputs = live_outputs or [True] * len(closed.jaxpr.outvars)
     try:
         tape, active, live = _recorded(closed, args, active_args, live_outputs)
@@ -88,9 +88,13 @@ def localize(closed, args, active_args, live_outputs=None, seed: int = 0) -> fd.
                 n += 1
                 if local.verdict == Verdict.WRONG:
                     return fd.finding(unit, local, n, time.perf_counter() - start)
+                if local.verdict == Verdict.UNRESOLVED and unjudged is None:
+                    unjudged = (unit, local)
         edge = boundary.find(tape, active, live, seed)
         if edge is not None:
             return fd.boundary_finding(*edge, n, time.perf_counter() - start)
+        if unjudged is not None:
+            return fd.unjudged_finding(*unjudged, n, time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - localisation must never break the check
         return fd.RuleFinding(False, FAILED.format(why=f"{type(e).__name__}: {e}"[:200]),
                               n_checked=n, seconds=time.perf_counter() - start)

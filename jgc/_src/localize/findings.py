@@ -144,6 +144,19 @@ def boundary_finding(unit: Unit, moved: tuple[int, ...], select, n_checked: int,
         "custom_jvp, or a branch condition that excludes it)"))
 
 
+def unjudged_finding(unit: Unit, local: Local, n_checked: int, seconds: float
+                     ) -> RuleFinding:
+    """No equation found wrong, but `unit` could not be judged: named, not blamed."""
+    f = RuleFinding(False, "", **describe(unit), context=unit.context,
+                    iteration=unit.iteration, branch=unit.branch, n_checked=n_checked,
+                    seconds=seconds, note=local.why)
+    where = f" at {f.file}:{f.line}" if f.file else ""
+    return dataclasses.replace(f, summary=(
+        f"no equation is found wrong, but {what(f)}{where} could not be judged "
+        f"({local.why}): a derivative that is infinite or undefined there (sqrt or a norm "
+        "at 0) makes autodiff's chain rule give NaN or Inf without any rule being wrong"))
+
+
 def what(f: RuleFinding) -> str:
     """'the custom_jvp rule `f_jvp` of `f`', 'the primitive `rem`'."""
     if f.kind == "primitive":
