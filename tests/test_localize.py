@@ -457,3 +457,16 @@ def test_an_equation_that_cannot_be_judged_is_named_not_blamed():
     assert f.line == line_with(loss, "# norm at 0")
     assert f.summary.startswith("no equation is found wrong, but jax's rule for the primitive "
                                 "`sqrt` at ")
+
+
+def test_a_loop_too_long_to_unroll_is_checked_as_one():
+    def loss(x):
+        c, _ = jax.lax.scan(lambda c, _: (sin2(c) * 0.5, None), x, None,  # long scan
+                            length=eq.MAX_ITERATIONS + 1)
+        return jnp.sum(c)
+
+    report = jgc.check_grad(loss, x64([0.3]))
+    f = report.rule
+    assert f.found and f.kind == "loop" and f.name == "scan"
+    assert f.line == line_with(loss, "# long scan")
+    assert "too long to unroll" in f.summary

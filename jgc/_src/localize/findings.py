@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jgc._src.localize import equations as eq
 from jgc._src.localize import source
 from jgc._src.localize.equations import Unit
 from jgc._src.localize.local import Local
@@ -20,7 +21,8 @@ class RuleFinding:
 
     Attributes:
       found: an equation was named. Otherwise only `summary` (why not) and the cost are set.
-      kind: "primitive", "custom_jvp" or "custom_vjp".
+      kind: "primitive", "custom_jvp", "custom_vjp", "loop" (a scan or while loop too long
+        to unroll, checked as one equation) or "branch" (a comparison at its boundary).
       name: the primitive's name, or the rule's Python function (the jvp; the bwd of a
         custom_vjp).
       primal: the custom rule's primal function (None for a primitive).
@@ -81,7 +83,7 @@ def describe(unit: Unit) -> dict[str, Any]:
     """The names and places of a unit: kind, name, primal, file, line, rule_file, rule_line."""
     eqn = unit.eqn
     site = source.call_site(eqn, unit.callers)
-    kind = KINDS.get(unit.name, "primitive")
+    kind = KINDS.get(unit.name, "loop" if unit.name in ("scan", "while") else "primitive")
     lib = source.library_site(eqn, unit.callers)
     stack = tuple(f"{p.name} ({source.short_file(p.file)}:{p.line})"
                   for p in source.user_stack(eqn, unit.callers))
@@ -161,6 +163,9 @@ def what(f: RuleFinding) -> str:
     """'the custom_jvp rule `f_jvp` of `f`', 'the primitive `rem`'."""
     if f.kind == "primitive":
         return f"jax's rule for the primitive `{f.name}`"
+    if f.kind == "loop":
+        return (f"a `{f.name}` loop (too long to unroll, beyond {eq.MAX_ITERATIONS} "
+                "iterations: its body was checked as one equation)")
     of = f" of `{f.primal}`" if f.primal and f.primal != f.name else ""
     rule = "rule" if f.kind == "custom_jvp" else "backward rule"
     return f"the {f.kind} {rule} `{f.name}`{of}"
