@@ -470,3 +470,21 @@ def test_a_loop_too_long_to_unroll_is_checked_as_one():
     assert f.found and f.kind == "loop" and f.name == "scan"
     assert f.line == line_with(loss, "# long scan")
     assert "too long to unroll" in f.summary
+
+
+def test_a_rule_holding_a_dead_tracer_is_named_as_not_judged():
+    """A nondiff_argnums rule given an array closes over a tracer of the loss's trace: it
+    cannot be evaluated on its own, which is said (jgc's own check still judges the loss)."""
+    @partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def scaled(n, x):
+        return x * n
+
+    @scaled.defjvp
+    def scaled_jvp(n, primals, tangents):
+        (x,), (t,) = primals, tangents
+        return scaled(n, x), 2.0 * n * t
+
+    report = jgc.check_grad(lambda x: jnp.sum(scaled(jnp.asarray(3.0), x)), x64([0.5, 1.5]))
+    f = report.rule
+    assert not report.ok and not f.found and f.name == "scaled_jvp"
+    assert "cannot be evaluated outside the loss's own trace" in f.summary

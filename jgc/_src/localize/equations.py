@@ -163,8 +163,13 @@ def _record_compiled(closed, args: list) -> Tape:
         held.append(tape)
         return ([[*u.inputs, *u.outputs] for u in tape.units], tape.outputs)
 
-    values, outputs = jax.jit(run)(*args)
-    tape = held[-1]
+    from jgc._src import programs, structured  # jgc's program cache, keyed on the trace
+
+    args = tuple(args)
+    program = programs.compiled("localize_record", lambda: run, None, (), args,
+                                work=structured.jaxpr_cost(closed), by_program=True)
+    values, outputs = program(*args)
+    tape = held[-1]  # the structure as traced (by the key, or by the compilation)
     units = iter(zip(tape.units, values))
     for k, item in enumerate(tape.items):
         if isinstance(item, Unit):

@@ -153,10 +153,16 @@ def unjudged_finding(unit: Unit, local: Local, n_checked: int, seconds: float
                     iteration=unit.iteration, branch=unit.branch, n_checked=n_checked,
                     seconds=seconds, note=local.why)
     where = f" at {f.file}:{f.line}" if f.file else ""
+    if (local.why or "").startswith("autodiff raised"):
+        # A rule closing over a traced array of the loss (nondiff_argnums given an array) is
+        # a dead tracer outside the loss's trace: it cannot be evaluated on its own.
+        because = "its rule cannot be evaluated outside the loss's own trace"
+    else:
+        because = ("a derivative that is infinite or undefined there (sqrt or a norm at 0) "
+                   "makes autodiff's chain rule give NaN or Inf without any rule being wrong")
     return dataclasses.replace(f, summary=(
         f"no equation is found wrong, but {what(f)}{where} could not be judged "
-        f"({local.why}): a derivative that is infinite or undefined there (sqrt or a norm "
-        "at 0) makes autodiff's chain rule give NaN or Inf without any rule being wrong"))
+        f"({local.why}): {because}"))
 
 
 def what(f: RuleFinding) -> str:

@@ -125,30 +125,30 @@ def _dot(c, outs):
 FIRST = (0, 1)
 
 
-@partial(jax.jit, static_argnums=0)
+def _cost(sig: _Signature, evaluations: int) -> float:
+    """The work of `evaluations` evaluations of an equation (structured._cost's units)."""
+    e = sig.eqn
+    return evaluations * structured._cost(e.primitive.name, e.params,
+                                          [tuple(v.aval.shape) for v in e.invars],
+                                          [tuple(v.aval.shape) for v in e.outvars])
+
+
 def _at(sig: _Signature, inputs, c, rows):
-    return _at_traced(sig, inputs, c, rows)
+    return _at_many((sig,), [inputs], [c], [rows])[0]
 
 
 def _at_many(sigs: tuple, inputs, c, rows):
     """`_at` of several equations in one program: one compilation instead of one each (a
-    small program's fixed cost, tracing and compiling, is most of its time), with XLA's light
-    options where the program's work is small (programs.light), from jgc's program cache."""
-    args = (inputs, c, rows)
-    leaves = jax.tree_util.tree_leaves(args)
-    work = sum((len(r[0]) * 2 * len(FIRST) + 3) * structured._cost(
-        s.eqn.primitive.name, s.eqn.params, [tuple(v.aval.shape) for v in s.eqn.invars],
-        [tuple(v.aval.shape) for v in s.eqn.outvars]) for s, r in zip(sigs, rows))
-    options = programs.LIGHT_OPTIONS if programs.light(work) else None
-    key = ("localize", sigs, tuple(programs._aval_key(x) for x in leaves), options is not None)
-    program = programs.CACHE.get(key)
-    if program is None:
-        def run(inputs, c, rows):
-            return [_at_traced(*a) for a in zip(sigs, inputs, c, rows)]
+    small program's fixed cost, tracing and compiling, is most of its time). Compiled through
+    jgc's program cache, keyed on the program's own trace (a second check of the same loss
+    compiles nothing), with XLA's light options where its work is small."""
+    def run(inputs, c, rows):
+        return [_at_traced(*a) for a in zip(sigs, inputs, c, rows)]
 
-        program = jax.jit(run).lower(*args).compile(compiler_options=options)
-        programs.CACHE.put(key, program)
-    return program(*args)
+    args = (inputs, c, rows)
+    work = sum(_cost(s, len(r[0]) * 2 * len(FIRST) + 3) for s, r in zip(sigs, rows))
+    return programs.compiled("localize", lambda: run, None, (), args, work=work,
+                             by_program=True)(*args)
 
 
 def _at_traced(sig: _Signature, inputs, c, rows):
@@ -162,9 +162,11 @@ def _at_traced(sig: _Signature, inputs, c, rows):
             pullback(c), _along_traced(sig, inputs, c, rows, mults))
 
 
-@partial(jax.jit, static_argnums=0)
 def _along(sig: _Signature, inputs, c, rows, mults):
-    return _along_traced(sig, inputs, c, rows, mults)
+    args = (inputs, c, rows, mults)
+    return programs.compiled("localize_along", lambda: partial(_along_traced, sig), None, (),
+                             args, work=_cost(sig, len(rows[0]) * len(mults)),
+                             by_program=True)(*args)
 
 
 def _along_traced(sig: _Signature, inputs, c, rows, mults):
