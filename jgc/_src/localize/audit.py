@@ -22,6 +22,7 @@ from jgc._src.localize import boundary
 from jgc._src.localize import equations as eq
 from jgc._src.localize import findings as fd
 from jgc._src.localize.local import Local, Verdict, check_units, probed
+from jgc._src.report import _jsonable
 from jgc._src.tree import InputError
 
 NOTHING = ("no single equation disagrees with finite differences at the values it received: "
@@ -190,10 +191,10 @@ class RulesReport:
         return tuple(r for r in self.rows if r.verdict == Verdict.WRONG)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "rows": [dataclasses.asdict(r) for r in self.rows],
-                "n_equations": self.n_equations, "seconds": self.seconds,
-                "finding": None if self.finding is None else self.finding.to_dict(),
-                "note": self.note}
+        return _jsonable({"ok": self.ok, "rows": [dataclasses.asdict(r) for r in self.rows],
+                          "n_equations": self.n_equations, "seconds": self.seconds,
+                          "finding": None if self.finding is None else self.finding.to_dict(),
+                          "note": self.note})
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

@@ -9,6 +9,7 @@ from jgc._src.localize import equations as eq
 from jgc._src.localize import source
 from jgc._src.localize.equations import Unit
 from jgc._src.localize.local import Local
+from jgc._src.report import _jsonable
 
 KINDS = {"custom_jvp_call": "custom_jvp", "custom_vjp_call": "custom_vjp",
          "custom_vjp_call_jaxpr": "custom_vjp"}
@@ -71,9 +72,7 @@ class RuleFinding:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for name in ("inputs", "context", "stack"):
-            d[name] = list(d[name])
-        return d
+        return _jsonable(d)
 
     def __str__(self) -> str:
         return "\n".join(text_lines(self))
