@@ -282,11 +282,13 @@ def check_rules(f, *args, x64: bool = True, seed: int = 0) -> RulesReport:
       `print(report)` shows the table.
 
     Raises:
-      InputError: f is not callable, or cannot be traced by JAX at these arguments.
+      InputError: f is not callable, cannot be traced by JAX at these arguments, or none of
+        them is a floating-point array.
 
-    >>> import jax, jax.numpy as jnp, jgc
-    >>> jgc.check_rules(lambda x: jnp.sum(jnp.sin(x) * x), jnp.arange(3.0)).ok
-    True
+    Examples:
+      >>> import jax.numpy as jnp, jgc
+      >>> jgc.check_rules(lambda x: jnp.sum(jnp.sin(x) * x), jnp.arange(3.0)).ok
+      True
     """
     from jgc._src import calls
     from jgc._src.prepare import precision
