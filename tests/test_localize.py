@@ -488,3 +488,27 @@ def test_a_rule_holding_a_dead_tracer_is_named_as_not_judged():
     f = report.rule
     assert not report.ok and not f.found and f.name == "scaled_jvp"
     assert "cannot be evaluated outside the loss's own trace" in f.summary
+
+
+def test_rule_inside_remat_vmap_and_with_aux():
+    @jax.checkpoint
+    def body(x):
+        return jax.vmap(sin2)(x)  # remat call
+
+    def loss(x):
+        return jnp.sum(body(x)), {"aux": x}
+
+    report = jgc.check_grad(loss, x64([[0.1, 0.2], [0.3, 0.4]]), has_aux=True)
+    f = report.rule
+    assert f.name == "sin2_jvp" and f.line == line_with(body, "# remat call")
+
+
+def test_rule_inside_a_while_loop_is_audited_per_iteration():
+    def f(x, n):
+        return jnp.sum(jax.lax.fori_loop(0, n, lambda i, c: softplus_hi(c) + 0.6, x))  # loop
+
+    r = jgc.check_rules(f, x64([0.2]), np.int32(6))
+    (row,) = r.wrong
+    assert row.name == "softplus_hi_jvp" and row.calls == 6
+    assert row.first_wrong.startswith("while iteration ")
+    assert r.finding.iteration == int(row.first_wrong.split()[-1])
