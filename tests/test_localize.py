@@ -512,3 +512,15 @@ def test_rule_inside_a_while_loop_is_audited_per_iteration():
     assert row.name == "softplus_hi_jvp" and row.calls == 6
     assert row.first_wrong.startswith("while iteration ")
     assert r.finding.iteration == int(row.first_wrong.split()[-1])
+
+
+def test_nan_in_a_branch_not_taken_is_named():
+    """The where-NaN trap, as in jax.scipy.special.spence on (1, 2) (jax.grad NaN): log of a
+    negative number in the branch not taken; every rule is right."""
+    def loss(x):
+        return jnp.sum(jnp.where(x < 1.0, x * jnp.log(1.0 - x), x ** 2))  # trap
+
+    report = jgc.check_grad(loss, x64([1.5, 0.5]))
+    f = report.rule
+    assert not report.ok and not f.found and (f.kind, f.name) == ("nonfinite", "log")
+    assert f.line == line_with(loss, "# trap") and "0 times NaN is NaN" in f.summary

@@ -94,6 +94,9 @@ def localize(closed, args, active_args, live_outputs=None, seed: int = 0) -> fd.
         edge = boundary.find(tape, active, live, seed)
         if edge is not None:
             return fd.boundary_finding(*edge, n, time.perf_counter() - start)
+        origin = boundary.nonfinite_origin(tape, active, live)
+        if origin is not None:
+            return fd.nonfinite_finding(origin, n, time.perf_counter() - start)
         if unjudged is not None:
             return fd.unjudged_finding(*unjudged, n, time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - localisation must never break the check

@@ -1,4 +1,5 @@
-"""Piecewise definitions at their boundary: when no equation's rule is wrong.
+"""When no equation's rule is wrong: a piecewise definition at its boundary, or a NaN that
+the program discards.
 
 `where(x == 0, 0, x * log(y))` at x = 0 has correct rules everywhere: jax.grad differentiates
 the branch the program takes (the constant 0, derivative 0), and every equation agrees with
@@ -10,6 +11,11 @@ at its boundary: a comparison on the parameters that changes within the step and
 `find` looks, in program order, for a comparison whose inputs depend on the parameters, whose
 output reaches the loss, and whose outcome changes when its inputs move by the finite-difference
 step (along the probes local.py uses), and names it and the select or cond it decides.
+
+`nonfinite_origin` finds the other classic: `where(x < 1, log(1 - x), 0)` at x > 1 computes
+log of a negative number in the branch not taken. The value is discarded, but the chain rule
+multiplies the zero cotangent of that branch by the NaN it holds: jax.grad is NaN, while every
+rule is right. The equation that first makes a NaN or Inf from finite inputs is named.
 """
 
 from __future__ import annotations
@@ -53,6 +59,20 @@ def consumer(tape: eq.Tape, unit: eq.Unit):
                 item.in_ids[0] in derived):
             return item
         derived.update(item.out_ids)
+    return None
+
+
+def nonfinite_origin(tape: eq.Tape, active: set, live: set):
+    """The first equation, in program order, that makes a NaN or Inf from finite inputs
+    that depend on the parameters, in a value that reaches the output; or None."""
+    for unit in tape.units:
+        if not any(i in active for i in unit.in_ids):
+            continue
+        if not all(np.isfinite(np.asarray(x)).all() for x in unit.inputs if eq.inexact(x)):
+            continue
+        if any(i in live and eq.inexact(x) and not np.isfinite(np.asarray(x)).all()
+               for x, i in zip(unit.outputs, unit.out_ids)):
+            return unit
     return None
 
 

@@ -23,7 +23,8 @@ class RuleFinding:
     Attributes:
       found: an equation was named. Otherwise only `summary` (why not) and the cost are set.
       kind: "primitive", "custom_jvp", "custom_vjp", "loop" (a scan or while loop too long
-        to unroll, checked as one equation) or "branch" (a comparison at its boundary).
+        to unroll, checked as one equation), "branch" (a comparison at its boundary) or
+        "nonfinite" (an equation making a NaN the program discards; `found` is False).
       name: the primitive's name, or the rule's Python function (the jvp; the bwd of a
         custom_vjp).
       primal: the custom rule's primal function (None for a primitive).
@@ -143,6 +144,19 @@ def boundary_finding(unit: Unit, moved: tuple[int, ...], select, n_checked: int,
         "branch taken, whose derivative here is not the function's (finite differences see "
         "the other side); give the boundary point the derivative of the whole function (a "
         "custom_jvp, or a branch condition that excludes it)"))
+
+
+def nonfinite_finding(unit: Unit, n_checked: int, seconds: float) -> RuleFinding:
+    """No rule is wrong, but `unit` makes a NaN or Inf that the program discards."""
+    f = RuleFinding(False, "", **describe(unit), context=unit.context,
+                    iteration=unit.iteration, branch=unit.branch, n_checked=n_checked,
+                    seconds=seconds)
+    where = f" at {f.file}:{f.line}" if f.file else ""
+    return dataclasses.replace(f, kind="nonfinite", summary=(
+        f"no rule is wrong, but `{unit.name}`{where} makes a NaN or Inf from finite inputs, "
+        "in a value the program discards (a jnp.where branch not taken, say): autodiff "
+        "multiplies that branch's zero cotangent by it, and 0 times NaN is NaN. Keep the "
+        "branch not taken finite (guard its input: log(where(x < 1, 1 - x, 1)))"))
 
 
 def unjudged_finding(unit: Unit, local: Local, n_checked: int, seconds: float
