@@ -524,3 +524,27 @@ def test_nan_in_a_branch_not_taken_is_named():
     f = report.rule
     assert not report.ok and not f.found and (f.kind, f.name) == ("nonfinite", "log")
     assert f.line == line_with(loss, "# trap") and "0 times NaN is NaN" in f.summary
+
+
+@jax.custom_jvp
+def scaled_sin(x, y):
+    return jnp.sin(x) * y
+
+
+@scaled_sin.defjvp
+def scaled_sin_jvp(primals, tangents):
+    (x, y), (tx, ty) = primals, tangents
+    return scaled_sin(x, y), jnp.cos(x) * y * tx - jnp.sin(x) * ty  # the bug: ty's sign
+
+
+@pytest.mark.parametrize("x64_mode", [True, False])
+def test_the_wrong_input_is_named_in_either_precision(x64_mode):
+    def loss(p):
+        return jnp.sum(scaled_sin(p["a"], p["b"]))
+
+    dtype = np.float64 if x64_mode else np.float32
+    p = {"a": np.array([0.3, 0.9], dtype), "b": np.array([1.5, -0.7], dtype)}
+    report = jgc.check_grad(loss, p, x64=x64_mode)
+    assert report.leaf("['a']").status == "ok" and report.leaf("['b']").status == "mismatch"
+    f = report.rule
+    assert f.name == "scaled_sin_jvp" and f.inputs == ("input 1 (y)",)
