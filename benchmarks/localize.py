@@ -81,8 +81,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     sizes = SIZES[:2] if ap.parse_args().quick else SIZES
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; check_grad(grad=None) of an MLP "
-          "with a custom_vjp rule 2x wrong, three calls deep")
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}; check_grad(grad=None) of an MLP; "
+          "rule: a custom_vjp 2x wrong three calls deep; sweep: a where at its boundary "
+          "(every equation checked first)")
     print(f"{'bug':<6} {'params':>9}  {'mode':<11} {'check s':>8} {'localise s':>10} "
           f"{'ratio':>6}   {'warm check':>10} {'warm loc.':>9} {'ratio':>6}")
     for kind in ("rule", "sweep"):
