@@ -17,6 +17,9 @@ from jgc._src.evaluators.diskcache import enable_from_environment as _enable_fro
 from jgc._src.version import __version__ as __version__
 
 if TYPE_CHECKING:  # the names _LAZY imports on first use, for type checkers and editors
+    from jgc._src.localize.audit import RulesReport as RulesReport
+    from jgc._src.localize.audit import check_rules as check_rules
+    from jgc._src.localize.findings import RuleFinding as RuleFinding
     from jgc._src.report.report import LeafReport as LeafReport
     from jgc._src.report.report import Report as Report
     from jgc._src.stages.split import InputError as InputError
@@ -35,6 +38,9 @@ _LAZY = {  # public name -> the private module that defines it
     "check_grad": "jgc._src.surfaces.check",
     "check_hvp": "jgc._src.surfaces.jvp",
     "check_jvp": "jgc._src.surfaces.jvp",
+    "check_rules": "jgc._src.localize.audit",
+    "RuleFinding": "jgc._src.localize.findings",
+    "RulesReport": "jgc._src.localize.audit",
     "check_vjp": "jgc._src.surfaces.vjp",
     "numerical_grad": "jgc._src.surfaces.check",
 }
@@ -43,11 +49,14 @@ __all__ = (
     "InputError",
     "LeafReport",
     "Report",
+    "RuleFinding",
+    "RulesReport",
     "__version__",
     "assert_grad",
     "check_grad",
     "check_hvp",
     "check_jvp",
+    "check_rules",
     "check_vjp",
     "enable_compilation_cache",
     "numerical_grad",

@@ -52,6 +52,9 @@ def to_html(r: Report) -> str:
     diagnosis = (f'<pre style="white-space:pre-wrap;background:#f6f8fa;padding:6px;'
                  f'border-left:4px solid {colour}">{e(r.diagnosis)}</pre>')
     notes = "".join(f"<li>{e(n)}</li>" for n in r.notes)
+    if r.rule is not None:  # the wrong rule, localised (jgc/_src/localize)
+        diagnosis += (f'<pre style="white-space:pre-wrap;background:#fff8c5;padding:6px;'
+                      f'border-left:4px solid {colour}">{e(str(r.rule))}</pre>')
     return (head + table + classic + diagnosis
             + (f'<ul style="font-size:90%;color:#57606a">{notes}</ul>' if notes else "")
             + "</div>")

@@ -147,6 +147,9 @@ class Report:
       n_evaluations: loss evaluations made; seconds: wall time of the check.
       notes: one-line remarks (the slow NumPy path, jax.grad unavailable, sampling, ...).
       noise: the measured noise level (standard deviation) of one loss evaluation, or None.
+      rule: when jax.grad was found wrong, the equation localisation names (a RuleFinding:
+        the primitive or custom rule, its file:line, the input, both derivatives), or why none
+        was named; None when jax.grad was not found wrong.
     """
 
     ok: bool
@@ -167,6 +170,7 @@ class Report:
     noise: float | None = None
     autodiff_name: str = "jax.grad"  # jax's own opinion: jax.grad, jax.jvp, jax's H·v
     noun: str = "gradient"  # what is checked: gradient, tangent rule, Hessian-vector product
+    rule: Any = None  # localize.findings.RuleFinding
 
     @property
     def bad_leaves(self) -> tuple[LeafReport, ...]:
@@ -202,6 +206,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "leaves"}
         d["leaves"] = [leaf.to_dict() for leaf in self.leaves]
+        d["rule"] = None if self.rule is None else self.rule.to_dict()
         d["notes"] = list(self.notes)
         return _jsonable(d)
 

@@ -69,6 +69,8 @@ def format_report(r: Report) -> str:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     lines += ["", f"global relative error: {r.global_rel_error:.2e}  ({_classic_scale(r)})", ""]
     lines.append(r.diagnosis)
+    if r.rule is not None:  # the wrong rule, localised (jgc/_src/localize)
+        lines += ["", str(r.rule)]
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
 

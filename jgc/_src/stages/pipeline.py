@@ -18,6 +18,7 @@ import numpy as np
 from jgc._src.evaluators import autodiff as ad
 from jgc._src.evaluators import calls
 from jgc._src.evaluators.deadline import Deadline, TooSlow
+from jgc._src.localize import audit as localize
 from jgc._src.report import explain
 from jgc._src.report.report import LeafReport, Report
 from jgc._src.report.vocab import Method, Mode, Status
@@ -67,10 +68,11 @@ def run(subject: Subject, grad, o: Options, prec: Precision,
         autodiff_why=g.autodiff_why, batch=batch_size(subject.args), eps=o.eps,
         float64=check.float64, method=o.method)
     check, text = closing_notes(check, found, text)
-    return cp.build_report(leaves, verdict, text, header(check), n_checked=len(found.g),
-                           n_evaluations=check.ev.n_evaluations, start=check.start,
-                           notes=check.notes, noise=check.sigma,
-                           global_rel=cp.global_rel_error(found.g, found.model.value))
+    report = cp.build_report(leaves, verdict, text, header(check), n_checked=len(found.g),
+                             n_evaluations=check.ev.n_evaluations, start=check.start,
+                             notes=check.notes, noise=check.sigma,
+                             global_rel=cp.global_rel_error(found.g, found.model.value))
+    return localize.attach(report, check)  # names the wrong rule when jax.grad is wrong
 
 
 def _gradient_jobs(grad, what: str) -> tuple:
