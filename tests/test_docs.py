@@ -45,9 +45,14 @@ def blocks(path: Path) -> list[tuple[str, str | None, str]]:
 def test_every_documentation_file_is_collected():
     names = {p.name for p in FILES}
     assert {"README.md", "guide.md", "performance.md", "verdict-quality.md",
-            "reliability.md"} <= names, names
+            "reliability.md", "architecture.md"} <= names, names
     assert all(any(lang == "python" for lang, _, _ in blocks(p)) for p in FILES
                if p.name in {"README.md", "guide.md", "performance.md"})
+
+
+def test_the_readme_stays_short():
+    """The README is the way in; everything longer belongs in docs/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
 
 
 @contextlib.contextmanager
