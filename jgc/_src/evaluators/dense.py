@@ -111,6 +111,17 @@ class DenseEvaluator(Evaluator):
             self.theta, self.dyn, self.consts = jax.device_put(
                 (self.theta, self.dyn, self.consts), replicated)
 
+    def _on_one_device(self) -> None:
+        """Puts theta, the fixed leaves and the constants back on one device, for programs that
+        run one perturbation at a time. Replicated over several devices, such a program is
+        partitioned over all of them, and a host callback inside it (the reason it cannot be
+        vmapped) left XLA's all-reduce waiting for a device that never arrived: a deadlock."""
+        self._sharding = None
+        device = jax.local_devices()[0]  # this process's own, under jax.distributed too
+        self.theta = jax.device_put(self.theta_np, device)
+        self.dyn = tuple(jax.device_put(x, device) for x in (*self.dynamic[0], *self.dynamic[1]))
+        self.consts = [jax.device_put(c, device) for c in self.traced.consts]
+
     def _static(self, kind: str, leaf: int | None, batched: int) -> _Static:
         """What shapes a program besides its inputs. `batched`: the entries each perturbation
         carries; above SMALL_BATCHED the perturbations are mapped sequentially (see `_map`)."""
@@ -327,6 +338,7 @@ class DenseEvaluator(Evaluator):
             if not fallback:  # a structured program: the caller falls back to the dense one
                 raise
             self.batched, self.batch_error = False, first_line(e.__cause__)
+            self._on_one_device()
             static = self._static(kind, leaf, 0)
             return self._chunks(kind, build, static, batched, extra, arrays, deadline)
 
