@@ -13,6 +13,7 @@ from test_trust import _tied_relu_net, relu_grad, relu_loss
 
 import jgc
 from jgc._src.stages import errormodel as em
+from jgc.examples import zoo
 
 # -- a loss exactly 0 at params, its perturbed values only rounding ------------------------------
 
@@ -197,6 +198,24 @@ def test_relu_ties_in_float32_blame_neither_gradient(seed):
     r = jgc.check_grad(relu_loss, p, X, Y, x64=False,
                        grad=lambda p, X, Y: relu_grad(p, X, Y, scale_w1=2))
     assert [leaf.path for leaf in r.bad_leaves] == ["['W1']"]
+
+
+@pytest.mark.parametrize("mode", ["full", "directional"])
+def test_a_wrong_entry_at_a_float32_relu_tie_is_caught(mode):
+    """The framework suite's relu MLP at its ties, float32: its bias b1[3] has one-sided slopes
+    8.07 and 9.06 (jax.grad gives 9.06). A hand-written 1.5x there (13.6) passed as a tie
+    convention, because the kink's range came from the finest step, 5 of its error bars wide
+    ([4.6, 12.6] in float32). A coarser level that sees the same kink, inside that range, gives
+    it now; the correct gradient still passes."""
+    model = zoo.relu_ties()
+    g = {k: np.asarray(v) for k, v in jax.grad(model.loss)(model.params, *model.args).items()}
+    one = g["b1"].copy()
+    one[3] *= 1.5
+    r = jgc.check_grad(model.loss, model.params, *model.args, grad={**g, "b1": one},
+                       x64=False, mode=mode)
+    assert [leaf.path for leaf in r.bad_leaves] == ["['b1']"], str(r)
+    assert jgc.check_grad(model.loss, model.params, *model.args, grad=g, x64=False,
+                          mode=mode).ok
 
 
 # -- float32 rounding smooth at the step's scale ----------------------------------------------
