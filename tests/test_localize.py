@@ -321,7 +321,8 @@ def test_three_calls_deep_in_text_html_and_json():
     assert "  call stack: layer (" in text
     d = json.loads(report.to_json())
     assert d["rule"]["name"] == "tanh_neg_bwd" and d["rule"]["line"] == line
-    assert d["rule"]["inputs"] == ["input 0"]
+    # Position 0; jax 0.7 also records the argument's name there ("input 0 (x)"), 0.10 does not.
+    assert [i.split(" (")[0] for i in d["rule"]["inputs"]] == ["input 0"]
     assert "tanh_neg_bwd" in report._repr_html_()
     assert report.rule.seconds > 0 and report.rule.n_checked >= 1
 
