@@ -62,6 +62,16 @@ def _evaluate(traced, consts, parts, dynamic, st: _Static):
     return jnp.reshape(outs[0], ())
 
 
+def _with_leaf(value, segs, st: _Static) -> list:
+    """The flat segments with the perturbed one replaced: `value` is the whole flat vector
+    (st.leaf None) or the perturbed leaf's segment."""
+    if st.leaf is None:
+        return [value[a:b] for a, b, _ in st.segments]
+    parts = list(segs)
+    parts[st.leaf] = value
+    return parts
+
+
 def _program_losses_at(traced: programs.Traced, st: _Static):
     def run(consts, theta, dynamic, index, step):
         segs = [theta[a:b] for a, b, _ in st.segments]
@@ -70,12 +80,7 @@ def _program_losses_at(traced: programs.Traced, st: _Static):
 
         def one(i, s):
             value = base + jnp.where(positions == i, s, 0)
-            if st.leaf is None:
-                parts = [value[a:b] for a, b, _ in st.segments]
-            else:
-                parts = list(segs)
-                parts[st.leaf] = value
-            return _evaluate(traced, consts, parts, dynamic, st)
+            return _evaluate(traced, consts, _with_leaf(value, segs, st), dynamic, st)
 
         return _map(one, (index, step), st.sequential, st.batched)
 
@@ -97,12 +102,7 @@ def _program_losses_along(traced: programs.Traced, st: _Static):
 
         def one(v, c, a, b):
             value = _displaced(base, positions, vectors, v, c, a, b)
-            if st.leaf is None:
-                parts = [value[a:b] for a, b, _ in st.segments]
-            else:
-                parts = list(segs)
-                parts[st.leaf] = value
-            return _evaluate(traced, consts, parts, dynamic, st)
+            return _evaluate(traced, consts, _with_leaf(value, segs, st), dynamic, st)
 
         return _map(one, (vid, mult, lo, hi), st.sequential, st.batched)
 
