@@ -38,3 +38,38 @@ def test_only_the_planned_entries_are_compared():
     got = cp.restricted(plan, [params["a"], params["b"]])
     want = np.concatenate([params["a"].ravel()[plan.entries[0]], params["b"][plan.entries[1]]])
     assert got.tolist() == want.tolist() and len(got) == 4
+
+
+def test_resolution_counts_each_entry_at_most_its_capped_term():
+    """The leaf-level statistic caps each entry's term at NOISE_SIGMAS**2, so one large entry
+    cannot resolve alone what its cap denies it: the resolution comes from the others."""
+    from jgc._src.stages import errormodel as em
+
+    sd = np.full(4, 0.1)
+    even = np.ones(4)  # no entry reaches the cap: e**2 sum((v / sd)**2) = room
+    assert em.resolution(even, sd, 50.0) == pytest.approx(math.sqrt(46 / 400))
+    # One entry 100x larger: it gives at most 36, the other three must give the rest (10).
+    lopsided = np.array([100.0, 1.0, 1.0, 1.0])
+    assert em.resolution(lopsided, sd, 50.0) == pytest.approx(math.sqrt(10 / 300))
+    # Where every entry at its cap cannot reach the threshold, nothing is resolved.
+    assert em.resolution(np.array([100.0]), np.array([0.1]), 50.0) == math.inf
+
+
+def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
+    """An entry taken as smooth (jump statistic below NOISE_SIGMAS) whose statistic exceeds
+    COLLECTIVE_SMOOTH may hide a kink: the leaf-level test leaves it out, and it claims no
+    resolution; an entry at a flagged kink keeps its own width (the slopes' range)."""
+    from jgc._src.stages import errormodel as em
+
+    n = 4
+    z = np.array([0.5, 4.0, 8.0, np.nan])  # smooth, borderline, a kink, no 2h stencil
+    kink = np.array([False, False, True, False])
+    ones = np.ones(n)
+    model = em.ErrorModel(ones, ones * 0.01, kink, ones, ones, ones, ones * 0.001,
+                          np.ones(n, bool), jump_z=z)
+    c = cp.collective(model, slice(None), ones * 1.001, 0.0)
+    assert list(c.where) == [0, 3]
+    compared = cp.Compared(model, None, None, ones, 0.0, None, 0.0, ones * 0.03, ones * 0.02,
+                           None)
+    width = cp._resolving_width(model, slice(None), compared)
+    assert np.isinf(width[1]) and list(width[[0, 2, 3]]) == [0.02, 0.02, 0.02]

@@ -385,11 +385,21 @@ def test_a_full_check_through_it_passes_and_names_a_planted_bug():
     assert r.bad_leaves[0].worst_index == (100, 7) and r.bad_leaves[0].n_mismatch == 1
 
 
-def test_reduced_precision_stays_dense():
-    """float32 evaluation (x64=False) keeps the dense path for now (see make_evaluator)."""
+def test_float32_takes_it_and_names_a_planted_bug_as_dense_does():
+    """float32 (x64=False) takes the structured pass too: a correct gradient passes, and one
+    entry 5% off is named, as the dense path names it."""
     model = zoo.mlp((784, 32, 10), batch=16, dtype=np.float32)
-    r = jgc.check_grad(model.loss, model.params, *model.args, x64=False, mode="sample")
-    assert r.ok and not any("structured" in n for n in r.notes), str(r)
+    good = jax.tree.map(np.array, jax.grad(model.loss)(model.params, *model.args))
+    r = jgc.check_grad(model.loss, model.params, *model.args, grad=good, x64=False, mode="full")
+    assert r.ok and any("structured evaluation" in n for n in r.notes), str(r)
+    bad = jax.tree.map(np.copy, good)
+    j = np.unravel_index(int(np.argmax(np.abs(bad["W0"]))), bad["W0"].shape)
+    bad["W0"][j] *= 1.05
+    for evaluator in ("auto", "dense"):
+        r = jgc.check_grad(model.loss, model.params, *model.args, grad=bad, x64=False,
+                           mode="full", evaluator=evaluator)
+        assert [b.path for b in r.bad_leaves] == ["['W0']"], str(r)
+        assert r.bad_leaves[0].worst_index == tuple(int(i) for i in j)
 
 
 def test_scan_falls_back_and_says_so():
