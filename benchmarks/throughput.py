@@ -6,14 +6,16 @@ Workloads (float64; the models are `jgc.examples.zoo`'s, rebuilt in torch from t
   * W1: tanh MLP 20-16-3, batch 8 (387 parameters);
   * W2: tanh MLP 784-64-10, batch 32 (50,890);
   * CNN: the Flax MNIST CNN, conv 3x3 1->32, relu, avg-pool 2, conv 3x3 32->64, relu, avg-pool
-    2, dense 3136->256, relu, dense 256->10, batch 4 (824,458); also with one wrong entry;
+    2, dense 3136->256, relu, dense 256->10, batch 4 (824,458); also with one wrong entry, and
+    in float32 (x64=False) with and without one entry 5% off (--only "CNN float32");
   * MLP 4.2M: tanh MLP 3072-1024-1024-10, batch 32 (4,206,602);
   * LSTM: lax.scan over 8 steps, input 16, hidden 64, batch 4 (20,864);
   * attention: one self-attention layer, width 96, 16 tokens, batch 4 (27,840).
 
-Every measurement runs in a fresh process (imports excluded, compilation included) and is the
-median of --repeats runs. jgc runs mode="full": every entry, both central-difference points,
-jax.grad as the reference, the report. Its peak resident memory is read from /proc.
+Every measurement runs in a fresh process (imports excluded, jgc's check module too, which
+jgc imports on first use; compilation included) and is the median of --repeats runs. jgc runs
+mode="full": every entry, both central-difference points, jax.grad as the reference, the
+report. Its peak resident memory is read from /proc.
 
   * torch.autograd.gradcheck(fast_mode=False) also checks every entry. Where it would take
     longer than --torch-limit seconds it is not run: its time is *estimated* as n x 2 forward
@@ -43,7 +45,18 @@ WORKLOADS = {
     "MLP 4.2M": "zoo.mlp((3072, 1024, 1024, 10), batch=32)",
     "LSTM": "zoo.lstm_scan(d=16, h=64, T=8, m=4)",
     "attention": "zoo.attention(d=96, T=16, m=4)",
+    "CNN float32": 'zoo.flax_cnn("mnist")',
 }
+JGC_ONLY = {"CNN float32"}  # no other tool checks every entry of it in reasonable time
+# Rows of jgc alone, each against the row it varies (ratio in the notes): the float32 CNN
+# (x64=False, float32 params and data), with one entry of the dense kernel 5% off; the scan LSTM
+# with evaluator="dense" (the structured pass's speed-up, in fresh processes of the same run).
+VARIANTS = {
+    "CNN": [("CNN, one wrong entry", dict(wrong="x3"))],
+    "CNN float32": [("CNN float32, one entry 5% off", dict(wrong="5%"))],
+    "LSTM": [("LSTM, evaluator='dense'", dict(evaluator="dense"))],
+}
+OPTIONS = {"CNN float32": dict(x64=False)}
 
 COMMON = """
 import json, time, sys
@@ -59,23 +72,29 @@ model = {model}
 
 JGC = COMMON + """
 import jgc
+check = jgc.check_grad  # jgc imports its check on first use: an import, excluded like torch's
 grad = None
-if {wrong}:  # one entry of jax.grad's gradient off by a factor 3: it must be named
+if "{wrong}" == "x3":  # one entry of jax.grad's gradient off by a factor 3: it must be named
     f64 = lambda t: jax.tree.map(lambda v: np.asarray(v, np.float64)
                                  if np.issubdtype(np.asarray(v).dtype, np.floating) else v, t)
     with jax.enable_x64(True):
         g = jax.grad(model.loss)(f64(model.params), *f64(model.args))
     grad = jax.tree.map(np.array, g)
     grad["Dense_0"]["kernel"][1000, 17] *= 3
+elif "{wrong}" == "5%":  # float32 jax.grad, its largest dense-kernel entry 5% off
+    grad = jax.tree.map(np.array, jax.jit(jax.grad(model.loss))(model.params, *model.args))
+    k = grad["Dense_0"]["kernel"]
+    k[np.unravel_index(int(np.argmax(np.abs(k))), k.shape)] *= 1.05
 t = time.perf_counter()
-r = jgc.check_grad(model.loss, model.params, *model.args, grad=grad, mode="full",
-                   progress=False)
+r = check(model.loss, model.params, *model.args, grad=grad, mode="full", progress=False,
+          x64={x64}, evaluator="{evaluator}")
 sec = time.perf_counter() - t
 bad = [(b.path, list(b.worst_index)) for b in r.bad_leaves]
 note = next((n for n in r.notes if "structured evaluation" in n or "dense evaluation" in n),
-            "dense evaluation (the whole loss per perturbation: below 20,000 parameters)")
+            "dense evaluation (the whole loss per perturbation)")
 print(json.dumps({{"seconds": sec, "ok": r.ok, "n": r.n_params, "evals": r.n_evaluations,
-                  "bad": bad, "note": note, "rss": hwm()}}))
+                  "bad": bad, "note": note, "rss": hwm(),
+                  "verdicts": [(x.path, x.status.name) for x in r.leaves]}}))
 """
 
 TORCH = COMMON + """
@@ -239,22 +258,31 @@ def main() -> None:
         def med(code, reps=reps, model=model, **kw):
             return median_of(reps, code, model=model, **kw)
 
-        j = med(JGC, wrong=False)
-        slow = med(TORCH, fast=False, limit=args.torch_limit)
-        fast = med(TORCH, fast=True, limit=args.torch_limit)
-        loop = med(NUMPY_LOOP, limit=args.torch_limit) if name in ("W1", "W2") else None
-        cg = med(CHECK_GRADS)
+        opts = dict(wrong="", x64=True, evaluator="auto", **OPTIONS.get(name, {}))
+        j = med(JGC, **opts)
+        if name in JGC_ONLY:
+            slow = fast = loop = cg = None
+        else:
+            slow = med(TORCH, fast=False, limit=args.torch_limit)
+            fast = med(TORCH, fast=True, limit=args.torch_limit)
+            loop = med(NUMPY_LOOP, limit=args.torch_limit) if name in ("W1", "W2") else None
+            cg = med(CHECK_GRADS)
         rows.append((name, j, slow, loop, fast, cg, reps))
         notes.append(f"{name}: {j['note']}")
-        if name == "CNN":
-            w = med(JGC, wrong=True)
-            # Its mismatch is the right answer, not a false alarm: the note names the entry.
-            rows.append(("CNN, one wrong entry", dict(w, ok=None), None, None, None, None, reps))
-            notes.append(f"CNN, one wrong entry: named {w['bad']}")
+        for label, change in VARIANTS.get(name, []):
+            w = med(JGC, **{**opts, **change})
+            if change.get("wrong"):  # its mismatch is the right answer, not a false alarm
+                rows.append((label, dict(w, ok=None), None, None, None, None, reps))
+                notes.append(f"{label}: named {w['bad']}")
+            else:
+                rows.append((label, w, None, None, None, None, reps))
+                notes.append(f"{label}: {w['seconds'] / j['seconds']:.1f}x the time of {name}; "
+                             f"same verdicts: {w['verdicts'] == j['verdicts']}; {w['note']}")
         print(f"  measured {name}: jgc {_time(j)} (ok={j['ok']}, peak RSS {j['rss']:.0f} MiB)",
               flush=True)
-    print("\nEvery entry checked (float64; fresh processes, compilation included; medians of "
-          f"{args.repeats}, ~ = estimated from the measured forward time):\n")
+    print("\nEvery entry checked (float64 unless the row says float32; fresh processes, "
+          f"compilation included; medians of {args.repeats}, ~ = estimated from the measured "
+          "forward time):\n")
     head = ("| workload | n | jgc full | peak RSS | torch slow | vs torch slow | NumPy loop "
             "| vs NumPy loop | torch fast (1 direction) | check_grads (1 direction) |")
     print(head)
