@@ -57,8 +57,9 @@ def test_resolution_counts_each_entry_at_most_its_capped_term():
 
 def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
     """An entry taken as smooth (jump statistic below NOISE_SIGMAS) whose statistic exceeds
-    COLLECTIVE_SMOOTH may hide a kink: the leaf-level test leaves it out, and it claims no
-    resolution; an entry at a flagged kink keeps its own width (the slopes' range)."""
+    COLLECTIVE_SMOOTH may hide a kink: the leaf-level test leaves it out, and its resolution
+    is widened by the statistic; an entry at a flagged kink keeps its own width (the slopes'
+    range)."""
     from jgc._src.stages import errormodel as em
 
     n = 4
@@ -66,10 +67,10 @@ def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
     kink = np.array([False, False, True, False])
     ones = np.ones(n)
     model = em.ErrorModel(ones, ones * 0.01, kink, ones, ones, ones, ones * 0.001,
-                          np.ones(n, bool), jump_z=z)
+                          np.ones(n, bool), jump_z=z, jump_stat=z * 0.01)
     c = cp.collective(model, slice(None), ones * 1.001, 0.0)
     assert list(c.where) == [0, 3]
     compared = cp.Compared(model, None, None, ones, 0.0, None, 0.0, ones * 0.03, ones * 0.02,
                            None)
     width = cp._resolving_width(model, slice(None), compared)
-    assert np.isinf(width[1]) and list(width[[0, 2, 3]]) == [0.02, 0.02, 0.02]
+    assert width[1] == pytest.approx(0.06) and list(width[[0, 2, 3]]) == [0.02, 0.02, 0.02]

@@ -90,6 +90,7 @@ class ErrorModel:
     # below NOISE_SIGMAS the entry counts as smooth, but the leaf-level test wants more (see
     # compare.collective).
     jump_z: np.ndarray | None = None
+    jump_stat: np.ndarray | None = None  # the statistic itself, |J(2h) - 2 J(h)|
 
 
 def concat_models(models: list[ErrorModel]) -> ErrorModel:
@@ -161,6 +162,7 @@ def _level(a: Stencil, b: Stencil, coarse_first: bool):
         return dict(value=value, error=a.noise + truncation, smooth=smooth, done=small.done,
                     low=np.min(slopes, axis=0) - widen, high=np.max(slopes, axis=0) + widen,
                     left=left, right=right, side=side, jump=jump, sees=sees, jump_z=jump_z,
+                    jump_stat=np.abs(stat),
                     persistent=_persistent_jump(large, small))
 
 
@@ -263,7 +265,7 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
                       np.where(attempted, pick("left", at_kink), nan),
                       np.where(attempted, pick("right", at_kink), nan),
                       np.where(attempted, pick("side", at_kink), nan), slope_low, slope_high,
-                      s1.noise, coarse["jump_z"])
+                      s1.noise, coarse["jump_z"], coarse["jump_stat"])
 
 
 def _kink_level(levels: list[dict], finest: np.ndarray, kink: np.ndarray) -> np.ndarray:
