@@ -234,8 +234,7 @@ def test_leaf_programs_compile_together_on_worker_threads(monkeypatch, x64):
 
     together, threads = run(True)
     alone, threads_alone = run(False)
-    leaf_kind = "structured" if x64 else "losses_at"
-    on_workers = [name for name, main in threads if name == leaf_kind and not main]
+    on_workers = [name for name, main in threads if name == "structured" and not main]
     assert len(on_workers) == len(ex.params)  # every leaf's program, off the main thread
     assert sorted(threads) != sorted(threads_alone)
     assert sorted(name for name, _ in threads) == sorted(name for name, _ in threads_alone)

@@ -66,9 +66,11 @@ class StructuredEvaluator(DenseEvaluator):
                 if forbidden_promotion(e):  # jgc's own code promoting implicitly: a bug, which
                     raise  # a fallback would hide under the user's strict promotion settings
                 self.failed[k] = f"failed: {first_line(e)}"
-        needed = tuple(sorted({i for p in self.plans.values() if p.use for i in p.needed}))
+        needed = {i for p in self.plans.values() if p.use for i in p.needed}
         if not needed:
             return
+        # The loss itself too: f0 (`at`) then needs no program of its own.
+        needed = tuple(sorted(needed | {o for o in flat.outs if isinstance(o, int)}))
         static = ("structured_base", self.segments, needed)
         program = programs.compiled(
             "structured_base", lambda: _program_base(flat, self.segments, needed), static,
@@ -81,6 +83,16 @@ class StructuredEvaluator(DenseEvaluator):
             why = cancellation(plan, self.bases) if plan.use else None
             if why:
                 self.failed[k] = f"was not used: {why}"
+
+    def at(self):
+        """f0 from the base values' forward pass, which computes the loss anyway (the dense
+        evaluator's `at` would compile a direction program for it)."""
+        if self.flat is None:
+            self._setup()
+        (out,) = self.flat.outs if len(self.flat.outs) == 1 else (None,)
+        if not isinstance(out, int) or out not in self.bases:
+            return super().at()
+        return float(programs.to_host(self.bases[out]))
 
     def leaf_work(self, k: int) -> float:
         """The plan's estimate: the structured work, or the whole function's for a dense leaf."""
