@@ -73,4 +73,7 @@ def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
     compared = cp.Compared(model, None, None, ones, 0.0, None, 0.0, ones * 0.03, ones * 0.02,
                            None)
     width = cp._resolving_width(model, slice(None), compared)
-    assert width[1] == pytest.approx(0.06) and list(width[[0, 2, 3]]) == [0.02, 0.02, 0.02]
+    # Off a kink, the width a value may pass with plus the numerical derivative's own error
+    # bar (0.01): the error a bug needs to be caught for sure; plus the statistic (0.04) on the
+    # borderline entry. At the kink, the width alone.
+    assert list(width) == pytest.approx([0.03, 0.07, 0.02, 0.03])
