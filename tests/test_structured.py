@@ -349,8 +349,8 @@ def test_directions_from_the_base_values_agree_with_dense(name):
 
 
 def test_big_models_take_the_structured_pass_where_it_pays():
-    """The CNN's convolutions and dense layers are structured; the leaves that feed a
-    reduce_max over the fixed axis (the last bias, through log-softmax) are dense, and said."""
+    """The CNN's convolutions and dense layers are structured, and so is the last bias
+    through log-softmax's max over the classes (rules._reduce_extreme)."""
     sp, _, s, _ = _evaluators(zoo.flax_cnn("mnist"), True)
     with enable_x64(True):
         s._setup()
@@ -358,6 +358,7 @@ def test_big_models_take_the_structured_pass_where_it_pays():
     for leaf in ("['Conv_0']['kernel']", "['Conv_1']['kernel']", "['Dense_0']['kernel']"):
         assert paths[leaf].use and paths[leaf].dense >= 5 * paths[leaf].structured, leaf
     assert paths["['Dense_0']['kernel']"].dense >= 1000 * paths["['Dense_0']['kernel']"].structured
+    assert paths["['Dense_1']['bias']"].use, "log-softmax's max: tests/test_structured_loops"
     note = s.strategy_note()
     assert "structured evaluation" in note and "['Dense_0']['kernel']" in note
 
@@ -402,12 +403,20 @@ def test_float32_takes_it_and_names_a_planted_bug_as_dense_does():
         assert r.bad_leaves[0].worst_index == tuple(int(i) for i in j)
 
 
-def test_scan_falls_back_and_says_so():
-    model = zoo.lstm_scan(d=16, h=64, T=4, m=4)
-    r = jgc.check_grad(model.loss, model.params, *model.args, mode="sample", samples=8)
+def test_an_operation_without_a_rule_falls_back_and_says_so():
+    """A cumulative sum (no rule) spreads W0's perturbation, and a wide product after it
+    costs as much as the dense pass; the note names it (scan has a rule: test_structured_loops)."""
+    model = zoo.mlp((784, 32, 10), batch=16, dtype=np.float64)
+    wide = np.random.default_rng(8).normal(size=(32, 4000))
+
+    def loss(p, X, Y):
+        z = jnp.cumsum(X @ p["W0"], axis=1) @ wide
+        return model.loss(p, X, Y) + 1e-6 * jnp.sum(z ** 2)
+
+    r = jgc.check_grad(loss, model.params, *model.args, mode="sample", samples=8)
     assert r.ok
     note = next(n for n in r.notes if "dense evaluation" in n)
-    assert "['Wh']" in note and "scan" in note
+    assert "['W0']" in note and "cumsum" in note
 
 
 def test_second_structured_check_compiles_nothing():

@@ -20,8 +20,11 @@ loss's jaxpr in that form:
   output's base, which is linearity of the primitive in that operand, never jvp or grad, so the
   values stay independent of autodiff; `dot_general` with a fixed contracting axis gathers one
   slice of the other operand (a rank-1 update), and `conv_general_dilated` with a perturbed
-  kernel entry convolves one input channel into one output channel. Anything else is made dense
-  and evaluated under vmap, as the dense evaluator would (`rules._dense`).
+  kernel entry convolves one input channel into one output channel; a max over a fixed axis
+  takes the base's largest (or second largest) value over the other coordinates. `lax.scan`
+  runs once per chunk with a base and a perturbed carry, the body's equations under the same
+  rules (`loops.scan`). Anything else is made dense and evaluated under vmap, as the dense
+  evaluator would (`rules._dense`).
 
 Values agree with the dense evaluator to rounding (they are tested against it on every rule and
 on the benchmark models), and the noise probes go through the same path, so the error model
@@ -29,7 +32,9 @@ measures the noise of what is evaluated. `leafplan.plan_leaf` decides per leaf w
 structured pass is cheaper than the dense one, from the work each rule does per perturbation.
 
 The modules: flatjaxpr.py (flattening, base values, cost), slab.py (the representation),
-rules.py (one rule per primitive), leafplan.py (one leaf's program and plan), evaluator.py (the
+rules.py (one rule per primitive), loops.py (scan, and the rules a loop body needs: a
+contraction of two perturbed operands, split; its `apply` is the one every equation goes
+through), leafplan.py (one leaf's program and plan), evaluator.py (the
 `StructuredEvaluator` that runs them, a `DenseEvaluator` otherwise). This __init__ imports none
 of them.
 """

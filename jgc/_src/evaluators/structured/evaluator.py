@@ -124,8 +124,9 @@ class StructuredEvaluator(DenseEvaluator):
         # slab's values, its change, an operand gathered for it, the rule's output), and every
         # value the pass materialises in full for an operation without a rule (a gather from
         # an embedding table makes the table dense, per perturbation), held twice (the value
-        # and the primitive's output of its size).
-        per_bytes = int((4 * max(plan.structured, 1) + 2 * plan.materialized)
+        # and the primitive's output of its size). A loop's steps run one after the other:
+        # one step's work counts (the stacked outputs are in `materialized`).
+        per_bytes = int((4 * max(plan.structured - plan.repeated, 1) + 2 * plan.materialized)
                         * self.dtype.itemsize)
         return _LeafProgram("structured", lambda traced, st: _program_structured(
             self.flat, plan, self.segments, k, self.dtypes[k]), (bases,), per_bytes, False,

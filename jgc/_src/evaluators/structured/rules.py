@@ -53,6 +53,10 @@ def _widen(x, shape):
         return x if jnp.ndim(x) == 0 else jnp.broadcast_to(x, shape)
     if x.shape == tuple(shape):
         return x
+    if not x.shape:  # a scalar operand (jaxprs allow them beside arrays)
+        c = x.val.shape[0]
+        val = jnp.broadcast_to(jnp.reshape(x.val, (c,) + (1,) * len(shape)), (c, *shape))
+        return Slab(jnp.broadcast_to(x.base, shape), (), None, val)
     x = unfix_unit_axes(x)
     val = jnp.broadcast_to(x.val, (x.val.shape[0], *[shape[a] for a in x.spanned]))
     return Slab(jnp.broadcast_to(x.base, shape), x.fixed, x.idx, val)
@@ -65,9 +69,12 @@ def elementwise(eqn: Eqn, ins, bases) -> list[Slab] | None:
     if not all(_same_plane(s, first) for s in slabs):
         slabs = [unfix_unit_axes(s) for s in slabs]
         first = slabs[0]
-        if not all(_same_plane(s, first) for s in slabs):
-            return None
         ins = [unfix_unit_axes(x) if isinstance(x, Slab) else x for x in ins]
+        if not all(_same_plane(s, first) for s in slabs):  # different hyperplanes (a carry
+            # made dense plus a one-hot's column): every operand in full, as the fallback
+            # would, without counting the operation as one the perturbation spreads at
+            ins = [Slab(x.base, (), None, dense(x)) if isinstance(x, Slab) else x for x in ins]
+            first = next(x for x in ins if isinstance(x, Slab))
     shape = first.val.shape
     args = []
     for x in ins:
@@ -195,6 +202,8 @@ def reduce(eqn: Eqn, ins, bases):
     axes = tuple(eqn.params["axes"])
     if not any(a in s.fixed for a in axes):
         return _reduce_spanned(eqn, s, axes, bases)
+    if eqn.prim.name in ("reduce_max", "reduce_min"):
+        return _reduce_extreme(eqn, unfix_unit_axes(s), axes, bases)
     if eqn.prim.name != "reduce_sum":
         return None
     keep = [a for a in range(len(s.shape)) if a not in axes]
@@ -206,6 +215,59 @@ def reduce(eqn: Eqn, ins, bases):
     val = hyper(bases[0], fixed, idx) + change.astype(eqn.dtypes[0])
     _count(structured=_size(s.val.shape[1:]))
     return [Slab(bases[0], fixed, idx, val)]
+
+
+def _reduce_extreme(eqn: Eqn, s: Slab, axes, bases):
+    """reduce_max/min over fixed axes (log-softmax's max over the classes, with one class
+    perturbed): each perturbation changes one coordinate j of the reduced fixed axes, so the
+    new max is max(v, the base's max over every other coordinate), and the latter is the
+    base's largest value unless j holds it, then its second largest (a tie gives the same
+    value twice). A max is exact: the value equals the dense one bit for bit."""
+    if not any(a in s.fixed for a in axes):
+        return _reduce_spanned(eqn, s, axes, bases)
+    big = eqn.prim.name == "reduce_max"
+    keep = [a for a in range(len(s.shape)) if a not in axes]
+    red_fixed = [a for a in s.fixed if a in axes]
+    red_spanned = tuple(a for a in axes if a not in s.fixed)
+    m = s.base if not red_spanned else eqn.prim.bind(s.base, axes=red_spanned,
+                                                      **_extra(eqn.params))
+    # m over (kept axes, reduced fixed axes) with the reduced fixed axes flattened last
+    left = [a for a in range(len(s.shape)) if a not in red_spanned]
+    moved = jnp.moveaxis(m, [left.index(a) for a in red_fixed],
+                         range(m.ndim - len(red_fixed), m.ndim))
+    moved = jnp.reshape(moved, (*moved.shape[:m.ndim - len(red_fixed)], -1))
+    pick = jnp.argmax if big else jnp.argmin
+    top = pick(moved, axis=-1).astype(jnp.int32)
+    worst = _worst(moved.dtype, big)
+    first = jnp.take_along_axis(moved, top[..., None], axis=-1)[..., 0]
+    coords = jnp.arange(moved.shape[-1], dtype=jnp.int32).reshape((1,) * top.ndim + (-1,))
+    others = jnp.where(coords == top[..., None], worst, moved)
+    second = jnp.max(others, axis=-1) if big else jnp.min(others, axis=-1)
+    fixed = tuple(keep.index(a) for a in s.fixed if a not in axes)
+    idx = s.idx[:, [s.fixed.index(keep[f]) for f in fixed]] if fixed else None
+    first, second, top = (hyper(x, fixed, idx) for x in (first, second, top))
+    j = jnp.zeros(s.idx.shape[0], jnp.int32)
+    for a in red_fixed:  # the perturbed coordinate, row-major over the reduced fixed axes
+        j = j * s.shape[a] + s.column(a)
+    j = j.reshape((-1,) + (1,) * (first.ndim - 1))
+    rest = jnp.where(top == j, second, first)
+    spanned_axes = tuple(1 + s.spanned.index(a) for a in red_spanned)
+    v = eqn.prim.bind(s.val, axes=spanned_axes, **_extra(eqn.params)) if spanned_axes else s.val
+    val = jnp.maximum(rest, v) if big else jnp.minimum(rest, v)
+    _count(structured=_size(s.val.shape[1:]))
+    return [Slab(bases[0], fixed, idx, val)]
+
+
+def _extra(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k != "axes"}
+
+
+def _worst(dtype, big: bool):
+    """The value a max (min) never picks: -inf (+inf), or an integer type's extreme."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(-jnp.inf if big else jnp.inf, dtype)
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(info.min if big else info.max, dtype)
 
 
 def slice_(eqn: Eqn, ins, bases):

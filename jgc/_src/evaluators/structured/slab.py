@@ -47,6 +47,9 @@ class Work:
         self.structured = 0.0
         self.dense = 0.0
         self.materialized = 0.0  # elements made dense per perturbation (`dense`), for memory
+        # Work a loop repeats over its steps (all but one step's), which does not add to what
+        # a perturbation holds at once: the memory estimate leaves it out.
+        self.repeated = 0.0
         self.fallbacks: list[str] = []
 
 
@@ -68,11 +71,12 @@ def counting(work: Work) -> Iterator[Work]:
 
 
 def _count(structured: float = 0.0, fallback: str | None = None,
-           materialized: float = 0.0) -> None:
+           materialized: float = 0.0, repeated: float = 0.0) -> None:
     work = _WORK.get()
     if work is not None:
         work.structured += structured
         work.materialized += materialized
+        work.repeated += repeated
         if fallback:
             work.fallbacks.append(fallback)
 
