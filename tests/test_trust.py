@@ -315,6 +315,23 @@ def test_float32_cnn_one_percent_factor_caught_wherever_resolution_claims_it(eva
         assert leaf in r.bad_leaves or leaf.resolution >= 0.01, (seed, str(r))
 
 
+def test_float32_takes_it_and_names_a_planted_bug_as_dense_does():
+    """float32 (x64=False) takes the structured pass too: a correct gradient passes, and one
+    entry 5% off is named, as the dense path names it."""
+    model = zoo.mlp((784, 32, 10), batch=16, dtype=np.float32)
+    good = jax.tree.map(np.array, jax.grad(model.loss)(model.params, *model.args))
+    r = jgc.check_grad(model.loss, model.params, *model.args, grad=good, x64=False, mode="full")
+    assert r.ok and any("structured evaluation" in n for n in r.notes), str(r)
+    bad = jax.tree.map(np.copy, good)
+    j = np.unravel_index(int(np.argmax(np.abs(bad["W0"]))), bad["W0"].shape)
+    bad["W0"][j] *= 1.05
+    for evaluator in ("auto", "dense"):
+        r = jgc.check_grad(model.loss, model.params, *model.args, grad=bad, x64=False,
+                           mode="full", evaluator=evaluator)
+        assert [b.path for b in r.bad_leaves] == ["['W0']"], str(r)
+        assert r.bad_leaves[0].worst_index == tuple(int(i) for i in j)
+
+
 def test_float32_smooth_networks_give_no_false_alarm():
     """Random one- and two-layer smooth networks checked at float32 with grad=None: the
     leaf-level test once flagged 14 of 420 correct ones (3.3%)."""
