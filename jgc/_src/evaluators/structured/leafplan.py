@@ -181,4 +181,7 @@ def _factor(low: float, high: float) -> str:
         return "an unbounded factor (a while loop runs once per check, not per perturbation)"
     if not np.isfinite(high):
         return f"{low:.0f}x to an unbounded factor (a while loop runs once per check)"
-    return f"{low:.0f}x" if round(low) == round(high) else f"{low:.0f}x to {high:.0f}x"
+    def x(v: float) -> str:  # a factor below 10 with one decimal: a loop's 1.3x is not 1x
+        return f"{v:.1f}x" if v < 10 else f"{v:.0f}x"
+
+    return x(low) if x(low) == x(high) else f"{x(low)} to {x(high)}"
