@@ -55,11 +55,11 @@ def test_resolution_counts_each_entry_at_most_its_capped_term():
     assert em.resolution(np.array([100.0]), np.array([0.1]), 50.0) == math.inf
 
 
-def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
+def test_resolution_widens_entries_with_a_borderline_jump():
     """An entry taken as smooth (jump statistic below NOISE_SIGMAS) whose statistic exceeds
-    COLLECTIVE_SMOOTH may hide a kink: the leaf-level test leaves it out, and its resolution
-    is widened by the statistic; an entry at a flagged kink keeps its own width (the slopes'
-    range)."""
+    COLLECTIVE_SMOOTH may hide a kink: its resolution is widened by the statistic, and the
+    leaf-level test keeps it (only flagged kinks leave); an entry at a flagged kink keeps its
+    own width (the slopes' range)."""
     from jgc._src.stages import errormodel as em
 
     n = 4
@@ -69,7 +69,7 @@ def test_leaf_test_and_resolution_leave_out_entries_with_a_borderline_jump():
     model = em.ErrorModel(ones, ones * 0.01, kink, ones, ones, ones, ones * 0.001,
                           np.ones(n, bool), jump_z=z, jump_stat=z * 0.01)
     c = cp.collective(model, slice(None), ones * 1.001, 0.0)
-    assert list(c.where) == [0, 3]
+    assert list(c.where) == [0, 1, 3]
     compared = cp.Compared(model, None, None, ones, 0.0, None, 0.0, ones * 0.03, ones * 0.02,
                            None)
     width = cp._resolving_width(model, slice(None), compared)
