@@ -258,7 +258,7 @@ def main() -> None:
         def med(code, reps=reps, model=model, **kw):
             return median_of(reps, code, model=model, **kw)
 
-        opts = dict(wrong="", x64=True, evaluator="auto", **OPTIONS.get(name, {}))
+        opts = {"wrong": "", "x64": True, "evaluator": "auto", **OPTIONS.get(name, {})}
         j = med(JGC, **opts)
         if name in JGC_ONLY:
             slow = fast = loop = cg = None

@@ -379,13 +379,17 @@ class DenseEvaluator(Evaluator):
         bar = self.progress.start(m) if self.progress is not None else None
         if deadline is not None:
             deadline.next_program(deadline.current)
-        for s in range(0, m + pad, chunk):
-            rows = (*extra, *self._rows(padded, s, chunk, devices, per_device))
-            if program is None:
-                program = self._compile(kind, build, static, rows, deadline)
-            started = time.perf_counter()
-            values = programs.to_host(self._run(program, rows))
-            seconds = time.perf_counter() - started
+        # One call in flight while the next chunk's rows are made and dispatched: JAX runs a
+        # call asynchronously, and waiting for each before preparing the next left the device
+        # idle for the Python in between (W2: 392 chunks of 256, about a fifth of the check).
+        # The first chunk runs alone, so that `first` times it by itself.
+        pending = None
+        started = time.perf_counter()
+
+        def finish(call, s):
+            nonlocal started
+            values = programs.to_host(call)
+            seconds, started = time.perf_counter() - started, time.perf_counter()
             if first is not None and s == 0:
                 first(seconds, chunk)
             out.append(values.reshape(chunk, -1) if self.vector else values.ravel())
@@ -393,6 +397,21 @@ class DenseEvaluator(Evaluator):
                 deadline.observe(min(chunk, m - s), chunk, seconds)
             if bar is not None:
                 bar.update(min(chunk, m - s))
+
+        for s in range(0, m + pad, chunk):
+            rows = (*extra, *self._rows(padded, s, chunk, devices, per_device))
+            if program is None:
+                program = self._compile(kind, build, static, rows, deadline)
+                started = time.perf_counter()
+            call = self._run(program, rows)
+            if pending is not None:
+                finish(*pending)
+            pending = (call, s)
+            if s == 0:
+                finish(*pending)
+                pending = None
+        if pending is not None:
+            finish(*pending)
         if bar is not None:
             bar.close()
         return np.concatenate(out)[:m].astype(np.float64)
