@@ -57,7 +57,7 @@ def test_resolution_counts_each_entry_at_most_its_capped_term():
 
 def test_resolution_widens_entries_with_a_borderline_jump():
     """An entry taken as smooth (jump statistic below NOISE_SIGMAS) whose statistic exceeds
-    COLLECTIVE_SMOOTH may hide a kink: its resolution is widened by the statistic, and the
+    BORDERLINE_JUMP may hide a kink: its resolution is widened by the statistic, and the
     leaf-level test keeps it (only flagged kinks leave); an entry at a flagged kink keeps its
     own width (the slopes' range)."""
     from jgc._src.stages import errormodel as em

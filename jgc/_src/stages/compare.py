@@ -119,7 +119,7 @@ def compared(model: em.ErrorModel, cmp: em.Comparison, cmp_ad: em.Comparison | N
 # widened by the statistic (`_resolving_width`). It stays in the leaf-level test: an excess it
 # makes there is no finding without a pattern that explains it, and leaving out every such
 # entry cost that test the largest entries of a float32 conv kernel, and a 1% factor it caught.
-COLLECTIVE_SMOOTH = 3.0
+BORDERLINE_JUMP = 3.0
 
 
 def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
@@ -203,7 +203,7 @@ def _resolving_width(m: em.ErrorModel, sl: slice, c: Compared) -> np.ndarray:
     factor passed at each.) At a kink the width is half the one-sided slopes' range, which
     holds the derivatives already.
 
-    An entry taken as smooth whose jump statistic exceeds COLLECTIVE_SMOOTH is widened by the
+    An entry taken as smooth whose jump statistic exceeds BORDERLINE_JUMP is widened by the
     statistic too: a kink the kink test did not see may bias its D(h) by about that much (a
     float32 conv kernel entry with a statistic of 1.0e-3 was 0.86e-3 off, 0.67% of its value,
     against an error bar of 0.23%). Noise alone puts a statistic beyond 3 standard deviations
@@ -214,7 +214,7 @@ def _resolving_width(m: em.ErrorModel, sl: slice, c: Compared) -> np.ndarray:
     if m.jump_z is None or m.jump_stat is None:
         return width
     with np.errstate(invalid="ignore"):
-        doubt = ~kink & (m.jump_z[sl] > COLLECTIVE_SMOOTH)
+        doubt = ~kink & (m.jump_z[sl] > BORDERLINE_JUMP)
         return np.where(doubt, width + m.jump_stat[sl], width)
 
 
