@@ -188,10 +188,12 @@ def diagnosis(leaves: list[LeafReport], agrees: dict[str, bool | None], *, sourc
             f"Taken together, the residuals of {_paths(rough)} exceed the loss's noise, but in "
             "no systematic pattern (no constant factor, no term proportional to the "
             "parameters): most likely the steps crossed kinks (relu units switching within "
-            "h), which biases finite differences at random, or jax.grad shows the same "
-            "excess. It is not counted as a gradient bug; every entry passed against its own "
-            "error bar, and the resolution is what single entries give (x64=True tells for "
-            "sure).")
+            "h), which biases finite differences, each entry its own way and the whole leaf "
+            "by about as much as the step, or jax.grad shows the same excess. It is not "
+            "counted as a gradient bug: every entry passed against its own error bar, and a "
+            "factor or term of the whole leaf would have to stand out of that scatter and "
+            "stay when the bias that grows with the step is removed; the resolution says how "
+            "large it must be to do so (x64=True tells for sure).")
     unresolved = [leaf for leaf in leaves if leaf.status == Status.UNRESOLVED]
     if unresolved:
         lines += _unresolved_lines(unresolved, source, noun, autodiff, words.checking_autodiff,

@@ -53,7 +53,7 @@ class LeafReport:
       n_nonfinite: checked entries that are NaN or Inf (always mismatches).
       unexplained_excess: the leaf-level test (reduced precision) found residuals beyond noise
         that no systematic pattern explains: kinks crossed by the steps, not a gradient bug;
-        its resolution is then only what single entries give.
+        its resolution then says how large a factor must be to stand out of that scatter.
       direction_kinks: random directions (mode "directional") along which the loss has kinks
         that the finest step could not clear; the checked value lay between the one-sided
         slopes there.

@@ -139,8 +139,9 @@ def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
     rounding = np.broadcast_to(g_round, g.shape)[keep]
     g = g[keep]
     sd = np.sqrt(model.reference_sd[sl][keep] ** 2 + (rounding / dq.NOISE_SIGMAS) ** 2)
+    debiased = None if model.debiased is None else model.debiased[sl][keep]
     return Collective(ref, sd, em.chi2(g - ref, sd), em.chi2_threshold(int(keep.sum())),
-                      np.flatnonzero(keep), floor)
+                      np.flatnonzero(keep), floor, debiased)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,7 +85,7 @@ def leaf_report(x: LeafData, full: bool) -> LeafReport:
     as_whole = fit[0] is not None or (n_mis == 0 and _excess_beyond_autodiff(x))
     unexplained = n_mis == 0 and not as_whole and x.collective is not None \
         and x.collective.significant and not x.collective.below_floor(x.checked, x.theta)
-    resolution = math.inf if n_rough else _resolution(x, leaf_level=not unexplained)
+    resolution = math.inf if n_rough else _resolution(x)
     zero = x.zero_bound is not None and not n_rough and _verified_zero(x)
     if n_mis or as_whole:
         status = Status.MISMATCH
@@ -230,12 +230,12 @@ def _complex_rows(x: LeafData, order) -> tuple:
     return tuple(rows)
 
 
-def _resolution(x: LeafData, leaf_level: bool = True) -> float:
+def _resolution(x: LeafData) -> float:
     """The smallest relative error of the whole leaf the check would detect: the better of the
-    leaf-level test in reduced precision (where it has entries, and unless its excess showed it
-    cannot be trusted here) and the best-resolved single entry (its error bar, or at a kink the
-    half-width of the one-sided slopes' range, or a finer stencil's wider error bar that can
-    pass it, relative to the numerical derivative)."""
+    leaf-level test in reduced precision (where it has entries; against the scatter its
+    residuals show beyond noise, `Collective.scatter`) and the best-resolved single entry (its
+    error bar, or at a kink the half-width of the one-sided slopes' range, or a finer stencil's
+    wider error bar that can pass it, relative to the numerical derivative)."""
     finite = np.isfinite(x.checked)
     if not finite.any():
         return 0.0  # every entry is non-finite: a mismatch whatever the resolution
@@ -243,8 +243,8 @@ def _resolution(x: LeafData, leaf_level: bool = True) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = width[finite] / np.abs(x.numerical[finite])
     single = float(np.nanmin(ratio)) if np.isfinite(ratio).any() else math.inf
-    if x.collective is not None and leaf_level and len(x.collective.where):
-        return min(single, x.collective.resolution())
+    if x.collective is not None and len(x.collective.where):
+        return min(single, x.collective.resolution(x.checked, x.theta))
     return single
 
 

@@ -91,6 +91,11 @@ class ErrorModel:
     # resolution is widened (compare._resolving_width).
     jump_z: np.ndarray | None = None
     jump_stat: np.ndarray | None = None  # the statistic itself, |J(2h) - 2 J(h)|
+    # 2 D(h) - D(2h): the difference quotient with a bias linear in the step removed (NaN
+    # where 2h was skipped). Kinks crossed by the steps bias D(s) by about that: each kink at
+    # distance t < s adds its jump times (s - t) / 2s, and with kinks spread evenly over the
+    # step the sum grows like s (patterns.Collective uses it to tell such a bias from a bug).
+    debiased: np.ndarray | None = None
 
 
 def concat_models(models: list[ErrorModel]) -> ErrorModel:
@@ -265,7 +270,8 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
                       np.where(attempted, pick("left", at_kink), nan),
                       np.where(attempted, pick("right", at_kink), nan),
                       np.where(attempted, pick("side", at_kink), nan), slope_low, slope_high,
-                      s1.noise, coarse["jump_z"], coarse["jump_stat"])
+                      s1.noise, coarse["jump_z"], coarse["jump_stat"],
+                      np.where(s2.done, 2 * s1.central - s2.central, np.nan))
 
 
 def _kink_level(levels: list[dict], finest: np.ndarray, kink: np.ndarray) -> np.ndarray:
