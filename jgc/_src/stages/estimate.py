@@ -32,6 +32,7 @@ from jgc._src.stages.errormodel import (
     _level,
     compare,
     error_model,
+    second_opinion,
     suspects,
     tolerance,
 )
@@ -131,7 +132,12 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
         tie = checked_is_autodiff or (autodiff is not None and _tie_convention(
             checked, autodiff, model, tolerance(model.error + checked_error, model.value,
                                                 schedule.rtol, schedule.atol)))
-        cmp = compare(checked, model, schedule.rtol, schedule.atol, checked_error, tie=tie)
+        supported = True
+        if autodiff is not None and not checked_is_autodiff:
+            supported = second_opinion(checked, autodiff, model, checked_error, autodiff_error,
+                                       schedule.rtol, schedule.atol)
+        cmp = compare(checked, model, schedule.rtol, schedule.atol, checked_error, tie=tie,
+                      supported=supported)
         return Derivative(d, model, cmp, cmp_ad)
 
     d = fill(d, 0, everywhere)
