@@ -20,7 +20,7 @@ import numpy as np
 from jgc._src.report.report import LeafReport
 from jgc._src.report.vocab import Pattern, Status, Verdict
 from jgc._src.stages.differences import KINK, MISMATCH, ROUGH, TIE, TOL_FACTOR
-from jgc._src.stages.errormodel import Comparison
+from jgc._src.stages.errormodel import Comparison, apart
 from jgc._src.stages.patterns import Collective, find_pattern
 from jgc._src.stages.split import LeafSpec
 
@@ -233,7 +233,7 @@ def _complex_rows(x: LeafData, order) -> tuple:
 def _resolution(x: LeafData) -> float:
     """The smallest relative error of the whole leaf the check would detect: the better of the
     leaf-level test in reduced precision (where it has entries; against the scatter its
-    residuals show beyond noise, `Collective.scatter`) and the best-resolved single entry (its
+    residuals show beyond noise, `Collective.resolution`) and the best-resolved single entry (its
     error bar, or at a kink the half-width of the one-sided slopes' range, or a finer stencil's
     wider error bar that can pass it, relative to the numerical derivative)."""
     finite = np.isfinite(x.checked)
@@ -301,9 +301,8 @@ def _autodiff_disagrees(x: LeafData, beyond_ties: bool = False, where=None) -> b
     derivative)."""
     if x.autodiff is None:
         return False
+    differ = apart(x.checked, x.autodiff, x.pair_rounding)
     with np.errstate(invalid="ignore"):
-        differ = ~(np.abs(x.checked - x.autodiff)
-                   <= TOL_FACTOR * np.broadcast_to(x.pair_rounding, x.checked.shape))
         if beyond_ties and x.slopes is not None:
             low, high = x.slopes
             within = lambda v: (v >= low) & (v <= high)  # noqa: E731

@@ -517,9 +517,16 @@ def second_opinion(checked: np.ndarray, autodiff: np.ndarray, m: ErrorModel, che
     with np.errstate(invalid="ignore"):
         ad_passes = np.abs(autodiff - m.value) <= tolerance(m.error + autodiff_error, m.value,
                                                             rtol, atol)
-        differ = ~(np.abs(checked - autodiff)
-                   <= TOL_FACTOR * (np.asarray(checked_error) + np.asarray(autodiff_error)))
+    differ = apart(checked, autodiff, np.asarray(checked_error) + np.asarray(autodiff_error))
     return ~(ad_passes & differ & np.isfinite(autodiff))
+
+
+def apart(a: np.ndarray, b: np.ndarray, rounding) -> np.ndarray:
+    """Per entry, whether two computed gradients differ beyond their rounding bounds added
+    (`rounding`, with TOL_FACTOR's room): computed, not measured, so finite differences' error
+    bars do not enter. NaN on either side counts as apart."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(a - b) <= TOL_FACTOR * np.broadcast_to(rounding, np.shape(a)))
 
 
 # -- many small errors: the leaf-level test --------------------------------------------------
