@@ -43,16 +43,16 @@ def test_only_the_planned_entries_are_compared():
 def test_resolution_counts_each_entry_at_most_its_capped_term():
     """The leaf-level statistic caps each entry's term at NOISE_SIGMAS**2, so one large entry
     cannot resolve alone what its cap denies it: the resolution comes from the others."""
-    from jgc._src.stages import errormodel as em
+    from jgc._src.stages import patterns as pt
 
     sd = np.full(4, 0.1)
     even = np.ones(4)  # no entry reaches the cap: e**2 sum((v / sd)**2) = room
-    assert em.resolution(even, sd, 50.0) == pytest.approx(math.sqrt(46 / 400))
+    assert pt.resolution(even, sd, 50.0) == pytest.approx(math.sqrt(46 / 400))
     # One entry 100x larger: it gives at most 36, the other three must give the rest (10).
     lopsided = np.array([100.0, 1.0, 1.0, 1.0])
-    assert em.resolution(lopsided, sd, 50.0) == pytest.approx(math.sqrt(10 / 300))
+    assert pt.resolution(lopsided, sd, 50.0) == pytest.approx(math.sqrt(10 / 300))
     # Where every entry at its cap cannot reach the threshold, nothing is resolved.
-    assert em.resolution(np.array([100.0]), np.array([0.1]), 50.0) == math.inf
+    assert pt.resolution(np.array([100.0]), np.array([0.1]), 50.0) == math.inf
 
 
 def test_resolution_widens_entries_with_a_borderline_jump():

@@ -11,7 +11,7 @@ from jgc._src.stages import estimate as es
 U64 = float(np.finfo(np.float64).eps)
 
 
-def derivative_of(f, x, checked, h=None, **schedule):
+def derivative_of(f, x, checked, h=None, groups=None, sigma=None, **schedule):
     """The stencil schedule on a scalar function f at the points x (one probe each), with
     exact steps: what check_grad does for one entry per probe."""
     x = np.asarray(x, np.float64)
@@ -22,9 +22,9 @@ def derivative_of(f, x, checked, h=None, **schedule):
         hp, hm = (x[where] + step) - x[where], x[where] - (x[where] - step)
         return es.Sides(f(x[where] + hp), f(x[where] - hm), hp, hm, f0=f(x[where]))
 
-    d = dq.differences(0.0, len(x), None, U64, True, f_scale=float(np.max(np.abs(f(x)))))
+    d = dq.differences(0.0, len(x), sigma, U64, True, f_scale=float(np.max(np.abs(f(x)))))
     return es.derivative(evaluate, d, np.asarray(checked, np.float64), 0.0,
-                         schedule=es.Schedule(**schedule))
+                         schedule=es.Schedule(**schedule), groups=groups)
 
 
 def test_error_bar_contains_the_true_derivative_and_is_tight_on_a_smooth_function():
@@ -89,3 +89,37 @@ def test_richardson_values_are_more_accurate_than_central_on_a_curved_function()
     central = es.values(evaluate, dq.differences(0.0, 1, None, U64, True))
     rich = es.values(evaluate, dq.differences(0.0, 1, None, U64, True), Method.RICHARDSON)
     assert abs(rich[0] - exact) < abs(central[0] - exact) / 100
+
+
+def _kinks_the_statistic_misses(x, h):
+    """x plus three relu kinks placed so that neither the jump statistic nor the truncation
+    estimate sees them at the coarse stencils h and 2h: one at e h right of 0 (jump 1), one at
+    1.5h (jump 2 - 4e) and one at -1.5h (jump 2 - 2e), e = 1/1024 (every number exact in
+    binary). Then D(h) = D(2h) = 1.5 - e/2 while f'(0) = 1, and J(2h) = 2 J(h): it reads as
+    smooth curvature. The derivative still lies between the one-sided slopes at h (1 and
+    2 - e) and at 2h, as it does wherever the slope jumps share a sign."""
+    e = 1 / 1024
+    return (x + np.maximum(x - e * h, 0.0) + (2 - 4 * e) * np.maximum(x - 1.5 * h, 0.0)
+            + (2 - 2 * e) * np.maximum(-x - 1.5 * h, 0.0))
+
+
+def test_kinks_crossed_unseen_excuse_a_value_between_every_stencils_slopes_where_kinks_are_seen():
+    """Where the steps are known to cross kinks (errormodel.crossing: a kink seen in the same
+    group), a value the central differences refute but that lies between the one-sided slopes
+    of every stencil the estimate rests on is accepted as at a kink: kinks crossed unseen bias
+    every central difference by up to half that range, and the derivative lies in it. Without
+    that evidence, or outside the slopes, it stays a mismatch."""
+    h = 2.0 ** -10
+    f = lambda x: np.where(x < 0.5, _kinks_the_statistic_misses(x, h),  # noqa: E731
+                           np.abs(x - 1.0))
+    x = np.array([0.0, 0.0, 0.0, 1.0])  # three probes of the kinky side, one at |x - 1|'s kink
+    checked = np.array([1.0, 1.0, 0.9, 0.2])  # the derivative, twice; one below the slopes
+    # The coarse stencils only (refinement would clear the first kink, which sits within h/4).
+    seen = derivative_of(f, x, checked, h=h, groups=np.array([0, 1, 0, 0]), refine=False)
+    assert seen.model.kink[3] and not seen.model.kink[:3].any()
+    assert seen.model.value[0] == pytest.approx(1.5, abs=1e-3)  # refutes 1 and 0.9 alike
+    assert seen.cmp.status[0] == Entry.KINK  # its group has a kink: the slopes excuse it
+    assert seen.cmp.status[1] == Entry.MISMATCH  # its own group has none: no excuse
+    assert seen.cmp.status[2] == Entry.MISMATCH  # below the slopes: not the derivative
+    assert seen.model.spread_low[0] <= 1.0 <= seen.model.spread_high[0]
+    assert np.isnan(seen.model.spread_low[1])

@@ -456,3 +456,74 @@ def test_float32_a_finer_stencil_does_not_excuse_what_jax_grad_and_the_coarse_on
     assert r.verdict == "wrong_gradient", str(r)
     assert [b.path for b in r.bad_leaves] == ["['Dense_0']['kernel']"], str(r)
     assert r.bad_leaves[0].worst_index == tuple(int(i) for i in j)
+
+
+def _relu_lstm(seed: int, relu=None):
+    """fundl's LSTM (relu gates, x * (x > 0), as its activations module has them) in
+    lax.scan, hidden 32, input 16, ten steps, four sequences, a linear read-out and MSE;
+    weights N(0, 0.3^2), where the recurrence amplifies: the loss varies on scales far below
+    float32's step. `relu`: the input gate's activation (a custom_jvp to plant a wrong
+    rule)."""
+    hidden, inputs, steps, batch = 32, 16, 10, 4
+    plain = lambda z: z * (z > 0).astype(z.dtype)  # noqa: E731
+    gate = plain if relu is None else relu
+
+    def step(p, carry, x):
+        h, c = carry
+        z = jnp.concatenate([h, x])
+        i, f, o = gate(p["W_i"] @ z + p["b_i"]), plain(p["W_f"] @ z + p["b_f"]), \
+            plain(p["W_o"] @ z + p["b_o"])
+        c = (f + i) * jnp.tanh(p["W_c"] @ z + p["b_c"])
+        return (o * jnp.tanh(c), c), None
+
+    def loss(p, xs, ys):
+        def one(x):
+            (h, _), _ = jax.lax.scan(lambda cr, xt: step(p, cr, xt),
+                                     (jnp.zeros(hidden), jnp.zeros(hidden)), x)
+            return h @ p["w_out"]
+        return jnp.mean((jax.vmap(one)(xs) - ys) ** 2)
+
+    rng = np.random.default_rng(seed)
+    p = {f"W_{g}": (0.3 * rng.normal(size=(hidden, hidden + inputs))).astype(np.float32)
+         for g in "icfo"}
+    p.update({f"b_{g}": (0.1 * rng.normal(size=hidden)).astype(np.float32) for g in "icfo"})
+    p["w_out"] = (rng.normal(size=hidden) / np.sqrt(hidden)).astype(np.float32)
+    xs = rng.normal(size=(batch, steps, inputs)).astype(np.float32)
+    return loss, p, (xs, rng.normal(size=batch).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed, mode", [(0, "full"), (5, "full"), (5, "sample")])
+def test_float32_relu_lstm_kinks_crossed_unseen_are_not_blamed_on_jax_grad(seed, mode):
+    """A recurrent relu network in float32: its gates switch within the step at every entry,
+    and the kink test sees most of it (hundreds of kink entries per weight) but not all. The
+    rest once read as jax.grad being wrong: entries 12 to 100% off it (seed 0; float64 confirms
+    jax.grad to 0.04%), and a whole weight "0.965x too small" (seed 5: D(h) 3.5% above the
+    derivative at every step down to h/60). Such entries are now unresolved at worst (the
+    check is not ok, and x64=True decides), never a named bug."""
+    loss, params, args = _relu_lstm(seed)
+    r = jgc.check_grad(loss, params, *args, x64=False, mode=mode)
+    assert r.verdict in ("ok", "unresolved"), str(r)
+    assert not r.bad_leaves, str(r)
+    for leaf in r.unresolved_leaves:
+        assert leaf.limited_by == "kinks" and leaf.n_rough >= 1, str(r)
+
+
+def test_float32_relu_lstm_wrong_rule_is_still_named():
+    """The same network, with the input gate's custom_jvp relu given slope 2: jax.grad is
+    43 to 185% off per weight, and hundreds of entries mismatch in each, far more than the
+    kinks crossed unseen can make (a fifth of the entries seen at kinks). The weights are
+    named."""
+    @jax.custom_jvp
+    def relu(z):
+        return z * (z > 0).astype(z.dtype)
+
+    @relu.defjvp
+    def _(primals, tangents):
+        (z,), (t,) = primals, tangents
+        return relu(z), 2.0 * t * (z > 0).astype(t.dtype)  # the planted bug: relu'(z) = 2
+
+    loss, params, args = _relu_lstm(0, relu)
+    r = jgc.check_grad(loss, params, *args, x64=False, mode="full")
+    assert r.verdict == "wrong_gradient", str(r)
+    named = {b.path for b in r.bad_leaves}
+    assert {"['W_c']", "['W_f']", "['W_i']", "['W_o']"} <= named, str(r)

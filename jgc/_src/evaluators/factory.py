@@ -62,7 +62,7 @@ def make_evaluator(fn: Callable, sp: Split, theta: np.ndarray, dtypes, args: tup
     # the structured values differ from the dense ones by rounding only, and that rounding is
     # measured like the dense path's, since the noise probes go through the same pass. What
     # once made a 1% bug pass there was the leaf-level test (compare.collective,
-    # errormodel.resolution), not the structured pass, and it misled the dense path alike.
+    # patterns.resolution), not the structured pass, and it misled the dense path alike.
     if (not vector and sp.n >= STRUCTURED_MIN and structured
             and all(np.dtype(d) in (np.float32, np.float64) for d in dtypes)):
         kind = StructuredEvaluator

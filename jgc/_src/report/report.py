@@ -65,10 +65,14 @@ class LeafReport:
       zero: the gradient is zero, verified in absolute terms: zero to rounding on the scale of
         the whole gradient, and finite differences consistent with zero (a parameter the loss
         does not depend on). Its resolution is then None: a zero has no relative error.
+      n_rough: entries finite differences could not judge (the loss is not smooth at the
+        step's scale there, or kinks the steps crossed unseen may explain the disagreement):
+        not verified, and the leaf is unresolved.
       limited_by: for an unresolved leaf, what limits finite differences there: "rounding" (the
         loss's rounding noise is as large as the change a step makes) or "truncation" (the loss
         varies on a scale finer than the step: an oscillation, or a forward accurate to only a
-        few digits).
+        few digits) or "kinks" (a few entries disagree, no more than the entries found at kinks:
+        kinks the steps crossed unseen may explain them, and x64=True decides).
       own_dtype, own_n_bad, own_n_nonfinite, own_worst, own_autodiff_too: when x64 promoted the
         model's float32 (or half, or complex64) inputs, the checked gradient was also evaluated
         at that precision, the one the model runs in. Where it is non-finite or off by more than
@@ -90,6 +94,7 @@ class LeafReport:
     checked: float | complex | None = None
     autodiff: float | complex | None = None
     n_mismatch: int = 0
+    n_rough: int = 0
     n_kink: int = 0
     pattern: str | None = None
     factor: float | None = None

@@ -20,7 +20,7 @@ from jgc._src.stages import diagnose as dg
 from jgc._src.stages import differences as dq
 from jgc._src.stages import errormodel as em
 from jgc._src.stages import plan as pl
-from jgc._src.stages.patterns import Collective
+from jgc._src.stages.patterns import Collective, chi2, chi2_threshold
 from jgc._src.stages.split import LeafSpec, Split
 
 
@@ -110,20 +110,11 @@ def compared(model: em.ErrorModel, cmp: em.Comparison, cmp_ad: em.Comparison | N
     return Compared(model, cmp, cmp_ad, g, g_round, g_ad, ad_round, tol, accept, agree)
 
 
-# An entry taken as smooth whose jump statistic (errormodel._jump_statistic) lies beyond this
-# many standard deviations may hide a kink. The kink test needs NOISE_SIGMAS (6) so that noise
-# is never called a kink, but a kink whose statistic falls between 3 and 6 passes it unseen and
-# biases D(h) by about its statistic: on a float32 conv kernel, a statistic of 5.95 standard
-# deviations came with D(h) 0.67% off, three of its error bars, and that entry alone claimed a
-# resolution of 0.7% while a 1% factor passed there. Such an entry claims its resolution only
-# widened by the statistic (`_resolving_width`). It stays in the leaf-level test: an excess it
-# makes there is no finding without a pattern that explains it, and leaving out every such
-# entry cost that test the largest entries of a float32 conv kernel, and a 1% factor it caught.
-BORDERLINE_JUMP = 3.0
+BORDERLINE_JUMP = dq.BORDERLINE_JUMP
 
 
 def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
-               floor: float = 0.0) -> Collective:
+               floor: float = 0.0, kinks: int = 0) -> Collective:
     """The leaf-level test: are the leaf's residuals, taken together, larger than noise?
 
     Against the Richardson reference (truncation O(h**4), negligible for a smooth loss), each
@@ -140,8 +131,9 @@ def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
     g = g[keep]
     sd = np.sqrt(model.reference_sd[sl][keep] ** 2 + (rounding / dq.NOISE_SIGMAS) ** 2)
     debiased = None if model.debiased is None else model.debiased[sl][keep]
-    return Collective(ref, sd, em.chi2(g - ref, sd), em.chi2_threshold(int(keep.sum())),
-                      np.flatnonzero(keep), floor, debiased)
+    crossed = model.crossed is not None and bool(model.crossed[sl].any())
+    return Collective(ref, sd, chi2(g - ref, sd), chi2_threshold(int(keep.sum())),
+                      np.flatnonzero(keep), floor, debiased, crossed, kinks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,19 +172,34 @@ def leaf_data(spec: LeafSpec, entries: np.ndarray, theta: np.ndarray, c: Compare
     """One leaf's numbers: `c` already cut to the leaf (model cut by `model_slice`)."""
     sl = model_slice if model_slice is not None else slice(None)
     m = c.model
+    kinks = kinks_found(m, sl, c.cmp)
     return dg.LeafData(
         spec, entries, theta, m.value[sl], c.tol, c.g, c.cmp, c.g_ad, c.cmp_ad, c.agree,
         kink=m.kink[sl],
-        collective=(collective(m, sl, c.g, c.g_round, bounds.pattern_floor)
+        collective=(collective(m, sl, c.g, c.g_round, bounds.pattern_floor, kinks)
                     if bounds.leaf_test else None),
-        autodiff_collective=(collective(m, sl, c.g_ad, c.ad_round, bounds.pattern_floor)
+        autodiff_collective=(collective(m, sl, c.g_ad, c.ad_round, bounds.pattern_floor,
+                                        kinks)
                              if bounds.leaf_test and c.g_ad is not None else None),
         zero_bound=bounds.zero, autodiff_zero_bound=bounds.autodiff_zero,
         loss_rounding=bounds.loss_rounding,
         slopes=(None if m.slope_low is None else (m.slope_low[sl], m.slope_high[sl])),
         rounding=None if m.rounding is None else m.rounding[sl],
         pair_rounding=(c.g_round + c.ad_round) if c.g_ad is not None else 0.0,
+        kinks_found=kinks,
         accept_width=_resolving_width(m, sl, c))
+
+
+def kinks_found(m: em.ErrorModel, sl: slice, cmp: em.Comparison) -> int:
+    """How many of a leaf's entries its steps were seen to cross kinks at: entries at a kink
+    or tie (whether or not a gradient needed the kink's range to pass), and entries whose
+    estimate left the coarse stencils (a finer level showed them biased: the kink sat between
+    h/4 and 2h), mismatches aside (a bug does not vouch for itself). Some more cross kinks
+    unseen (diagnose._unseen_kinks, patterns.Collective._shown_widely)."""
+    at_kink = np.isin(cmp.status, (dq.KINK, dq.TIE)) | m.kink[sl]
+    left = (np.zeros(len(at_kink), bool) if m.coarse is None
+            else ~m.coarse[sl] & ~m.kink[sl] & (cmp.status != dq.MISMATCH))
+    return int(np.sum(at_kink | left))
 
 
 def _resolving_width(m: em.ErrorModel, sl: slice, c: Compared) -> np.ndarray:

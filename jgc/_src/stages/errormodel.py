@@ -23,8 +23,7 @@ exceeds TOL_FACTOR times its rounding error is therefore not smooth within the s
 checked value is accepted ("kink") when it lies between the one-sided derivatives, estimated by
 extrapolating the one-sided slopes at h and 2h to h -> 0, widened by their rounding error.
 
-Many small errors: the leaf-level test (`chi2`, `resolution`) asks whether a whole leaf's
-residuals are more than its entries' noise allows, where no single entry is.
+Many small errors are the leaf-level test's (patterns.py).
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ import numpy as np
 
 from jgc._src.report.vocab import Method
 from jgc._src.stages.differences import (
+    BORDERLINE_JUMP,
     KAPPA,
     KINK,
     LEVELS,
@@ -96,6 +96,14 @@ class ErrorModel:
     # distance t < s adds its jump times (s - t) / 2s, and with kinks spread evenly over the
     # step the sum grows like s (patterns.Collective uses it to tell such a bias from a bug).
     debiased: np.ndarray | None = None
+    # The one-sided slopes' range at every stencil evaluated, intersected (`_spread`): where
+    # each stencil's slopes F(s) and B(s), widened by their noise, all contain a value, kinks
+    # crossed unseen could explain its distance from the central differences. NaN where the
+    # steps are not known to cross kinks (`crossing`, applied by estimate.derivative).
+    spread_low: np.ndarray | None = None
+    spread_high: np.ndarray | None = None
+    # bool: the probe's steps are known to cross kinks (`crossing`; None: not judged).
+    crossed: np.ndarray | None = None
 
 
 def concat_models(models: list[ErrorModel]) -> ErrorModel:
@@ -271,7 +279,35 @@ def error_model(d: Differences, method: str = Method.CENTRAL) -> ErrorModel:
                       np.where(attempted, pick("right", at_kink), nan),
                       np.where(attempted, pick("side", at_kink), nan), slope_low, slope_high,
                       s1.noise, coarse["jump_z"], coarse["jump_stat"],
-                      np.where(s2.done, 2 * s1.central - s2.central, np.nan))
+                      np.where(s2.done, 2 * s1.central - s2.central, np.nan), *_spread(d, best))
+
+
+def _spread(d: Differences, best: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe, the intersection over the stencils its estimate rests on (those of its level
+    `best` and finer ones) of the range between each one's one-sided slopes F(s) and B(s),
+    widened by TOL_FACTOR times its rounding bound (a one-sided quotient has twice the central
+    one's: 2 delta / s against delta / s).
+
+    Kinks between x - s and x + s bias D(s) = (F(s) + B(s)) / 2 by less than half their
+    spread: with kinks at t_k, slope jumps j_k of one sign, F(s) - f'(x) and f'(x) - B(s) are
+    the sums of j_k (s - |t_k|) / s over the kinks on each side, both of that sign, so f'(x)
+    lies between F(s) and B(s). Widely spread kinks (relu units switching all over the step)
+    grow F - B in proportion to s, as curvature does, and the jump statistic cannot see them:
+    D(h) of a float32 relu LSTM's weight sat 24% off the derivative, its truncation estimated
+    at 2%; at another entry D(h/4) and D(h/8) agreed 12% off it. A value outside one of those
+    ranges is not the derivative; one inside every range may be (`compare`). For a smooth
+    loss F - B = s f'' is small next to most gradients, and the range at 2h alone is about
+    D(h)'s own tolerance. Coarser levels the estimate left say nothing of its bias.
+    """
+    lo, hi = np.full(len(best), -np.inf), np.full(len(best), np.inf)
+    levels = [(s, 0) for s in range(3)] + [(s, i + 1) for i, p in enumerate(LEVELS) for s in p]
+    for s, level in levels:
+        st = d.stencils[s]
+        use, widen = st.done & (best <= level), TOL_FACTOR * 2 * st.noise
+        with np.errstate(invalid="ignore"):
+            lo = np.where(use, np.fmax(lo, np.fmin(st.forward, st.backward) - widen), lo)
+            hi = np.where(use, np.fmin(hi, np.fmax(st.forward, st.backward) + widen), hi)
+    return lo, hi
 
 
 def _kink_level(levels: list[dict], finest: np.ndarray, kink: np.ndarray) -> np.ndarray:
@@ -439,6 +475,10 @@ def acceptance(m: ErrorModel, tol, value_error=0.0, rtol=None, atol=None) -> np.
         if m.low is not None:
             out = np.fmax(out, np.where(m.kink, np.fmax(m.value - m.low, m.high - m.value),
                                         np.nan))
+        if m.spread_low is not None:
+            reach = np.fmax(m.value - m.spread_low, m.spread_high - m.value)
+            out = np.fmax(out, np.where(~m.kink & (m.spread_low <= m.spread_high), reach,
+                                        np.nan))
     return out
 
 
@@ -477,6 +517,12 @@ def compare(values: np.ndarray, m: ErrorModel, rtol=None, atol=None,
 
     `supported` (bool per entry): where a finer stencil's support may pass a value the coarse
     estimate refutes (see `second_opinion`).
+
+    Where the model keeps the one-sided slopes' range (`m.spread_low`, only where the steps
+    are known to cross kinks: `crossing`), a value the central differences refute but that lies
+    between the one-sided slopes of every stencil (`_spread`) is also accepted as at a kink,
+    where `supported` allows: kinks crossed unseen may have biased every central difference by
+    that much, and finite differences cannot tell such a value from the derivative.
     """
     tol = tolerance(m.error + value_error, m.value, rtol, atol)
     diff = np.abs(values - m.value)
@@ -487,6 +533,9 @@ def compare(values: np.ndarray, m: ErrorModel, rtol=None, atol=None,
                                   <= tolerance(m.support_error + value_error, m.support_value,
                                                rtol, atol)))
         at_kink = bad & m.kink & (values >= m.low) & (values <= m.high)
+        if m.spread_low is not None:
+            at_kink |= (bad & ~m.kink & supported & (values >= m.spread_low)
+                        & (values <= m.spread_high))
         confirmed = m.tie if m.tie is not None else False
         at_tie = bad & m.kink & ~at_kink & np.isfinite(values) & tie & confirmed
     status = np.where(bad, MISMATCH, OK)
@@ -529,55 +578,23 @@ def apart(a: np.ndarray, b: np.ndarray, rounding) -> np.ndarray:
         return ~(np.abs(a - b) <= TOL_FACTOR * np.broadcast_to(rounding, np.shape(a)))
 
 
-# -- many small errors: the leaf-level test --------------------------------------------------
-
-# The measured noise level is itself an estimate from a few differences (uncertain by up to
-# ~30%), so the variance it implies is allowed 1.3**2 = 1.69 times its value.
-SIGMA_UNCERTAINTY = 1.69
-
-
-def chi2_threshold(n: int) -> float:
-    """A chi-square statistic over n entries is significant beyond this: its mean plus
-    NOISE_SIGMAS standard deviations (normal approximation), inflated for the uncertainty of the
-    measured noise."""
-    return SIGMA_UNCERTAINTY * (n + NOISE_SIGMAS * math.sqrt(2 * n))
-
-
-def chi2(residual: np.ndarray, sd: np.ndarray) -> float:
-    """Sum of squared standardised residuals, each capped at NOISE_SIGMAS**2.
-
-    The leaf-level test looks for many small deviations. A single residual beyond NOISE_SIGMAS
-    standard deviations is either a bug the per-entry test reports on its own or an entry whose
-    stencil straddles a kink that the kink test cannot see (one at about 2h/3 from x), so it may
-    add no more than that cap. Under noise alone the cap changes nothing (P(z**2 > 36) ~ 2e-9).
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z2 = (residual / sd) ** 2
-    return float(np.sum(np.minimum(z2, NOISE_SIGMAS ** 2)))
-
-
-def resolution(values: np.ndarray, sd: np.ndarray, threshold: float, bias: float = 0.0
-               ) -> float:
-    """The smallest relative error of a whole leaf (g -> (1 + e) g) the leaf-level test detects:
-    it adds e**2 (values / sd)**2 to each entry's term of chi2, which must exceed the threshold
-    minus the noise's own mean, len(values). `bias`: what noise alone contributes to
-    sum((values / sd)**2) when the values are themselves noisy estimates (one per entry), taken
-    off the signal, evenly.
-
-    Each entry's term is capped at NOISE_SIGMAS**2, as `chi2` caps it: one large entry cannot
-    detect what its cap denies it (a float32 conv kernel whose largest tested entry alone
-    claimed 0.76%, while a 1% factor added only the cap there, and passed).
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        signal = (values / sd) ** 2 - (bias / len(values) if len(values) else 0.0)
-    signal = np.sort(signal[np.isfinite(signal) & (signal > 0)])[::-1]
-    room = threshold - len(values)
-    cap = NOISE_SIGMAS ** 2
-    # The smallest e with sum(min(e**2 signal, cap)) >= room: with the k largest entries at the
-    # cap, e**2 = (room - k cap) / (the others' signal), valid when it caps exactly those k.
-    rest = np.cumsum(signal[::-1])[::-1]  # rest[k]: the signal of entries k, k+1, ...
-    for k in range(len(signal)):
-        e2 = (room - k * cap) / rest[k]
-        if e2 * signal[k] <= cap and (k == 0 or e2 * signal[k - 1] >= cap):
-            return math.sqrt(max(e2, 0.0))
-    return math.inf
+def crossing(m: ErrorModel, groups: np.ndarray | None = None) -> np.ndarray:
+    """Per probe, whether its steps are known to cross kinks: its own coarse jump statistic
+    lies beyond BORDERLINE_JUMP standard deviations, or its group (a leaf's entries; None:
+    every probe) has a kink confirmed or a coarse jump beyond NOISE_SIGMAS (not noise, even
+    over a million entries). Relu units that switch within the step at some entries of a leaf
+    switch at others too, mostly unseen (`_spread`)."""
+    n = len(m.value)
+    if m.jump_z is None:
+        return np.asarray(m.kink, bool).copy()
+    with np.errstate(invalid="ignore"):
+        own = m.jump_z > BORDERLINE_JUMP
+        seen = m.kink | (m.jump_z > NOISE_SIGMAS)
+    if groups is None:
+        return own | bool(seen.any())
+    ids = np.asarray(groups)
+    if ids.size != n:
+        raise ValueError(f"groups has {ids.size} entries for {n} probes")
+    hit = np.zeros(int(ids.max(initial=-1)) + 1, bool)
+    np.logical_or.at(hit, ids[seen], True)
+    return own | hit[ids]

@@ -31,6 +31,7 @@ from jgc._src.stages.errormodel import (
     ErrorModel,
     _level,
     compare,
+    crossing,
     error_model,
     second_opinion,
     suspects,
@@ -102,8 +103,8 @@ class Derivative:
 
 def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
                autodiff: np.ndarray | None = None, autodiff_error=0.0, *,
-               schedule: Schedule = Schedule(), checked_is_autodiff: bool = False
-               ) -> Derivative:
+               schedule: Schedule = Schedule(), checked_is_autodiff: bool = False,
+               groups: np.ndarray | None = None) -> Derivative:
     """The numerical derivative at every probe, by one stencil schedule for every kind of
     probe (an entry of a leaf, a direction, an output element along a tangent).
 
@@ -113,6 +114,10 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
     Schedule: stencil h everywhere; 2h where a gradient disagrees beyond rounding (everywhere
     with `schedule.everywhere` or Richardson); 4h for Richardson; then the refinement levels
     (h/4 and h/8, h/32 and h/64, ...) where a gradient is still not clean (see error_model).
+
+    `groups`: per probe, the group it belongs to (a leaf's entries share one), for telling where
+    the steps cross kinks (errormodel.crossing); None: the probes are one group. The one-sided
+    slopes' range is kept only there, and not under the user's tolerance (their choice stands).
     """
     m = len(checked)
     everywhere = np.ones(m, bool)
@@ -125,6 +130,10 @@ def derivative(evaluate, d: Differences, checked: np.ndarray, checked_error,
 
     def judge(d):
         model = error_model(d, schedule.method)
+        keep = (schedule.rtol is None and schedule.atol is None) & crossing(model, groups)
+        model = dataclasses.replace(
+            model, spread_low=np.where(keep, model.spread_low, np.nan),
+            spread_high=np.where(keep, model.spread_high, np.nan), crossed=keep)
         cmp_ad = None
         if autodiff is not None:
             cmp_ad = compare(autodiff, model, schedule.rtol, schedule.atol, autodiff_error,

@@ -179,8 +179,10 @@ def coordinate_phase(check: Check, deadline: Deadline | None = None) -> cp.Compa
     probes = Coordinates(check.ev, sp, plan, deadline)
     d = dq.differences(check.f0, len(probes.index), check.sigma, check.u, check.float64,
                        check.subject.f_scale)
+    groups = np.repeat(np.arange(len(plan.entries)), [len(e) for e in plan.entries])
     found = es.derivative(probes.evaluate, d, checked, g_round, g_ad, ad_round,
-                          schedule=check.schedule, checked_is_autodiff=g.is_autodiff)
+                          schedule=check.schedule, checked_is_autodiff=g.is_autodiff,
+                          groups=groups)
     return cp.compared(found.model, found.cmp, found.cmp_ad, checked, g_round, g_ad, ad_round,
                        o.rtol, o.atol)
 
