@@ -50,7 +50,7 @@ def test_the_evaluator_option_is_a_vocabulary():
 def test_every_status_carries_its_cell():
     """Each status words its own table cell (vocab.Status.cell), which text.leaf_status fills."""
     fields = {"label": "X", "reason": "not a float array", "resolution": "40%",
-              "own_dtype": "float32", "own_n_bad": 2, "n_checked": 6, "kinks": " (1 at kinks)"}
+              "own_dtype": "float32", "own_n_bad": 2, "size": 6, "kinks": " (1 at kinks)"}
     cells = {s: s.cell.format(**fields) for s in Status}
     assert cells[Status.SKIPPED] == "skipped (not a float array)"
     assert cells[Status.UNRESOLVED] == "X (resolution 40%)"

@@ -396,10 +396,10 @@ def _unresolved_lines(unresolved, source, noun, autodiff, checking_autodiff, flo
     kinky = [leaf for leaf in unresolved if leaf.limited_by == "kinks"]
     if kinky:
         n = sum(leaf.n_rough for leaf in kinky)
-        verb = "entry disagrees" if n == 1 else "entries disagree"
+        probes = "random directions" if all(leaf.directions for leaf in kinky) else "entries"
         lines.append(
-            f"Unresolved: {_paths(kinky)}: {n} {verb} with finite differences, no more than a "
-            "fifth of the entries found at kinks there. Steps that cross kinks also miss some "
+            f"Unresolved: {_paths(kinky)}: finite differences disagree with {the} at {n} "
+            f"{probes}, few next to the kinks found there. Steps that cross kinks also miss some "
             "(a kink at 2h/3 from x hides from the kink test and biases the difference "
             "quotient; many units switching together, as in a recurrent network, look like "
             f"curvature), so these disagreements are not evidence against {the}, and they are "

@@ -5,6 +5,7 @@ report.py's `Report.__str__` calls `format_report`; render.py's HTML reuses its 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,7 +83,7 @@ def leaf_status(leaf: LeafReport) -> str:
         return f"{status.label} ({leaf.n_mismatch}/{leaf.n_checked})"
     return status.cell.format(
         label=status.label, reason=leaf.reason, resolution=pct(leaf.resolution),
-        own_dtype=leaf.own_dtype, own_n_bad=leaf.own_n_bad, n_checked=leaf.n_checked,
+        own_dtype=leaf.own_dtype, own_n_bad=leaf.own_n_bad, size=math.prod(leaf.shape),
         kinks=f" ({leaf.n_kink} at kinks)" if leaf.n_kink else "")
 
 
