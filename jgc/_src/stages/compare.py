@@ -110,9 +110,6 @@ def compared(model: em.ErrorModel, cmp: em.Comparison, cmp_ad: em.Comparison | N
     return Compared(model, cmp, cmp_ad, g, g_round, g_ad, ad_round, tol, accept, agree)
 
 
-BORDERLINE_JUMP = dq.BORDERLINE_JUMP
-
-
 def collective(model: em.ErrorModel, sl: slice, g: np.ndarray, g_round,
                floor: float = 0.0, kinks: int = 0) -> Collective:
     """The leaf-level test: are the leaf's residuals, taken together, larger than noise?
@@ -211,7 +208,7 @@ def _resolving_width(m: em.ErrorModel, sl: slice, c: Compared) -> np.ndarray:
     factor passed at each.) At a kink the width is half the one-sided slopes' range, which
     holds the derivatives already.
 
-    An entry taken as smooth whose jump statistic exceeds BORDERLINE_JUMP is widened by the
+    An entry taken as smooth whose jump statistic exceeds dq.BORDERLINE_JUMP is widened by the
     statistic too: a kink the kink test did not see may bias its D(h) by about that much (a
     float32 conv kernel entry with a statistic of 1.0e-3 was 0.86e-3 off, 0.67% of its value,
     against an error bar of 0.23%). Noise alone puts a statistic beyond 3 standard deviations
@@ -222,7 +219,7 @@ def _resolving_width(m: em.ErrorModel, sl: slice, c: Compared) -> np.ndarray:
     if m.jump_z is None or m.jump_stat is None:
         return width
     with np.errstate(invalid="ignore"):
-        doubt = ~kink & (m.jump_z[sl] > BORDERLINE_JUMP)
+        doubt = ~kink & (m.jump_z[sl] > dq.BORDERLINE_JUMP)
         return np.where(doubt, width + m.jump_stat[sl], width)
 
 

@@ -36,7 +36,7 @@ NOISE_SIGMAS = 6.0
 # excess it makes there is no finding without a pattern that explains it, and leaving out every
 # such entry cost that test the largest entries of a float32 conv kernel, and a 1% factor it
 # caught. A statistic beyond it is also evidence that the entry's steps cross kinks
-# (errormodel.compare's `crossed`).
+# (errormodel.crossing).
 BORDERLINE_JUMP = 3.0
 
 # Entry statuses (vocab.Entry), as plain names for the array code here.

@@ -87,7 +87,7 @@ class ErrorModel:
     # larger, truncation dominates, the loss varying faster than the step can follow.
     rounding: np.ndarray | None = None
     # The coarse level's jump statistic in its standard deviations (NaN where 2h was skipped):
-    # below NOISE_SIGMAS the entry counts as smooth, but beyond compare.BORDERLINE_JUMP its
+    # below NOISE_SIGMAS the entry counts as smooth, but beyond differences.BORDERLINE_JUMP its
     # resolution is widened (compare._resolving_width).
     jump_z: np.ndarray | None = None
     jump_stat: np.ndarray | None = None  # the statistic itself, |J(2h) - 2 J(h)|

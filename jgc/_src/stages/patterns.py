@@ -73,9 +73,9 @@ class Collective:
             scatter, drift = next((fit[4:] for fit in self._fits(g, theta, details=True)
                                    if fit[0] == Pattern.SCALE), (1.0, 0.0))
         n = len(self.where)
-        statistical = resolution(self.reference, self.sd * np.sqrt(scatter),
-                                    self.threshold, bias=n)
-        if n < MIN_FIT:  # each entry must show the pattern by itself (`_each_shows`)
+        statistical = resolution(self.reference, self.sd * np.sqrt(scatter), self.threshold,
+                                 bias=n)
+        if n < MIN_FIT:  # each entry must show the pattern by itself (`_showing`)
             statistical = max(statistical, _each_resolution(self.reference, self.sd, n))
         if self.crossed:  # enough entries must show it by themselves (`_shown_widely`)
             statistical = max(statistical, _showing_resolution(
@@ -89,7 +89,7 @@ class Collective:
     def fit(self, g: np.ndarray, theta: np.ndarray) -> tuple[str | None, float | None]:
         """A one-parameter pattern that explains the excess, if any (`_fits`), larger than
         `floor`. Below MIN_FIT entries one parameter fits whatever they hold, so each entry
-        must show the pattern by itself (`_each_shows`): one entry off and one not is the bias
+        must show the pattern by itself (`_showing`): one entry off and one not is the bias
         of a kink the steps crossed unseen (a float32 relu bias of two entries, one at a tie,
         once fitted as a factor 1.00016), and a single entry never names a pattern."""
         for name, c, size, explained in self._fits(g, theta):
@@ -137,6 +137,9 @@ class Collective:
             c, size, left = _fit(g, basis, offset, ref, name)
             if c is None:
                 continue
+            # The discrepancy from the reference, and the part the pattern claims of it.
+            unit = 1.0 if name == Pattern.SCALE else 0.0
+            excess, pattern = g - offset - unit * basis, (c - unit) * basis
             after = chi2(left, self.sd)
             birge2, drift = 1.0, 0.0
             if n >= MIN_FIT:
@@ -155,15 +158,9 @@ class Collective:
                         fits = fits and size >= TOL_FACTOR * drift
             else:
                 fits = (after <= self.threshold and self.chi2 - after >= (self.chi2 - n) / 2
-                        and _each_shows(g - offset - basis * (1.0 if name == Pattern.SCALE
-                                                              else 0.0),
-                                        (c - (1.0 if name == Pattern.SCALE else 0.0)) * basis,
-                                        self.sd, n))
+                        and n >= 2 and bool(np.all(_showing(excess, pattern, self.sd))))
             if self.crossed and fits:
-                fits = self._shown_widely(g - offset - basis * (1.0 if name == Pattern.SCALE
-                                                                else 0.0),
-                                          (c - (1.0 if name == Pattern.SCALE else 0.0)) * basis,
-                                          self.sd * np.sqrt(birge2))
+                fits = self._shown_widely(excess, pattern, self.sd * np.sqrt(birge2))
             yield (name, c, size, fits, birge2, drift) if details else (name, c, size, fits)
 
     def _shown_widely(self, excess: np.ndarray, pattern: np.ndarray, sd: np.ndarray) -> bool:
@@ -179,10 +176,7 @@ class Collective:
         term 0.16 theta. Up to as many entries as were found at kinks may be so biased
         (diagnose._unseen_kinks), so a pattern is a finding only when more entries show it. A
         factor of a whole leaf shows at every entry that resolves it."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = excess / sd
-        shows = (np.sign(z) == np.sign(pattern)) & (np.abs(z) >= EACH_SIGMAS)
-        return int(shows.sum()) >= self._showing_needed()
+        return int(np.sum(_showing(excess, pattern, sd))) >= self._showing_needed()
 
 
 def _fit(g, basis, offset, ref, name):
@@ -198,23 +192,22 @@ def _fit(g, basis, offset, ref, name):
     return c, size, g - offset - c * basis
 
 
-# Standard deviations by which each entry of a leaf too small for a fit must show its pattern.
+# Standard deviations by which an entry shows a pattern by itself (`_showing`).
 EACH_SIGMAS = 2.0
 
 
-def _each_shows(excess: np.ndarray, pattern: np.ndarray, sd: np.ndarray, n: int) -> bool:
-    """Whether every entry deviates from the reference in the pattern's direction by at least
-    EACH_SIGMAS of its noise, on a leaf of at least two entries: the evidence a pattern needs
-    where a fit cannot be tested."""
-    if n < 2:
-        return False
+def _showing(excess: np.ndarray, pattern: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Per entry, whether it deviates from the reference in the pattern's direction by at least
+    EACH_SIGMAS of its error bar: the evidence a pattern needs from each entry where a fit
+    cannot be tested (below MIN_FIT entries, all of them), or where kinks may bias a few
+    (`Collective._shown_widely`, enough of them)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         z = excess / sd
-    return bool(np.all((np.sign(z) == np.sign(pattern)) & (np.abs(z) >= EACH_SIGMAS)))
+    return (np.sign(z) == np.sign(pattern)) & (np.abs(z) >= EACH_SIGMAS)
 
 
 def _each_resolution(reference: np.ndarray, sd: np.ndarray, n: int) -> float:
-    """The smallest factor that `_each_shows` sees for sure: each entry moved EACH_SIGMAS of
+    """The smallest factor that `_showing` sees for sure: each entry moved EACH_SIGMAS of
     its noise, plus TOL_FACTOR more for the noise that may pull it back (a float32 conv bias
     of two entries, one of them 2.5 noises per percent, claimed the chi-squared resolution,
     0.46%, and a 1% factor showed 0.8 noises there and passed)."""
@@ -247,6 +240,7 @@ def _showing_resolution(reference: np.ndarray, sd: np.ndarray, needed: int) -> f
     target = needed + TOL_FACTOR * math.sqrt(needed)
     if len(signal) < target:
         return math.inf
+
     def count(e):
         return float(np.sum(_normal_cdf(e * signal - EACH_SIGMAS)))
 
