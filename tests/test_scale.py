@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jgc
+from jgc._src.compat import enable_x64
 from jgc._src.evaluators import budget, dense, programs, progress
 from jgc._src.stages import plan
 from jgc.examples import mlp
@@ -243,3 +244,59 @@ def test_leaf_programs_compile_together_on_worker_threads(monkeypatch, x64):
         assert (a.path, a.status, a.n_checked, a.pattern) == (b.path, b.status, b.n_checked,
                                                                b.pattern)
         assert a.max_rel_error == b.max_rel_error  # the same programs: the same numbers
+
+
+def _constant_heavy_mlp(extra_leaf=None):
+    """A float32 tanh MLP whose loss carries a large constant (a likelihood's normalising
+    constant): its rounding is that of 300, and each of W's 20,000 entries changes the loss by
+    little more than that, so one by one they resolve a leaf-wide factor of only ~4%."""
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    p = {"W": 0.05 * jax.random.normal(k[0], (200, 100), jnp.float32),
+         "V": jax.random.normal(k[1], (100, 1), jnp.float32) / 10}
+    if extra_leaf is not None:
+        p["c"] = jnp.ones(3, extra_leaf)
+    X = jax.random.normal(k[2], (16, 200), jnp.float32)
+    Y = jax.random.normal(k[3], (16, 1), jnp.float32)
+
+    def loss(p, X, Y):
+        extra = jnp.sum(p["c"].astype(jnp.float32)) / 8 if "c" in p else 0.0
+        return 300.0 + jnp.mean((jnp.tanh(X @ p["W"]) @ p["V"] - Y) ** 2) + extra
+
+    def grad(factor):
+        def g(p, X, Y):
+            out = jax.grad(loss)(p, X, Y)
+            return {**out, "W": out["W"] * factor}
+        return g
+    return loss, p, (X, Y), grad
+
+
+@pytest.mark.parametrize("extra_leaf", [None, "float64"])
+def test_full_checks_test_coarse_leaves_along_directions_too(extra_leaf):
+    """A leaf whose entries one by one resolve no better than 1% is also tested along random
+    directions, which sum the signal of all its entries: W x1.02 was missed (W's stated
+    resolution 4.2%) and is now named. With leaves in two dtypes (float32 and float64, x64 on
+    globally) each leaf's directions run in a program of its own dtype."""
+    with enable_x64(extra_leaf is not None):
+        loss, p, args, grad = _constant_heavy_mlp(extra_leaf and jnp.float64)
+        r = jgc.check_grad(loss, p, *args, grad=grad(1.0), mode="full", x64=False)
+        assert r.ok, r
+        assert r.leaf("['W']").directions == 2 and r.leaf("['W']").resolution < 0.03
+        assert r.leaf("['V']").directions == 0  # its entries resolve it finer than 1%
+        assert any(n.startswith("full: ['W']") and "also tested along 2 random directions" in n
+                   for n in r.notes)
+        if extra_leaf is None:
+            assert "along all 2 random directions (1 leaf)" in r.diagnosis
+        assert jgc.check_grad(loss, p, *args, mode="full", x64=False).ok  # jax.grad itself
+        r = jgc.check_grad(loss, p, *args, grad=grad(1.02), mode="full", x64=False)
+        assert r.verdict == "wrong_gradient" and [x.path for x in r.bad_leaves] == ["['W']"]
+        assert r.leaf("['W']").factor == pytest.approx(1.02, abs=0.01)
+        assert "['W'] is 1.02× too large" in r.diagnosis
+
+
+def test_full_checks_whose_leaves_resolve_test_no_direction():
+    """Directions are only for coarse leaves: a float64 check resolves every leaf entry by
+    entry and compiles nothing more."""
+    ex = mlp("tanh", width=12)
+    r = jgc.check_grad(ex.loss, ex.params, *ex.args, grad=ex.grad, mode="full")
+    assert r.ok and all(x.directions == 0 for x in r.leaves)
+    assert not any(n.startswith("full:") for n in r.notes)

@@ -230,7 +230,8 @@ class _Words:
         if dirs:
             n_dir_leaves = sum(1 for leaf in leaves if leaf.directions)
             lines.append(f"{_sentence(self.the)} agrees with finite differences along all "
-                         f"{dirs} random directions ({n_dir_leaves} leaves)"
+                         f"{dirs} random directions ({n_dir_leaves} "
+                         f"{'leaf' if n_dir_leaves == 1 else 'leaves'})"
                          + (f" and in all {n} entries checked one by one." if n else "."))
         elif n:
             lines.append(f"{_sentence(self.the)} agrees with finite differences in all {n} "

@@ -69,6 +69,11 @@ class DirectionResult:
     norm: np.ndarray  # ||v||: divides the above into derivatives along unit vectors
     kink: np.ndarray | None = None  # bool: the loss has a kink along the direction
 
+    def take(self, sl: slice) -> DirectionResult:
+        """The tests of the probes in `sl` (one leaf's, of several tested together)."""
+        return DirectionResult(*(None if (a := getattr(self, f.name)) is None else a[sl]
+                                 for f in dataclasses.fields(self)))
+
 
 @dataclasses.dataclass
 class LeafOutcome:
@@ -133,8 +138,9 @@ class Directional:
         return np.where(finite, direction(self.seed, spec.path, j, spec.size)
                         * np.maximum(1.0, np.abs(np.where(finite, x, 0.0))), 0.0)
 
-    def test(self, probes: Directions, g_round, g_ad) -> DirectionResult:
-        """The probes judged by the coordinate error model (estimate.derivative)."""
+    def test(self, probes: Directions, g_round, g_ad, groups=None) -> DirectionResult:
+        """The probes judged by the coordinate error model (estimate.derivative); `groups`:
+        per probe, its leaf, where several leaves are tested together (None: one leaf)."""
         checked = probes.checked
         # The checked gradient's own rounding along the direction. Its entries' rounding errors
         # are independent, so they add in quadrature; each bound (estimate.rounding) is ~16
@@ -147,7 +153,7 @@ class Directional:
                            self.f_scale)
         found = es.derivative(probes.evaluate, d, checked, checked_err, autodiff, checked_err,
                               schedule=self.schedule,
-                              checked_is_autodiff=self.checked_is_autodiff)
+                              checked_is_autodiff=self.checked_is_autodiff, groups=groups)
         tol = em.tolerance(found.model.error + checked_err, found.model.value,
                            self.schedule.rtol, self.schedule.atol)
         norm = probes.norms()
@@ -181,8 +187,9 @@ class Directional:
         return dataclasses.replace(self.plan, entries=tuple(entries)), outcomes, escalated
 
     def run_leaf(self, k: int, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None,
-                 n_directions: int = N_DIRECTIONS) -> LeafOutcome:
-        """The directional tests of leaf k and, where one fails, group testing."""
+                 n_directions: int = N_DIRECTIONS, localize: bool = True) -> LeafOutcome:
+        """The directional tests of leaf k and, where one fails and `localize`, group
+        testing."""
         size = self.sp.checked_specs()[k].size
         if size == 0:
             return LeafOutcome(None, np.zeros(0, np.int64))
@@ -195,10 +202,37 @@ class Directional:
         tests = self.test(probes, g_round, g_ad)
         failing = np.flatnonzero(tests.strict == dq.MISMATCH)
         candidates, kinks = np.zeros(0, np.int64), 0
-        if failing.size:
+        if failing.size and localize:
             candidates, kinks = self._localize(k, rows, on_device, int(failing[0]), size, g,
                                                g_round)
         return LeafOutcome(tests, candidates, kinks)
+
+    def run_leaves(self, ks, g: np.ndarray, g_round: np.ndarray, g_ad: np.ndarray | None
+                   ) -> dict[int, LeafOutcome]:
+        """The directional tests of the leaves `ks` at once, without group testing: one batch
+        through one program over all the parameters (`g`, `g_round`, `g_ad`: flat over them
+        all), where direction j of leaf k is leaf k's own (`weights`) and zero elsewhere. One
+        compilation serves every leaf, where run_leaf compiles one per leaf.
+
+        Every leaf must be in one dtype, the evaluator's: x + s v is then rounded per entry in
+        the leaf's own dtype on the device, as the displacements (exact_displacements) assume.
+        """
+        sp, n_dir = self.sp, N_DIRECTIONS
+        rows = np.zeros((n_dir, sp.n))
+        for k in ks:
+            h = pl.nominal_step(self.plan, k, Method.CENTRAL)
+            for j in range(n_dir):
+                rows[j, sp.offsets[k]:sp.offsets[k + 1]] = (
+                    h * self.weights(k, j)).astype(self.plan.dtypes[k])
+        dtype = self.plan.dtypes[ks[0]]
+        lo = np.repeat([sp.offsets[k] for k in ks], n_dir)
+        hi = np.repeat([sp.offsets[k + 1] for k in ks], n_dir)
+        probes = Directions(self.ev, self.plan.theta.astype(dtype), None, rows.astype(dtype),
+                            self.ev.vectors(rows.astype(dtype)), np.tile(np.arange(n_dir),
+                                                                         len(ks)), lo, hi, g)
+        tests = self.test(probes, g_round, g_ad, groups=np.repeat(np.arange(len(ks)), n_dir))
+        return {k: LeafOutcome(tests.take(slice(i * n_dir, (i + 1) * n_dir)),
+                               np.zeros(0, np.int64)) for i, k in enumerate(ks)}
 
     def _localize(self, k, rows, on_device, v, size, g, g_round) -> tuple[np.ndarray, int]:
         """Halves the range of entries until groups of GROUP_LEAF; returns the entries left in

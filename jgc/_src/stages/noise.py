@@ -22,8 +22,11 @@ from jgc._src.stages.split import Split
 MAX_WIDEN = 2
 
 
-def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
-    """The noise level (standard deviation of one evaluation), or None if unmeasurable."""
+def measure(ev, sp: Split, plan: pl.Plan, whole: bool = False) -> float | None:
+    """The noise level (standard deviation of one evaluation), or None if unmeasurable.
+
+    In directional mode the probes go through the programs the directions use: one per leaf,
+    or with `whole` the one over all the parameters (directional.Directional.run_leaves)."""
     limit = pl.DIRECTIONAL_NOISE_PROBES if plan.mode == Mode.DIRECTIONAL else pl.MAX_NOISE_PROBES
     eps = max(pl.machine_eps(d) for d in (*plan.dtypes, ev.out_dtype))
     sigmas, again = [], None
@@ -34,7 +37,7 @@ def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
                       if i in again and np.max(np.abs(st)) > again[i]]
         if not probes:
             break
-        values = _probe_values(ev, sp, plan, probes)
+        values = _probe_values(ev, sp, plan, probes, whole)
         sigmas += [(x, probe, float(np.max(np.abs(v))))
                    for x, probe, v in zip((dq.ecnoise(v, eps) for v in values), probes, values)
                    if x is not None]
@@ -42,7 +45,7 @@ def measure(ev, sp: Split, plan: pl.Plan) -> float | None:
         again = {i: float(np.max(np.abs(st))) for (i, st), v in zip(probes, values)
                  if dq.staircase(v)}
     for sigma, probe, scale in sorted(sigmas, key=lambda x: -x[0]):
-        confirmed = _confirmed(ev, sp, plan, probe, sigma, eps * scale)
+        confirmed = _confirmed(ev, sp, plan, probe, sigma, eps * scale, whole)
         if confirmed is not None:
             return confirmed
     return None
@@ -55,8 +58,8 @@ FINER = 2.0 ** -8
 CONFIRM = 8.0
 
 
-def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: float
-               ) -> float | None:
+def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: float,
+               whole: bool = False) -> float | None:
     """The noise level of a probe, once a probe 256x finer along the same coordinate confirms it;
     else what the finer probe measures (None: nothing).
 
@@ -72,7 +75,7 @@ def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: floa
     i, steps = probe
     if sigma <= rounding:
         return sigma
-    (fine,) = _probe_values(ev, sp, plan, [(i, steps * FINER)])
+    (fine,) = _probe_values(ev, sp, plan, [(i, steps * FINER)], whole)
     if dq.staircase(fine):
         return sigma
     level = dq.ecnoise(fine, 0.0)
@@ -81,16 +84,19 @@ def _confirmed(ev, sp: Split, plan: pl.Plan, probe, sigma: float, rounding: floa
     return level
 
 
-def _probe_values(ev, sp: Split, plan: pl.Plan, probes) -> list[np.ndarray]:
+def _probe_values(ev, sp: Split, plan: pl.Plan, probes, whole: bool = False
+                  ) -> list[np.ndarray]:
     if plan.mode == Mode.DIRECTIONAL:
-        # Through the per-leaf direction batches that directional mode compiles anyway: one
-        # step vector t·e_j on the device, and multiples 0, ±1, ..., of it.
+        # Through the direction batches that directional mode compiles anyway: one step
+        # vector t·e_j on the device, and multiples 0, ±1, ..., of it.
         values = []
         for i, st in probes:
             k = int(np.searchsorted(sp.offsets, i, side="right")) - 1
             j = i - sp.offsets[k]
             t = float(np.max(np.abs(st)))
-            vec = np.zeros((1, sp.offsets[k + 1] - sp.offsets[k]))
+            if whole:
+                k, j = None, i
+            vec = np.zeros((1, sp.n if whole else sp.offsets[k + 1] - sp.offsets[k]))
             vec[0, j] = t
             values.append(ev.along(k, ev.vectors(vec), np.zeros(len(st), np.int64), st / t,
                                    np.full(len(st), j), np.full(len(st), j + 1)))
